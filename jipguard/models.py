@@ -1,0 +1,168 @@
+"""The papers' architectures as functional Flax (linen) modules.
+
+Every module maps a batch of NHWC images in [0, 1] (or any real values: IPProtect's
+sanitized images are unbounded) to logits, and takes ``train`` to switch dropout and
+batch norm between training and inference. Modules hold no state: parameters and
+batch statistics are returned by ``init`` and passed to ``apply``, so N members of
+one architecture are one pytree with a leading member axis (see ``ensemble.py``).
+
+Parameter counts (checked in ``tests/test_models.py``):
+
+=============  =====================  ===========
+name           input                  parameters
+=============  =====================  ===========
+``mlp``        28x28x1, 10 classes      269,322
+``mlp``        8x8x1, 10 classes         85,002
+``cnn``        32x32x3, 10 classes    2,168,554
+``resnet8``    32x32x3, 10 classes       78,042
+``resnet20``   32x32x3, 10 classes      272,474
+=============  =====================  ===========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  """IPProtect's MNIST / Fashion-MNIST network: a 3-layer ReLU DNN.
+
+  The paper says "a simple 3 layer Deep Neural Network with relu activations";
+  we read that as three dense layers, ``flatten -> 256 -> ReLU -> 256 -> ReLU ->
+  num_classes`` (784-256-256-10 on 28x28 images, 269,322 parameters).
+
+  Attributes:
+    num_classes: Number of output logits.
+    hidden: Widths of the hidden layers.
+  """
+
+  num_classes: int = 10
+  hidden: Sequence[int] = (256, 256)
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
+    del train  # No dropout or batch norm.
+    x = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+  """IPProtect's CIFAR-10 network: 4 conv layers + 2 dense, batch norm, dropout, ReLU.
+
+  ``[conv3x3(32) BN ReLU] x2 -> maxpool -> dropout(0.25) -> [conv3x3(64) BN ReLU] x2
+  -> maxpool -> dropout(0.25) -> dense(512) ReLU -> dropout(0.5) -> dense(C)``.
+  The paper gives only the layer counts; widths and rates are the classic Keras
+  CIFAR-10 example's; convs have no bias (batch norm follows). 2,168,554 parameters on 32x32x3.
+
+  Attributes:
+    num_classes: Number of output logits.
+    widths: Channels of the two conv blocks.
+    dense: Width of the hidden dense layer.
+    conv_dropout: Dropout after each conv block.
+    dense_dropout: Dropout before the output layer.
+  """
+
+  num_classes: int = 10
+  widths: Sequence[int] = (32, 64)
+  dense: int = 512
+  conv_dropout: float = 0.25
+  dense_dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    for width in self.widths:
+      for _ in range(2):
+        x = nn.relu(norm()(nn.Conv(width, (3, 3), use_bias=False)(x)))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.dense)(x))
+    x = nn.Dropout(self.dense_dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+class ResidualBlock(nn.Module):
+  """Basic pre-activation-free ResNet block: conv-BN-ReLU-conv-BN + shortcut, ReLU."""
+
+  width: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    y = nn.Conv(self.width, (3, 3), (self.strides, self.strides), use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)
+    if x.shape[-1] != self.width or self.strides != 1:
+      x = nn.Conv(self.width, (1, 1), (self.strides, self.strides), use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """A small CIFAR-style ResNet (He et al. 2016, section 4.2) for the watermark learner.
+
+  ``conv3x3(16) BN ReLU -> stages of basic blocks (widths 16, 32, 64, stride 2 between
+  stages) -> global average pool -> dense(C)``. ``stage_sizes=(3, 3, 3)`` is ResNet-20;
+  ``(1, 1, 1)`` is ResNet-8, which trains in minutes on a CPU.
+
+  Attributes:
+    num_classes: Number of output logits.
+    stage_sizes: Blocks per stage.
+    widths: Channels per stage.
+  """
+
+  num_classes: int = 10
+  stage_sizes: Sequence[int] = (1, 1, 1)
+  widths: Sequence[int] = (16, 32, 64)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = ResidualBlock(width, strides)(x, train=train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "resnet8": functools.partial(ResNet, stage_sizes=(1, 1, 1)),
+    "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3)),
+}
+
+
+def get_model(name: str, num_classes: int) -> nn.Module:
+  """Returns the architecture called ``name`` with ``num_classes`` outputs.
+
+  Raises:
+    ValueError: ``name`` is not one of ``MODELS``.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+  return MODELS[name](num_classes=num_classes)
+
+
+def uses_batch_norm(model: nn.Module, image_shape: Sequence[int]) -> bool:
+  """Whether ``model`` keeps batch statistics (a ``batch_stats`` collection)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+  return "batch_stats" in shapes
+
+
+def param_count(model: nn.Module, image_shape: Sequence[int]) -> int:
+  """Number of trainable parameters of ``model`` on images of ``image_shape`` (HWC)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+  return sum(int(jnp.prod(jnp.array(leaf.shape))) for leaf in jax.tree.leaves(shapes["params"]))

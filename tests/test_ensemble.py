@@ -1,0 +1,207 @@
+"""Tests for stacked ensembles: one program equals N programs, sharding, resume, accuracy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jipguard import data, ensemble, models, sharding
+
+
+@functools.cache
+def _digits():
+  train, test = data.load("digits", "train"), data.load("digits", "test")
+  return train, test
+
+
+# One optimiser object and small models, so that trainers of equal configuration share
+# compiled programs (compiling dominates these tests on a 2-core CPU).
+_TX = optax.adam(1e-3)
+_MLP = models.MLP(num_classes=10)
+_CNN = models.CNN(num_classes=10, widths=(4, 8), dense=16)  # Batch norm and dropout.
+
+
+# Adam divides by the gradient's scale, so it turns float noise in parameters whose
+# gradient is ~0 into +-lr steps; comparisons of two computations use plain SGD.
+_SGD = optax.sgd(0.05, momentum=0.9)
+
+
+def _trainer(model=_MLP, batch_size=32, mesh=None, tx=_TX):
+  return ensemble.EnsembleTrainer(model, tx, batch_size=batch_size, mesh=mesh)
+
+
+def _member_inputs(m, n_pool, n_sample, seed=0):
+  keys = jax.random.split(jax.random.key(seed), m)
+  indices = data.bootstrap_indices(jax.random.key(seed + 1), n_pool, m, size=n_sample)
+  return keys, indices
+
+
+def _assert_trees_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("model", [_MLP, _CNN], ids=["mlp", "cnn"])
+def test_ensemble_equals_members_trained_one_at_a_time(model):
+  """Own keys, own bootstrap sample, own labels, own batch norm: vmap changes nothing."""
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  m = 3
+  keys, indices = _member_inputs(m, 256, 128)
+  labels_MxN = np.stack([data.flip_labels(jax.random.key(7 + i), y, r, 10) for i, r in enumerate([0, .3, .6])])
+  together = _trainer(model, tx=_SGD).fit(keys, x, labels_MxN, indices=indices, epochs=2, progress=False)
+  for i in range(m):
+    alone = _trainer(model, tx=_SGD).fit(keys[i:i + 1], x, labels_MxN[i:i + 1], indices=indices[i:i + 1], epochs=2,
+                               progress=False)
+    _assert_trees_close(together.state.member(i), alone.state, atol=2e-5)
+  # Members really differ (own keys / samples / labels).
+  p = jax.tree.leaves(together.state.params)[0]
+  assert not np.allclose(p[0], p[1])
+
+
+@pytest.mark.parametrize("m", [8, 6])  # 6 members are padded to the 8-device mesh.
+def test_sharded_equals_unsharded(m):
+  assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
+  train, test = _digits()
+  x, y = train.images[:512], train.labels[:512]
+  keys, indices = _member_inputs(m, 512, 256)
+  plain = _trainer(_CNN, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  mesh = sharding.make_mesh()
+  sharded = _trainer(_CNN, mesh=mesh, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  assert sharded.state.num_members == m
+  _assert_trees_close(plain.state, sharded.state, atol=2e-5)
+  logits_plain = ensemble.predict(_CNN, plain.state.variables, test.images)
+  logits_sharded = ensemble.predict(_CNN, sharded.state.variables, test.images)
+  np.testing.assert_allclose(logits_plain, logits_sharded, atol=1e-4)
+
+
+def test_second_epoch_call_compiles_nothing():
+  train, _ = _digits()
+  trainer = _trainer()
+  m = 2
+  keys, indices = _member_inputs(m, len(train), 256)
+  indices = jnp.asarray(indices)  # The jit cache keys on argument types (numpy vs jax).
+  state = trainer.init(keys, train.images)
+  x = jnp.asarray(train.images)
+  labels = jnp.asarray(train.labels)[indices]
+  state, _ = trainer.train_epoch(state, x, indices, labels, keys, 0)
+  compiled = ensemble.train_epoch._cache_size()
+  state, _ = trainer.train_epoch(state, x, indices, labels, keys, 1)
+  state, metrics = trainer.train_epoch(state, x, jnp.flip(indices, 1), labels, keys, 2)
+  # A second trainer of equal configuration reuses the program too.
+  state, metrics = _trainer().train_epoch(state, x, indices, labels, keys, 3)
+  assert ensemble.train_epoch._cache_size() == compiled
+  assert metrics["loss"].shape == (m,)
+
+
+def test_apply_predict_and_apply_each_agree():
+  train, test = _digits()
+  model = _MLP
+  trainer = _trainer()
+  keys, _ = _member_inputs(3, 10, 10)
+  state = trainer.init(keys, train.images)
+  x = jnp.asarray(test.images[:50])
+  logits = ensemble.apply(model, state.variables, x)
+  assert logits.shape == (3, 50, 10)
+  np.testing.assert_allclose(ensemble.predict(model, state.variables, x, batch_size=16), logits, atol=1e-5)
+  each = ensemble.apply_each(model, state.variables, jnp.stack([x, x[::-1], x]))
+  np.testing.assert_allclose(each[0], logits[0], atol=1e-5)
+  np.testing.assert_allclose(each[1], logits[1, ::-1], atol=1e-5)
+
+
+def test_clean_mlp_ensemble_reaches_90_percent_on_digits():
+  train, test = _digits()
+  keys, _ = _member_inputs(4, 1, 1)
+  res = _trainer(batch_size=64).fit(keys, train.images, train.labels, epochs=30,
+                                    eval_data=(test.images, test.labels), progress=False)
+  acc = np.asarray(res.history[-1]["eval_accuracy"])
+  assert acc.min() >= 0.90, acc
+
+
+def test_clean_mlp_ensemble_reaches_84_percent_on_embedded_fashion_mnist():
+  train, test = data.load("fashion_mnist_subset", "train"), data.load("fashion_mnist_subset", "test")
+  keys, _ = _member_inputs(2, 1, 1)
+  res = _trainer(batch_size=128).fit(keys, train.images, train.labels, epochs=10,
+                                     eval_data=(test.images, test.labels), progress=False)
+  acc = np.asarray(res.history[-1]["eval_accuracy"])
+  assert acc.min() >= 0.84, acc
+
+
+def test_more_label_noise_scores_monotonically_lower():
+  """What makes sellers of different quality: accuracy falls with the flip rate."""
+  train, test = _digits()
+  rates = [0.0, 0.5, 0.7, 0.8, 0.88]
+  reps = 2
+  labels = np.stack([data.flip_labels(jax.random.key(100 + i), train.labels, r, 10)
+                     for r in rates for i in range(reps)])
+  keys, _ = _member_inputs(len(labels), 1, 1)
+  res = _trainer(batch_size=64).fit(keys, train.images, labels, epochs=40,
+                                    eval_data=(test.images, test.labels), progress=False)
+  acc = np.asarray(res.history[-1]["eval_accuracy"]).reshape(len(rates), reps).mean(1)
+  assert np.all(np.diff(acc) < 0), acc
+  assert acc[0] >= 0.9 and acc[-1] <= acc[0] - 0.2, acc
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_killed_run_resumes_and_equals_uninterrupted(tmp_path):
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(3, 256, 128)
+  straight = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, progress=False)
+
+  def stop_after_two(epoch, record):
+    if epoch == 2:
+      raise _Stop
+
+  with pytest.raises(_Stop):
+    _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path,
+                            on_epoch_end=stop_after_two, progress=False)
+  resumed = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path,
+                                    progress=False)
+  assert resumed.resumed_from == 2
+  assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+  _assert_trees_close(straight.state, resumed.state, atol=0)
+  # A finished run is reused, not retrained.
+  again = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, progress=False)
+  assert again.resumed_from == 4
+  _assert_trees_close(straight.state, again.state, atol=0)
+  template = _trainer(_CNN).init(keys, x)
+  _assert_trees_close(straight.state, ensemble.load_checkpoint(tmp_path, template), atol=0)
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+  train, _ = _digits()
+  x, y = train.images[:128], train.labels[:128]
+  keys, _ = _member_inputs(2, 1, 1)
+  _trainer().fit(keys, x, y, epochs=1, checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match="different configuration"):
+    _trainer().fit(keys, x, (y + 1) % 10, epochs=2, checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match="different configuration"):
+    _trainer().fit(keys, x, y, epochs=2, checkpoint_dir=tmp_path, progress=False, fingerprint={"lr": 0.1})
+
+
+def test_non_finite_loss_fails_fast(tmp_path):
+  train, _ = _digits()
+  x = np.array(train.images[:128])
+  x[5] = np.nan
+  keys, _ = _member_inputs(2, 1, 1)
+  with pytest.raises(FloatingPointError, match="non-finite training loss at epoch 1 in members \\[0, 1\\]"):
+    _trainer().fit(keys, x, train.labels[:128], epochs=3, checkpoint_dir=tmp_path, progress=False)
+  assert not any(p.name.isdigit() for p in tmp_path.iterdir())  # Nothing non-finite was saved.
+
+
+def test_shape_errors():
+  train, _ = _digits()
+  keys, _ = _member_inputs(2, 1, 1)
+  with pytest.raises(ValueError, match="indices must have shape"):
+    _trainer().fit(keys, train.images, train.labels, indices=np.zeros((3, 64), int), epochs=1, progress=False)
+  with pytest.raises(ValueError, match="labels must have shape"):
+    _trainer().fit(keys, train.images, train.labels[:10], epochs=1, progress=False)
+  with pytest.raises(ValueError, match="fewer than batch_size"):
+    _trainer().fit(keys, train.images, train.labels, indices=np.zeros((2, 8), int), epochs=1, progress=False)
