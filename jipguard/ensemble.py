@@ -191,9 +191,10 @@ def _init_members(keys_M, sample_x, *, model, tx):
   return jax.vmap(init_one)(keys_M)
 
 
-def _digest(*arrays: Any) -> str:
+def digest(*trees: Any) -> str:
+  """SHA-256 of the shapes, dtypes and bytes of every array in ``trees`` (keys included)."""
   h = hashlib.sha256()
-  for a in arrays:
+  for a in jax.tree.leaves(trees):
     a = np.asarray(jax.random.key_data(a) if jnp.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key) else a)
     h.update(str((a.shape, a.dtype.str)).encode())
     h.update(np.ascontiguousarray(a).tobytes())
@@ -296,7 +297,7 @@ class EnsembleTrainer:
     manager = None
     meta = {
         "model": repr(self.model), "batch_size": self.batch_size, "num_members": m,
-        "data": _digest(keys_M, images, indices, labels_MxS), **dict(fingerprint or {}),
+        "data": digest(keys_M, images, indices, labels_MxS), **dict(fingerprint or {}),
     }
     state = self.init(keys_M, images)
     history: list[dict[str, Any]] = []
@@ -352,6 +353,16 @@ def _save(manager: ocp.CheckpointManager, epoch: int, state: EnsembleState,
   ))
 
 
+def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Any) -> None:
+  """Raises ValueError naming the differing keys if a checkpoint's configuration differs."""
+  current = json.loads(json.dumps(current))
+  if saved != current:
+    diff = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
+    raise ValueError(
+        f"checkpoint in {where} was made with a different configuration "
+        f"(differs in {diff}); use another directory or delete it to start afresh")
+
+
 def _restore(manager: ocp.CheckpointManager, state: EnsembleState, meta: dict[str, Any]
              ) -> tuple[EnsembleState, list[dict[str, Any]], int]:
   """Latest checkpoint of ``manager`` if any, else ``state`` unchanged at epoch 0."""
@@ -359,11 +370,7 @@ def _restore(manager: ocp.CheckpointManager, state: EnsembleState, meta: dict[st
   if epoch is None:
     return state, [], 0
   saved_meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  if saved_meta != json.loads(json.dumps(meta)):
-    diff = sorted(k for k in set(meta) | set(saved_meta) if meta.get(k) != saved_meta.get(k))
-    raise ValueError(
-        f"checkpoint in {manager.directory} was made with a different configuration "
-        f"(differs in {diff}); use another directory or delete it to start afresh")
+  check_same_config(saved_meta, meta, manager.directory)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   restored = manager.restore(epoch, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))

@@ -39,17 +39,21 @@ class MLP(nn.Module):
   Attributes:
     num_classes: Number of output logits.
     hidden: Widths of the hidden layers.
+    dropout: Dropout on the hidden units in training mode (0 in the paper; IPProtect's
+      robust sanitizer sets it on a clone of the sampled models).
   """
 
   num_classes: int = 10
   hidden: Sequence[int] = (256, 256)
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
-    del train  # No dropout or batch norm.
     x = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
     for width in self.hidden:
       x = nn.relu(nn.Dense(width)(x))
+      if self.dropout > 0:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
 
 

@@ -1,0 +1,250 @@
+"""The IPProtect main job: sellers, sample_models, sanitize, evaluate, write a run directory.
+
+``experiments/ipprotect.py`` parses flags into an :class:`IPProtectConfig` and calls
+:func:`run`. The run directory (DESIGN.md) holds ``config.json``, ``metrics.json``,
+``report.md``, ``sanitized.npz`` (sanitized images and labels only), ``examples.png``
+(originals over sanitized images, Fig. 4 style) and ``checkpoints/`` (orbax): trained
+ensembles are reused and a killed sanitization resumes at the next unfinished batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import jipguard
+from jipguard import data as data_lib
+from jipguard import ensemble, ipprotect, metrics, models
+from jipguard.ipprotect import SanitizerConfig, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class IPProtectConfig:
+  """Everything a run depends on (written to config.json)."""
+
+  dataset: str = data_lib.DEFAULT_DATASET  # Name, or a path (IDX folder / .npz / image folder).
+  data_dir: str | None = None       # Local copy of a named dataset, or a tfds data_dir.
+  model: str | None = None          # Architecture; default mlp (grayscale) / cnn (colour).
+  buyer_size: int | None = None     # Buyer images from the test split; None = all.
+  seller_pool_size: int | None = None  # Seller images from the train split; None = all.
+  models_per_seller: int = 10       # Table I: 10 models per seller.
+  seller_train: TrainConfig = TrainConfig(epochs=5, batch_size=128)
+  omega_train: TrainConfig = TrainConfig(epochs=30, batch_size=32)
+  omega_tr: int = 100               # |Omega_Tr|.
+  omega_v: int = 10                 # |Omega_V| (Table II).
+  sanitizer: SanitizerConfig = SanitizerConfig()
+  seed: int = 0                     # Seed of everything but the anchors.
+  anchor_seed: int | None = None    # 64-bit anchor secret; None = drawn once, kept private.
+  cache_dir: str | None = None      # Share trained ensembles between runs (ablations); None = checkpoints/.
+
+
+def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfig:
+  """``smoke`` (seconds, for tests), ``default`` (minutes on 2 cores), ``paper`` (Table II)."""
+  family = ipprotect.table_i_family(dataset)
+  table2 = dict(zeta={"cifar10": 0.2}.get(family, 0.5), tau={"mnist": 1.3, "cifar10": 1.65}.get(family, 1.5),
+                omega_v={"cifar10": 50}.get(family, 10), data_batch={"cifar10": 256}.get(family, 5000))
+  if name == "smoke":
+    return IPProtectConfig(
+        dataset=dataset, buyer_size=24, seller_pool_size=1024, models_per_seller=2,
+        seller_train=TrainConfig(epochs=1, batch_size=64), omega_train=TrainConfig(epochs=5, batch_size=16),
+        omega_tr=6, omega_v=3,
+        sanitizer=SanitizerConfig(steps=40, data_batch=16, val_every=10, min_steps=20, loss="probs",
+                                  learning_rate=0.1, zeta=0.01, tau=table2["tau"]))
+  if name == "default":
+    return IPProtectConfig(
+        dataset=dataset, buyer_size=300, models_per_seller=4,
+        seller_train=TrainConfig(epochs=3, batch_size=128), omega_train=TrainConfig(epochs=30, batch_size=32),
+        omega_tr=100, omega_v=table2["omega_v"],
+        sanitizer=SanitizerConfig(steps=300, data_batch=300, loss="probs", learning_rate=0.1, zeta=0.01,
+                                  tau=table2["tau"], lam=0.1))
+  if name == "paper":
+    return IPProtectConfig(
+        dataset=dataset, models_per_seller=10, omega_tr=100, omega_v=table2["omega_v"],
+        sanitizer=SanitizerConfig(steps=2000, data_batch=table2["data_batch"], zeta=table2["zeta"],
+                                  tau=table2["tau"], lam=0.1))
+  raise ValueError(f"unknown preset {name!r}; choose smoke, default or paper")
+
+
+def config_to_json(cfg: IPProtectConfig) -> dict[str, Any]:
+  """The config as JSON; a given anchor secret is recorded only as its SHA-256 commitment."""
+  d = dataclasses.asdict(cfg)
+  if cfg.anchor_seed is not None:
+    d["anchor_seed"] = "sha256:" + hashlib.sha256(str(cfg.anchor_seed).encode()).hexdigest()
+  return d
+
+
+def config_from_json(d: dict[str, Any]) -> IPProtectConfig:
+  """Inverse of :func:`config_to_json` (an anchor commitment comes back as None)."""
+  d = dict(d)
+  if isinstance(d.get("anchor_seed"), str):
+    d["anchor_seed"] = None
+  d["seller_train"] = TrainConfig(**d["seller_train"])
+  d["omega_train"] = TrainConfig(**d["omega_train"])
+  d["sanitizer"] = SanitizerConfig(**d["sanitizer"])
+  return IPProtectConfig(**d)
+
+
+def write_atomic(path: str, write_fn) -> None:
+  """Writes via a temporary file in the same directory, then renames (atomic on POSIX)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+  os.close(fd)
+  try:
+    write_fn(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+  def _write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+  write_atomic(path, _write)
+
+
+def load_data(cfg: IPProtectConfig) -> tuple[data_lib.Dataset, data_lib.Dataset]:
+  """Buyer (test split, first ``buyer_size`` of a fixed permutation) and seller pool (train)."""
+  key = jax.random.key(cfg.seed)
+  test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir)
+  train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir)
+
+  def take(ds, n, k):
+    if n is None or n >= len(ds):
+      return ds
+    return ds.subset(np.sort(np.asarray(jax.random.permutation(jax.random.fold_in(key, k), len(ds)))[:n]))
+
+  return take(test, cfg.buyer_size, 10), take(train, cfg.seller_pool_size, 11)
+
+
+def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
+  """The run's anchor secret: given, or drawn once and kept in the private checkpoints."""
+  if cfg.anchor_seed is not None:
+    return cfg.anchor_seed
+  path = os.path.join(ckpt, "anchor_secret.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return int(json.load(f)["anchor_seed"])
+  seed = secrets.randbits(64)
+  write_json(path, {"anchor_seed": seed, "note": "private to the buyer: never share"})
+  return seed
+
+
+def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) the whole IPProtect job into ``workdir``; returns metrics.json's dict."""
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = os.path.join(workdir, "checkpoints")
+  os.makedirs(ckpt, exist_ok=True)
+  config_path = os.path.join(workdir, "config.json")
+  cfg_json = config_to_json(cfg)
+  cfg_json.pop("cache_dir")  # Where ensembles are cached does not change the results.
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      saved = json.load(f)["config"]
+    ensemble.check_same_config(saved, cfg_json, workdir)
+  write_json(config_path, {"config": cfg_json, "jipguard_version": jipguard.__version__,
+                           "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})
+
+  buyer, pool = load_data(cfg)
+  model = models.get_model(cfg.model or ("mlp" if buyer.image_shape[-1] == 1 else "cnn"), buyer.num_classes)
+  key = jax.random.key(cfg.seed)
+  noise = ipprotect.TABLE_I_NOISE[ipprotect.table_i_family(buyer.name)]
+  timings = {}
+
+  ens_dir = cfg.cache_dir or ckpt
+
+  def ensemble_dir(kind: str, *parts: Any) -> str:
+    tag = hashlib.sha256(json.dumps([cfg.dataset, cfg.data_dir, repr(model), cfg.seed, *parts],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(ens_dir, f"{kind}-{tag}")
+
+  t = time.perf_counter()
+  labels = ipprotect.seller_labels(jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller,
+                                   pool.num_classes)
+  sellers = ipprotect.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
+                                   num_members=len(labels),
+                                   checkpoint_dir=ensemble_dir("sellers", cfg.seller_pool_size, cfg.models_per_seller,
+                                                               dataclasses.asdict(cfg.seller_train)),
+                                   desc="sellers", progress=progress)
+  timings["sellers_s"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  omega = ipprotect.sample_models(model, cfg.omega_train, jax.random.fold_in(key, 3), buyer,
+                                  cfg.omega_tr + cfg.omega_v,
+                                  checkpoint_dir=ensemble_dir("omega", cfg.buyer_size, cfg.omega_tr, cfg.omega_v,
+                                                              dataclasses.asdict(cfg.omega_train)),
+                                  desc="sample_models", progress=progress)
+  params_tr = omega.member(slice(0, cfg.omega_tr)).variables
+  params_v = omega.member(slice(cfg.omega_tr, None)).variables
+  timings["sample_models_s"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  result = ipprotect.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
+                              cfg.sanitizer, seed=cfg.seed, anchor_seed=_anchor_seed(cfg, ckpt),
+                              checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress)
+  timings["sanitize_s"] = time.perf_counter() - t
+
+  out = evaluate(model, sellers.variables, params_tr, params_v, buyer, result, cfg.models_per_seller)
+  out["timings"] = timings
+  out["images_per_second"] = len(buyer) / max(timings["sanitize_s"], 1e-9)
+  out["num_images"] = len(buyer)
+  out["data_source"] = {"buyer": buyer.source, "sellers": pool.source}
+  out["table_i"] = {"noise": list(noise), "resample_rate": [ipprotect.resample_rate(n) for n in noise],
+                    "paper_accuracy": list(ipprotect.TABLE_I_ACCURACY[ipprotect.table_i_family(buyer.name)])}
+
+  write_atomic(os.path.join(workdir, "sanitized.npz"),
+               lambda p: np.savez_compressed(p, images=result.images.astype(np.float32),
+                                             labels=buyer.labels.astype(np.int32)))
+  write_json(os.path.join(workdir, "metrics.json"), out)
+  from jipguard import report  # Matplotlib only when writing the report.
+  report.write_ipprotect_report(workdir, cfg, out, buyer, result)
+  return out
+
+
+def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
+             result: ipprotect.BatchResult, models_per_seller: int) -> dict[str, Any]:
+  """Every metric of the issue: utilities, MAE, compliance, risk, ranks, bounds, similarity."""
+  x, x_san = buyer.images, result.images
+  lo, ls = ensemble.predict(model, seller_vars, x), ensemble.predict(model, seller_vars, x_san)
+  u_o, u_s = metrics.utility(lo, buyer.labels), metrics.utility(ls, buyer.labels)
+  per_seller = lambda u: u.reshape(-1, models_per_seller).mean(1)
+  out = {
+      "utility_mae": metrics.utility_mae(u_o, u_s),
+      "utility_mae_per_seller_mean": metrics.utility_mae(per_seller(u_o), per_seller(u_s)),
+      "seller_utility_original": per_seller(u_o).tolist(),
+      "seller_utility_sanitized": per_seller(u_s).tolist(),
+      "seller_model_utility_original": u_o.tolist(),
+      "seller_model_utility_sanitized": u_s.tolist(),
+      "seller_compliance": per_seller(metrics.compliance(lo, ls)).tolist(),
+      "rank_correlation": metrics.rank_correlation(per_seller(u_o), per_seller(u_s)),
+  }
+  for name, params in (("train", params_tr), ("val", params_v)):
+    po, ps = ensemble.predict(model, params, x), ensemble.predict(model, params, x_san)
+    comp = metrics.compliance(po, ps)
+    out[f"compliance_{name}"] = float(comp.mean())
+    out[f"risk_{name}"] = float(metrics.estimated_risk(po, ps).mean())
+    out[f"utility_mae_{name}"] = metrics.utility_mae(metrics.utility(po, buyer.labels), metrics.utility(ps, buyer.labels))
+    if name == "val":
+      out["compliance_lower_bound"] = metrics.hoeffding_lower_bound(comp, 0.95)
+      out["compliance_lower_bound_confidence"] = 0.95
+  corr = metrics.pixel_correlation(x, x_san)
+  out.update(
+      correlation_mean=float(corr.mean()), correlation_max=float(corr.max()),
+      ssim_mean=float(metrics.ssim(x, x_san).mean()),
+      rms_to_original_mean=float(np.sqrt(np.mean(np.square(x - x_san), axis=(1, 2, 3))).mean()),
+      sanitized_pixel_range=[float(x_san.min()), float(x_san.max())],
+      steps_mean=float(result.steps.mean()), steps_max=int(result.steps.max()),
+      final_val_loss_mean=float(np.nanmean(result.val_loss)) if np.isfinite(result.val_loss).any() else None,
+  )
+  return out

@@ -1,0 +1,215 @@
+"""Tests for IPProtect: the objective, the sanitizer's guarantees, sellers, and the main job."""
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jipguard import data, ensemble, ipprotect, models, pipeline
+
+_MODEL = models.MLP(num_classes=10, hidden=(32,))
+_CFG = ipprotect.SanitizerConfig(steps=60, data_batch=4, loss="probs", learning_rate=0.1, zeta=0.01,
+                                 val_every=10, min_steps=20)
+
+
+@functools.cache
+def _setup():
+  """A tiny buyer set and 6 + 2 sampled models (module-cached: training is the slow part)."""
+  test = data.load("fashion_mnist_subset", "test")
+  buyer = test.subset(np.arange(48))
+  omega = ipprotect.sample_models(_MODEL, ipprotect.TrainConfig(epochs=10, batch_size=16), jax.random.key(0),
+                                  buyer, 8, progress=False)
+  return buyer, omega.member(slice(0, 6)).variables, omega.member(slice(6, 8)).variables
+
+
+def test_hinge_is_zero_inside_the_ball_and_linear_outside():
+  buyer, tr, _ = _setup()
+  anchor = jax.random.normal(jax.random.key(1), buyer.image_shape)
+  target = ensemble.apply(_MODEL, tr, buyer.images[:1])[:, 0]
+  weights = jnp.ones(6)
+  objective = functools.partial(ipprotect.image_objective, target_MxC=target, anchor=anchor, weights_M=weights,
+                                key=jax.random.key(2), params=tr, model=_MODEL)
+  cfg = dataclasses.replace(_CFG, lam=0.7, tau=1.5)
+  direction = jax.random.normal(jax.random.key(3), buyer.image_shape)
+  direction = direction / ipprotect.rms_distance(direction, 0)
+  for radius in (0.0, 0.5, 1.49):
+    _, (_, security) = objective(anchor + radius * direction, cfg=cfg)
+    assert float(security) == 0.0
+  for radius in (1.6, 3.0):
+    _, (_, security) = objective(anchor + radius * direction, cfg=cfg)
+    assert float(security) == pytest.approx(0.7 * (radius - 1.5), rel=1e-4)
+  # Utility term: zero at the original image itself.
+  _, (utility, _) = objective(jnp.asarray(buyer.images[0]), cfg=cfg)
+  assert float(utility) < 1e-5
+
+
+def _objective_of(buyer, tr, images, cfg):
+  target = jnp.swapaxes(ensemble.apply(_MODEL, tr, buyer.images[:len(images)]), 0, 1)
+  anchors = jax.vmap(lambda k: jax.random.normal(k, buyer.image_shape))(
+      ipprotect.image_keys(ipprotect.secret_key(7), 0, len(images)))
+  f = jax.vmap(functools.partial(ipprotect.image_objective, model=_MODEL, cfg=cfg), in_axes=(0, 0, 0, None, 0, None))
+  keys = jax.random.split(jax.random.key(0), len(images))
+  return f(jnp.asarray(images), target, anchors, jnp.ones(6), keys, tr)[0]
+
+
+def test_objective_decreases():
+  buyer, tr, va = _setup()
+  cfg = dataclasses.replace(_CFG, val_stop=False, steps=1)
+  start = ipprotect.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7)
+  end = ipprotect.sanitize_batch(_MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, steps=60),
+                                 start=0, seed=0, anchor_seed=7)
+  before, after = _objective_of(buyer, tr, start.images, cfg), _objective_of(buyer, tr, end.images, cfg)
+  assert np.all(np.asarray(after) < 0.5 * np.asarray(before)), (before, after)
+  assert np.all(end.steps == 60)
+
+
+def test_batch_equals_images_one_by_one():
+  buyer, tr, va = _setup()
+  batch = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
+  for k in range(4):
+    one = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[k:k + 1], _CFG, start=k, seed=3, anchor_seed=11)
+    assert one.steps[0] == batch.steps[k]
+    np.testing.assert_allclose(one.images[0], batch.images[k], atol=1e-4)
+  # Padding a batch with inactive images changes nothing either.
+  padded = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11,
+                                    pad_to=8)
+  np.testing.assert_allclose(padded.images, batch.images, atol=1e-5)
+
+
+def test_stopping_rule_stops_images_and_stopped_images_do_not_change():
+  buyer, tr, va = _setup()
+  cfg = dataclasses.replace(_CFG, zeta=10.0, steps=200)  # Every image converges at min_steps.
+  res = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=1)
+  assert np.all(res.steps == cfg.min_steps)
+  longer = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, steps=400),
+                                    start=0, seed=0, anchor_seed=1)
+  np.testing.assert_array_equal(longer.images, res.images)
+  never = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, zeta=0.0),
+                                   start=0, seed=0, anchor_seed=1)
+  assert np.all(never.steps == 200)
+
+
+def test_anchor_secret_changes_the_result_and_is_64_bit():
+  buyer, tr, va = _setup()
+  a = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:2], _CFG, start=0, seed=0, anchor_seed=2**63 + 5)
+  b = ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:2], _CFG, start=0, seed=0, anchor_seed=5)
+  assert not np.allclose(a.images, b.images)
+  with pytest.raises(ValueError, match="anchor seed"):
+    ipprotect.secret_key(2**64)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_resumed_sanitization_equals_uninterrupted(tmp_path, monkeypatch):
+  buyer, tr, va = _setup()
+  images = buyer.images[:12]
+  straight = ipprotect.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, progress=False)
+  real = ipprotect.sanitize_batch
+  calls = []
+
+  def dies_on_second_batch(*args, **kwargs):
+    calls.append(kwargs["start"])
+    if len(calls) == 2:
+      raise _Killed
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(ipprotect, "sanitize_batch", dies_on_second_batch)
+  with pytest.raises(_Killed):
+    ipprotect.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path, progress=False)
+  monkeypatch.setattr(ipprotect, "sanitize_batch", real)
+  calls.clear()
+  spy = lambda *a, **k: (calls.append(k["start"]), real(*a, **k))[1]
+  monkeypatch.setattr(ipprotect, "sanitize_batch", spy)
+  resumed = ipprotect.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path,
+                               progress=False)
+  assert calls == [4, 8]  # Batch 0 came from the checkpoint.
+  for f in dataclasses.fields(ipprotect.BatchResult):
+    np.testing.assert_array_equal(getattr(resumed, f.name), getattr(straight, f.name))
+  with pytest.raises(ValueError, match="different configuration"):
+    ipprotect.sanitize(_MODEL, tr, va, images, dataclasses.replace(_CFG, lam=1.0), seed=0, anchor_seed=9,
+                       checkpoint_dir=tmp_path, progress=False)
+
+
+def test_sanitizer_input_errors():
+  buyer, tr, va = _setup()
+  bad = np.array(buyer.images[:2])
+  bad[0, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    ipprotect.sanitize(_MODEL, tr, va, bad, _CFG, seed=0, anchor_seed=1, progress=False)
+  with pytest.raises(ValueError, match="val_stop needs"):
+    ipprotect.sanitize(_MODEL, tr, None, buyer.images[:2], _CFG, seed=0, anchor_seed=1, progress=False)
+  with pytest.raises(ValueError, match="model_batch"):
+    ipprotect.sanitize(_MODEL, tr, va, buyer.images[:2], dataclasses.replace(_CFG, model_batch=7), seed=0,
+                       anchor_seed=1, progress=False)
+  with pytest.raises(ValueError, match="loss must be"):
+    ipprotect.SanitizerConfig(loss="kl")
+
+
+def test_seller_labels_follow_the_table_i_interpretation():
+  labels = np.repeat(np.arange(10), 100)
+  noise = (0.0, 1.0, 3.0)
+  out = ipprotect.seller_labels(jax.random.key(0), labels, noise, 2, 10)
+  assert out.shape == (6, 1000)
+  np.testing.assert_array_equal(out[0], out[1])  # A seller's models share its dataset.
+  changed = (out[::2] != labels).mean(1)
+  np.testing.assert_allclose(changed, [0.0, 0.5 * 0.9, 0.875 * 0.9], atol=1e-3)
+  assert ipprotect.resample_rate(0) == 0 and ipprotect.resample_rate(5) == pytest.approx(1 - 1 / 32)
+
+
+def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
+  cfg = pipeline.preset("smoke")
+  m = pipeline.run(cfg, str(tmp_path), progress=False)
+  for key in ("utility_mae", "seller_utility_original", "seller_utility_sanitized", "compliance_train",
+              "compliance_val", "risk_train", "risk_val", "rank_correlation", "compliance_lower_bound",
+              "images_per_second"):
+    assert key in m
+  assert len(m["seller_utility_original"]) == 8
+  for name in ("config.json", "metrics.json", "report.md", "sanitized.npz", "examples.png", "sellers.png"):
+    assert (tmp_path / name).exists(), name
+  # sanitized.npz: sanitized images and labels only, none of them (close to) an original.
+  buyer, _ = pipeline.load_data(cfg)
+  with np.load(tmp_path / "sanitized.npz") as f:
+    assert sorted(f.files) == ["images", "labels"]
+    san, lab = f["images"], f["labels"]
+  np.testing.assert_array_equal(lab, buyer.labels)
+  x = buyer.images.reshape(len(buyer), -1)
+  s = san.reshape(len(san), -1)
+  rms = np.sqrt(((s[:, None] - x[None]) ** 2).mean(-1))
+  assert rms.min() > 0.5, rms.min()
+  xc = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+  sc = (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True)
+  assert (sc @ xc.T / x.shape[1]).max() < 0.8
+  # The anchor secret stays in the private checkpoints, in no shared artefact.
+  secret = json.loads((tmp_path / "checkpoints" / "anchor_secret.json").read_text())["anchor_seed"]
+  for name in ("config.json", "metrics.json", "report.md", "sanitized.npz"):
+    assert str(secret).encode() not in (tmp_path / name).read_bytes()
+  # A rerun resumes from the checkpoints and reproduces the metrics.
+  again = pipeline.run(cfg, str(tmp_path), progress=False)
+  assert again["utility_mae"] == m["utility_mae"]
+  assert again["timings"]["sanitize_s"] < m["timings"]["sanitize_s"]
+  with pytest.raises(ValueError, match="different configuration"):
+    pipeline.run(dataclasses.replace(cfg, omega_tr=5), str(tmp_path), progress=False)
+
+
+def test_experiment_flags_override_the_preset():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "ipprotect_main", os.path.join(os.path.dirname(__file__), "..", "experiments", "ipprotect.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg, workdir, _ = mod.parse(["--omega_tr", "10", "--lam", "0.5", "--no_val_stop", "--preset", "paper",
+                               "--seller_epochs", "2"])
+  assert cfg.omega_tr == 10 and cfg.sanitizer.lam == 0.5 and not cfg.sanitizer.val_stop
+  assert cfg.sanitizer.steps == 2000 and cfg.sanitizer.tau == 1.5 and cfg.seller_train.epochs == 2
+  assert workdir.endswith("ipprotect-fashion_mnist_subset-paper-tr10-s0")
+  json.dumps(pipeline.config_to_json(cfg))
+  assert pipeline.config_from_json(json.loads(json.dumps(pipeline.config_to_json(cfg)))) == cfg
+  given = dataclasses.replace(cfg, anchor_seed=123456789)
+  assert "123456789" not in json.dumps(pipeline.config_to_json(given))
