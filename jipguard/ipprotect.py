@@ -395,7 +395,8 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
           manager.wait_until_finished()
       results.append(res)
       bar.update(len(res.images))
-      bar.set_postfix_str(f"steps {np.mean(res.steps):.0f} val {np.nanmean(res.val_loss):.3f}")
+      val = f" val {np.mean(res.val_loss):.3f}" if np.all(np.isfinite(res.val_loss)) else ""
+      bar.set_postfix_str(f"steps {np.mean(res.steps):.0f}{val}")
   finally:
     bar.close()
     if manager is not None:
