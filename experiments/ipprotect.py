@@ -42,6 +42,7 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
   add("model_batch", int, "B: models per step (default 0.95 |Omega_Tr|)")
   add("data_batch", int, "B_D: images optimised together")
   add("lr", float, "Adam step size on the pixels")
+  add("temperature", float, "with --loss probs: compare softmax(logits / temperature)")
   add("input_noise", float, "robust option: sigma of Gaussian noise on x~ per step")
   add("hidden_dropout", float, "robust option: dropout of the sampled models' hidden units")
   add("seed", int, "seed of everything but the anchors")
@@ -57,7 +58,8 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
                                     "omega_tr", "omega_v", "seed", "anchor_seed", "cache_dir") if getattr(a, k) is not None}
   san = {k: getattr(a, src) for k, src in (("lam", "lam"), ("tau", "tau"), ("zeta", "zeta"), ("steps", "steps"),
                                            ("model_batch", "model_batch"), ("data_batch", "data_batch"),
-                                           ("learning_rate", "lr"), ("loss", "loss"), ("input_noise", "input_noise"),
+                                           ("learning_rate", "lr"), ("loss", "loss"), ("temperature", "temperature"),
+                                           ("input_noise", "input_noise"),
                                            ("hidden_dropout", "hidden_dropout")) if getattr(a, src) is not None}
   if a.no_val_stop:
     san["val_stop"] = False

@@ -25,6 +25,7 @@ VARIANTS = {
                                                   "--zeta", "0.5"],
     "logits, lr 0.1": ["--omega_tr", "10", "--loss", "logits", "--lr", "0.1", "--zeta", "0.5"],
     "probs, lr 0.1": ["--omega_tr", "10"],
+    "probs, temperature 4": ["--omega_tr", "10", "--temperature", "4"],
     "probs, no stopping rule (T=500)": ["--omega_tr", "10", "--no_val_stop"],
     "probs + input noise 1.0": ["--omega_tr", "10", "--input_noise", "1.0"],
     "probs + hidden dropout 0.5": ["--omega_tr", "10", "--hidden_dropout", "0.5"],

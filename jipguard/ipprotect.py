@@ -159,6 +159,7 @@ class SanitizerConfig:
   data_batch: int = 5000          # B_D: images optimised together.
   learning_rate: float = 0.01     # Adam step size on the pixels.
   loss: str = "logits"            # L on "logits" (paper) or softmax "probs".
+  temperature: float = 1.0        # "probs": compare softmax(logits / temperature).
   input_noise: float = 0.0        # Robust option: sigma of Gaussian noise on x~.
   hidden_dropout: float = 0.0     # Robust option: dropout of sampled models' hidden units.
   val_stop: bool = True           # Use Omega_V's stopping rule (False: T steps, no Omega_V).
@@ -173,6 +174,8 @@ class SanitizerConfig:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.lam < 0 or self.tau < 0 or self.input_noise < 0 or not 0 <= self.hidden_dropout < 1:
       raise ValueError("lam, tau, input_noise must be >= 0 and hidden_dropout in [0, 1)")
+    if self.temperature <= 0:
+      raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
   def batch_of_models(self, num_train_models: int) -> int:
     b = self.model_batch or max(1, round(0.95 * num_train_models))
@@ -181,10 +184,10 @@ class SanitizerConfig:
     return b
 
 
-def _distance(a: jax.Array, b: jax.Array, kind: str) -> jax.Array:
-  """L between output vectors (last axis): L2 of logits or of softmax probabilities."""
+def _distance(a: jax.Array, b: jax.Array, kind: str, temperature: float = 1.0) -> jax.Array:
+  """L between output vectors (last axis): L2 of logits or of softmax(logits / temperature)."""
   if kind == "probs":
-    a, b = jax.nn.softmax(a), jax.nn.softmax(b)
+    a, b = jax.nn.softmax(a / temperature), jax.nn.softmax(b / temperature)
   return jnp.sqrt(jnp.sum(jnp.square(a - b), axis=-1) + 1e-12)
 
 
@@ -222,7 +225,7 @@ def image_objective(x_tilde: jax.Array, target_MxC: jax.Array, anchor: jax.Array
         params, member_keys)
   else:
     logits_MxC = ensemble.apply(model, params, x_in[None])[:, 0]
-  per_model = _distance(logits_MxC, target_MxC, cfg.loss)
+  per_model = _distance(logits_MxC, target_MxC, cfg.loss, cfg.temperature)
   utility = jnp.sum(weights_M * per_model) / jnp.sum(weights_M)
   security = cfg.lam * jnp.maximum(rms_distance(x_tilde, anchor) - cfg.tau, 0.0)
   return utility + security, (utility, security)
@@ -252,7 +255,7 @@ def _sanitize_batch(params_tr, params_v, x_BxHxWxC, x0, anchors, image_keys, act
 
     def val_loss(x):
       logits = jnp.swapaxes(ensemble.apply(model, params_v, x), 0, 1)
-      return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss), axis=1)
+      return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss, cfg.temperature), axis=1)
   else:
     val_loss = lambda x: jnp.full(x.shape[:1], jnp.nan)
 

@@ -150,6 +150,8 @@ def test_sanitizer_input_errors():
                        anchor_seed=1, progress=False)
   with pytest.raises(ValueError, match="loss must be"):
     ipprotect.SanitizerConfig(loss="kl")
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    ipprotect.SanitizerConfig(temperature=0.0)
 
 
 def test_seller_labels_follow_the_table_i_interpretation():

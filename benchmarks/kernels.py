@@ -1,0 +1,346 @@
+"""The benchmarked kernels: one ``sizes`` + ``row`` pair per kernel in :data:`KERNELS`.
+
+To add a kernel, write a frozen size dataclass with a ``label``, a ``sizes(quick)``
+function and a ``row(size, repeats) -> dict`` function that times JAX and a PyTorch
+reference (``harness.time_calls``) and returns ``harness.make_row(...)``; register them
+in :data:`KERNELS`. Every row carries ``check_max_rel_err`` / ``check_passed``: evidence
+that both sides compute the same thing.
+
+Kernels:
+
+* ``gemm_roofline``: float32 GEMM GFLOP/s of this machine, ``jnp.matmul`` (jitted) vs
+  ``torch.bmm`` / ``torch.mm``; the roofline other rows are compared against.
+* ``ensemble_train_epoch``: one epoch of M stacked members (``EnsembleTrainer.train_epoch``)
+  vs ``torch.func`` and a loop of M ``nn.Module`` s (``torch_reference.py``), after
+  :func:`check_equivalence` has shown that both sides run the same algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from benchmarks import harness
+from benchmarks import torch_reference as tr
+from jipguard import data, ensemble, models
+
+LR = 1e-3
+# One optimiser object: every trainer of equal model and batch size shares one compiled epoch.
+TX = optax.adam(LR)
+CHECK_RTOL = 1e-3
+
+
+def configure_torch() -> None:
+  """Torch uses every core (as XLA's CPU backend does)."""
+  if torch.get_num_threads() != os.cpu_count():
+    torch.set_num_threads(os.cpu_count())
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """A benchmarked kernel.
+
+  Attributes:
+    sizes: ``sizes(quick)``: the sizes to run, smallest first; each has a ``label``.
+    row: ``row(size, repeats, budget_s=None)``: times one size (``harness.time_calls``),
+      returns a ``harness.make_row`` dict.
+  """
+
+  sizes: Callable[[bool], Sequence[Any]]
+  row: Callable[..., harness.Row]
+
+
+# --------------------------------------------------------------------------- GEMM roofline
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmSize:
+  """``batch`` x (m x k @ k x n), float32; ``batch=0`` is one plain matrix product."""
+
+  batch: int
+  m: int
+  k: int
+  n: int
+
+  @property
+  def label(self) -> str:
+    mm = f"{self.m}x{self.k} @ {self.k}x{self.n}"
+    return f"bmm {self.batch} x ({mm})" if self.batch else f"mm {mm}"
+
+  @property
+  def flops(self) -> float:
+    return 2.0 * max(self.batch, 1) * self.m * self.k * self.n
+
+
+def gemm_sizes(quick: bool) -> list[GemmSize]:
+  del quick  # A few seconds each; the roofline needs the same sizes in both modes.
+  return [GemmSize(100, 128, 784, 256),  # The ensemble MLP's first layer, M=100, B=128.
+          GemmSize(100, 256, 784, 256),
+          GemmSize(0, 2048, 2048, 2048)]
+
+
+_matmul = jax.jit(jnp.matmul)
+
+
+def gemm_row(size: GemmSize, repeats: int, budget_s: float | None = None) -> harness.Row:
+  configure_torch()
+  lead = (size.batch,) if size.batch else ()
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((*lead, size.m, size.k), dtype=np.float32)
+  b = rng.standard_normal((*lead, size.k, size.n), dtype=np.float32)
+  a_j, b_j = jax.device_put(a), jax.device_put(b)
+  a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+
+  with harness.jax_compile_seconds() as compile_clock:
+    jax_t = harness.time_calls(lambda: _matmul(a_j, b_j).block_until_ready(), repeats, budget_s)
+  with torch.inference_mode():
+    batched = functools.partial(torch.bmm if size.batch else torch.mm, a_t, b_t)
+    torch_batched = harness.time_calls(batched, repeats, budget_s)
+    torch_loop = None
+    if size.batch:
+      torch_loop = harness.time_calls(lambda: [torch.mm(a_t[i], b_t[i]) for i in range(size.batch)],
+                                      repeats, budget_s)
+    ref = batched().numpy()
+  err = float(np.max(np.abs(np.asarray(_matmul(a_j, b_j)) - ref)) / np.max(np.abs(ref)))
+  return harness.make_row("gemm_roofline", size.label, size.flops, jax_t, compile_clock.seconds,
+                          torch_batched, torch_loop, check_max_rel_err=err, check_passed=err < 1e-4)
+
+
+# ------------------------------------------------------------------ ensemble train epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleSize:
+  """M members, each trained on its own bootstrap of a pool of N images.
+
+  Attributes:
+    model: ``"mlp"`` (Fashion-MNIST subset, 28x28x1) or ``"cnn"`` (random 32x32x3).
+    members: M.
+    n: Pool size N = each member's bootstrap sample size.
+    batch_size: Minibatch per member; an epoch is N // batch_size steps.
+  """
+
+  model: str
+  members: int
+  n: int
+  batch_size: int = 128
+
+  @property
+  def image_hwc(self) -> tuple[int, int, int]:
+    return (28, 28, 1) if self.model == "mlp" else (32, 32, 3)
+
+  @property
+  def steps(self) -> int:
+    return self.n // self.batch_size
+
+  @property
+  def label(self) -> str:
+    arch = "MLP 784-256-256-10" if self.model == "mlp" else "CNN 32x32x3"
+    return f"M={self.members} {arch} N={self.n} B={self.batch_size}"
+
+  @property
+  def flops(self) -> float:
+    """Forward + backward ~ 3x forward GEMM / conv FLOPs, for all members and steps."""
+    per_example = mlp_forward_flops(self.image_hwc) if self.model == "mlp" else cnn_forward_flops(self.image_hwc)
+    return 3.0 * per_example * self.batch_size * self.steps * self.members
+
+
+def mlp_forward_flops(image_hwc: tuple[int, int, int], hidden: Sequence[int] = (256, 256),
+                      num_classes: int = 10) -> float:
+  """Multiply-adds x 2 of the dense layers of ``models.MLP`` on one example."""
+  widths = [int(np.prod(image_hwc)), *hidden, num_classes]
+  return 2.0 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def cnn_forward_flops(image_hwc: tuple[int, int, int], widths: Sequence[int] = (32, 64),
+                      dense: int = 512, num_classes: int = 10) -> float:
+  """Multiply-adds x 2 of the convs (3x3, SAME) and dense layers of ``models.CNN`` on one example."""
+  h, w, c = image_hwc
+  flops = 0.0
+  for width in widths:
+    for _ in range(2):
+      flops += 2.0 * h * w * 9 * c * width
+      c = width
+    h, w = h // 2, w // 2
+  return flops + 2.0 * (h * w * c * dense + dense * num_classes)
+
+
+def ensemble_sizes(quick: bool) -> list[EnsembleSize]:
+  if quick:
+    return [EnsembleSize("mlp", 10, 2560)]
+  return [EnsembleSize("mlp", 10, 10_000), EnsembleSize("mlp", 100, 10_000), EnsembleSize("cnn", 8, 1024)]
+
+
+def _flax_model(name: str, dropout: bool = True):
+  if name == "cnn" and not dropout:
+    return models.CNN(num_classes=10, conv_dropout=0.0, dense_dropout=0.0)
+  return models.get_model(name, 10)
+
+
+def _torch_model(name: str, image_hwc: tuple[int, int, int], dropout: bool = True) -> Callable[[], torch.nn.Module]:
+  h, _, c = image_hwc
+  if name == "mlp":
+    return functools.partial(tr.TorchMLP, in_features=int(np.prod(image_hwc)))
+  rates = {} if dropout else {"conv_dropout": 0.0, "dense_dropout": 0.0}
+  return functools.partial(tr.TorchCNN, in_channels=c, image_hw=h, **rates)
+
+
+def _pool(model: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """N float32 NHWC images and int32 labels: the embedded Fashion-MNIST subset, or random CIFAR-shaped."""
+  if model == "mlp":
+    ds = data.load("fashion_mnist_subset", "train")
+    if n > len(ds):
+      raise ValueError(f"the embedded subset has {len(ds)} images, asked for N={n}")
+    return ds.images[:n], ds.labels[:n]
+  rng = np.random.default_rng(0)
+  return rng.random((n, 32, 32, 3), dtype=np.float32), rng.integers(0, 10, n, dtype=np.int32)
+
+
+def _to_torch(images_NxHxWxC: np.ndarray, labels_N: np.ndarray, indices_MxS: np.ndarray):
+  return (torch.from_numpy(np.ascontiguousarray(images_NxHxWxC.transpose(0, 3, 1, 2))),
+          torch.from_numpy(labels_N.astype(np.int64)), torch.from_numpy(indices_MxS.astype(np.int64)))
+
+
+def jax_epoch_order(keys_M: jax.Array, indices_MxS: np.ndarray, epoch: int, batch_size: int) -> np.ndarray:
+  """Pool indices of the batches ``EnsembleTrainer.train_epoch`` visits: ``(M, S // B, B)``.
+
+  Follows the key derivation documented in ``jipguard/ensemble.py``: epoch ``e`` shuffles
+  member ``m``'s sample with the first half of ``split(fold_in(fold_in(k_m, 1), e))``.
+  """
+  return np.asarray(_epoch_order(keys_M, jnp.asarray(indices_MxS), jnp.int32(epoch), batch_size=batch_size))
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def _epoch_order(keys_M, indices_MxS, epoch, *, batch_size):
+  m, s = indices_MxS.shape
+  steps = s // batch_size
+  epoch_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, 1), epoch))(keys_M)
+  shuffle_keys = jax.vmap(jax.random.split)(epoch_keys)[:, 0]
+  perm_MxS = jax.vmap(lambda k: jax.random.permutation(k, s))(shuffle_keys)
+  order = perm_MxS[:, : steps * batch_size]
+  return jnp.take_along_axis(indices_MxS, order, axis=1).reshape(m, steps, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Equivalence:
+  """Per-member, per-epoch mean training losses of the three implementations, ``(epochs, M)``."""
+
+  jax: np.ndarray
+  torch_func: np.ndarray
+  torch_loop: np.ndarray
+
+  @property
+  def max_rel_err(self) -> float:
+    return float(max(np.max(np.abs(t - self.jax) / np.abs(self.jax)) for t in (self.torch_func, self.torch_loop)))
+
+  @property
+  def passed(self) -> bool:
+    return self.max_rel_err < CHECK_RTOL
+
+
+@functools.cache
+def check_equivalence(model: str, members: int = 2, batch_size: int = 32, steps: int = 3,
+                      epochs: int = 2) -> Equivalence:
+  """Trains ``members`` members for ``epochs`` short epochs with JAX and both torch references.
+
+  Both sides start from the JAX initialisation (copied into torch) and see the same
+  batches (:func:`jax_epoch_order`); dropout is off. Each sample has 7 images more than
+  ``steps`` full batches, so the dropped remainder is exercised too. Matching losses
+  of the second epoch show that the optimiser updates agree as well.
+
+  Raises:
+    AssertionError: A loss differs by ``CHECK_RTOL`` relative or more.
+  """
+  configure_torch()
+  hwc = EnsembleSize(model, members, 0).image_hwc
+  s = steps * batch_size + 7
+  images, labels = _pool(model, 4 * s)
+  keys = jax.random.split(jax.random.key(42), members)
+  indices = data.bootstrap_indices(jax.random.key(43), len(images), members, size=s)
+  trainer = ensemble.EnsembleTrainer(_flax_model(model, dropout=False), TX, batch_size=batch_size)
+  state = trainer.init(keys, jnp.asarray(images))
+  make = _torch_model(model, hwc, dropout=False)
+  func = tr.FuncEnsemble(tr.from_flax(make, state.params, state.batch_stats, hwc), LR)
+  loop = tr.LoopEnsemble(tr.from_flax(make, state.params, state.batch_stats, hwc), LR)
+  images_t, labels_t, _ = _to_torch(images, labels, indices)
+  x, idx = jnp.asarray(images), jnp.asarray(indices)
+  lab = jnp.asarray(labels)[idx]
+  losses = {"jax": [], "torch_func": [], "torch_loop": []}
+  for epoch in range(epochs):
+    state, metrics = trainer.train_epoch(state, x, idx, lab, keys, epoch)
+    losses["jax"].append(np.asarray(metrics["loss"]))
+    order = torch.from_numpy(jax_epoch_order(keys, indices, epoch, batch_size).astype(np.int64))
+    for name, impl in (("torch_func", func), ("torch_loop", loop)):
+      losses[name].append(tr.train_epoch(impl, images_t, labels_t, order_MxTxB=order).numpy())
+  result = Equivalence(**{k: np.stack(v) for k, v in losses.items()})
+  if not result.passed:
+    raise AssertionError(
+        f"JAX and torch {model} ensembles disagree (max relative loss error {result.max_rel_err:.2e} >= "
+        f"{CHECK_RTOL}): jax {result.jax.tolist()}, torch.func {result.torch_func.tolist()}, "
+        f"torch loop {result.torch_loop.tolist()}. If jipguard/ensemble.py changed its key derivation, "
+        "update jax_epoch_order.")
+  return result
+
+
+def ensemble_row(size: EnsembleSize, repeats: int, budget_s: float | None = None) -> harness.Row:
+  configure_torch()
+  check = check_equivalence(size.model)
+  images, labels = _pool(size.model, size.n)
+  keys = jax.random.split(jax.random.key(0), size.members)
+  indices = data.bootstrap_indices(jax.random.key(1), size.n, size.members)
+  trainer = ensemble.EnsembleTrainer(_flax_model(size.model), TX, batch_size=size.batch_size)
+  x, idx = jnp.asarray(images), jnp.asarray(indices)
+  lab = jnp.asarray(labels)[idx]
+  state = trainer.init(keys, x)
+  init = jax.device_get(state)  # Host copy for torch: train_epoch donates the state.
+
+  epoch, last = 0, {}
+
+  def jax_epoch():
+    nonlocal state, epoch
+    state, last["metrics"] = trainer.train_epoch(state, x, idx, lab, keys, epoch)
+    jax.block_until_ready((state, last["metrics"]))
+    epoch += 1
+
+  with harness.jax_compile_seconds() as compile_clock:
+    jax_t = harness.time_calls(jax_epoch, repeats, budget_s)
+  jax_loss = np.asarray(last["metrics"]["loss"])
+  del state
+
+  images_t, labels_t, indices_t = _to_torch(images, labels, indices)
+  make = _torch_model(size.model, size.image_hwc)
+  timings, torch_loss = {}, {}
+  for name, cls in (("func", tr.FuncEnsemble), ("loop", tr.LoopEnsemble)):
+    impl = cls(tr.from_flax(make, init.params, init.batch_stats, size.image_hwc), LR)
+    gen = torch.Generator().manual_seed(0)
+
+    def torch_epoch(impl=impl, gen=gen, name=name):
+      torch_loss[name] = tr.train_epoch(impl, images_t, labels_t, indices_t, size.batch_size, generator=gen)
+
+    timings[name] = harness.time_calls(torch_epoch, repeats, budget_s)
+    del impl
+  for name, loss in {"jax": jax_loss, **{k: v.numpy() for k, v in torch_loss.items()}}.items():
+    if not np.all(np.isfinite(loss)):
+      raise FloatingPointError(f"{name} {size.label}: non-finite training loss {loss}")
+  return harness.make_row(
+      "ensemble_train_epoch", size.label, size.flops, jax_t, compile_clock.seconds,
+      timings["func"], timings["loop"],
+      members=size.members, n=size.n, batch_size=size.batch_size, steps=size.steps,
+      final_loss_jax=float(jax_loss.mean()), final_loss_torch_func=float(torch_loss["func"].mean()),
+      final_loss_torch_loop=float(torch_loss["loop"].mean()),
+      check_max_rel_err=check.max_rel_err, check_passed=check.passed)
+
+
+KERNELS: dict[str, Kernel] = {
+    "gemm_roofline": Kernel(gemm_sizes, gemm_row),
+    "ensemble_train_epoch": Kernel(ensemble_sizes, ensemble_row),
+}

@@ -1,0 +1,49 @@
+"""Times jipguard's kernels against a PyTorch reference; writes results.json and results.md.
+
+    python benchmarks/run.py --quick --out /tmp/bench_quick      # ~2 min on 2 cores
+    python benchmarks/run.py --out runs/bench                    # full sizes
+
+Take timings you report on a quiet machine (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import harness, kernels  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="small sizes (M=10, short epoch), 3 repeats")
+  parser.add_argument("--out", required=True, help="directory for results.json / results.md")
+  parser.add_argument("--kernels", nargs="+", default=list(kernels.KERNELS), choices=list(kernels.KERNELS))
+  parser.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5, quick 3)")
+  parser.add_argument("--budget-s", type=float, default=300.0,
+                      help="per implementation and size: fewer timed runs (>= 1) if repeats x warm-up exceeds it")
+  parser.add_argument("--match", default=None, help="only sizes whose label contains this, e.g. 'M=100'")
+  args = parser.parse_args(argv)
+  repeats = args.repeats or (3 if args.quick else 5)
+
+  torch.set_num_threads(os.cpu_count())
+  machine = harness.machine_info([sys.argv[0], *argv])
+  rows = harness.run(kernels.KERNELS, args.kernels, quick=args.quick, repeats=repeats,
+                     budget_s=args.budget_s, match=args.match)
+  machine["loadavg_end"] = list(os.getloadavg())
+  out = harness.write(args.out, rows, machine)
+  (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
+  print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,244 @@
+"""PyTorch reference of jipguard's stacked-ensemble training, for the benchmarks only.
+
+The package never imports this module (PyTorch is an optional ``bench`` extra). It holds
+
+* :class:`TorchMLP` and :class:`TorchCNN`: the same networks as ``jipguard.models.MLP`` and
+  ``jipguard.models.CNN`` (NCHW, the PyTorch convention);
+* :func:`from_flax`: builds one such module per member from a jipguard ``EnsembleState``,
+  so that both sides start from the same weights;
+* two ensemble trainers with one ``step(x_MxB..., y_MxB) -> loss_M``:
+  :class:`FuncEnsemble` (``torch.func``: ``stack_module_state`` + ``functional_call`` +
+  ``vmap(grad)``, one ``torch.optim.Adam`` over the stacked tensors) and
+  :class:`LoopEnsemble` (a Python loop over M modules, each with its own Adam);
+* :func:`train_epoch`: one epoch of either trainer, on a fresh per-member permutation of
+  each member's sample, or on an explicit batch order (``order_MxTxB``) for the
+  equivalence check against JAX.
+
+Adam over stacked tensors equals one Adam per member: Adam is elementwise and every
+member takes the same number of steps, so its bias correction is shared. The
+benchmark's equivalence check (``kernels.check_equivalence``) verifies this against
+optax's per-member Adam.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TorchMLP(nn.Module):
+  """``jipguard.models.MLP``: flatten -> 256 -> ReLU -> 256 -> ReLU -> num_classes."""
+
+  def __init__(self, in_features: int = 784, hidden: Sequence[int] = (256, 256), num_classes: int = 10):
+    super().__init__()
+    widths = [in_features, *hidden, num_classes]
+    self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+  def forward(self, x_BxCxHxW: torch.Tensor) -> torch.Tensor:
+    x = x_BxCxHxW.flatten(1)
+    for layer in self.dense[:-1]:
+      x = F.relu(layer(x))
+    return self.dense[-1](x)
+
+
+class TorchCNN(nn.Module):
+  """``jipguard.models.CNN``: [conv3x3 BN ReLU] x2 -> maxpool -> dropout, twice; dense, dense.
+
+  Convs have no bias; BatchNorm2d(momentum=0.1) is flax's ``BatchNorm(momentum=0.9)``
+  (both eps 1e-5; torch updates its running variance with the unbiased batch variance,
+  flax with the biased one, which changes no training loss).
+  """
+
+  def __init__(self, in_channels: int = 3, image_hw: int = 32, num_classes: int = 10,
+               widths: Sequence[int] = (32, 64), dense: int = 512,
+               conv_dropout: float = 0.25, dense_dropout: float = 0.5):
+    super().__init__()
+    layers: list[nn.Module] = []
+    c = in_channels
+    for width in widths:
+      for _ in range(2):
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width, eps=1e-5, momentum=0.1), nn.ReLU()]
+        c = width
+      layers += [nn.MaxPool2d(2), nn.Dropout(conv_dropout)]
+    self.features = nn.Sequential(*layers)
+    hw = image_hw // 2 ** len(widths)
+    self.dense = nn.ModuleList([nn.Linear(c * hw * hw, dense), nn.Linear(dense, num_classes)])
+    self.dropout = nn.Dropout(dense_dropout)
+
+  def forward(self, x_BxCxHxW: torch.Tensor) -> torch.Tensor:
+    x = self.features(x_BxCxHxW).flatten(1)
+    x = self.dropout(F.relu(self.dense[0](x)))
+    return self.dense[1](x)
+
+
+def _chw_rows(kernel_INxOUT: np.ndarray, hwc: tuple[int, int, int]) -> np.ndarray:
+  """Reorders a dense kernel's input rows from flax's (h, w, c) flattening to torch's (c, h, w)."""
+  h, w, c = hwc
+  out = kernel_INxOUT.shape[1]
+  return kernel_INxOUT.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(h * w * c, out)
+
+
+def _linear(kernel: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
+  # flax Dense kernel is (in, out); torch Linear weight is (out, in).
+  return {"weight": kernel.T, "bias": bias}
+
+
+def _mlp_state(params: dict[str, Any], image_hwc: tuple[int, int, int]) -> dict[str, np.ndarray]:
+  names = sorted((k for k in params if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
+  state = {}
+  for i, name in enumerate(names):
+    kernel = params[name]["kernel"]
+    if i == 0:
+      kernel = _chw_rows(kernel, image_hwc)
+    for k, v in _linear(kernel, params[name]["bias"]).items():
+      state[f"dense.{i}.{k}"] = v
+  return state
+
+
+def _cnn_state(module: TorchCNN, params: dict[str, Any], batch_stats: dict[str, Any]
+               ) -> dict[str, np.ndarray]:
+  convs = [i for i, layer in enumerate(module.features) if isinstance(layer, nn.Conv2d)]
+  norms = [i for i, layer in enumerate(module.features) if isinstance(layer, nn.BatchNorm2d)]
+  state = {}
+  for j, (ci, ni) in enumerate(zip(convs, norms, strict=True)):
+    state[f"features.{ci}.weight"] = params[f"Conv_{j}"]["kernel"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    bn, stats = params[f"BatchNorm_{j}"], batch_stats[f"BatchNorm_{j}"]
+    state.update({f"features.{ni}.weight": bn["scale"], f"features.{ni}.bias": bn["bias"],
+                  f"features.{ni}.running_mean": stats["mean"], f"features.{ni}.running_var": stats["var"]})
+  c = module.features[convs[-1]].out_channels
+  hw = int(round((params["Dense_0"]["kernel"].shape[0] // c) ** 0.5))
+  dense0 = _chw_rows(params["Dense_0"]["kernel"], (hw, hw, c))
+  for i, kernel in enumerate([dense0, params["Dense_1"]["kernel"]]):
+    for k, v in _linear(kernel, params[f"Dense_{i}"]["bias"]).items():
+      state[f"dense.{i}.{k}"] = v
+  return state
+
+
+def _map(fn, tree: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: _map(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
+
+
+def from_flax(make_module, params: dict[str, Any], batch_stats: dict[str, Any] | None,
+              image_hwc: tuple[int, int, int]) -> list[nn.Module]:
+  """One torch module per member, holding member m's flax weights.
+
+  Args:
+    make_module: Builds an empty :class:`TorchMLP` or :class:`TorchCNN`.
+    params: Flax params with a leading member axis M (numpy or jax arrays).
+    batch_stats: Flax batch statistics with a leading member axis (CNN), or None / {}.
+    image_hwc: Shape of one input image (to reorder the first dense layer of an MLP).
+
+  Returns:
+    M modules in train mode.
+  """
+  params, batch_stats = _map(np.asarray, params), _map(np.asarray, batch_stats or {})
+  leaves = []
+  _map(leaves.append, params)
+  num_members = leaves[0].shape[0]
+  modules = []
+  for m in range(num_members):
+    member = functools.partial(_map, operator.itemgetter(m))
+    module = make_module()
+    if isinstance(module, TorchCNN):
+      state = _cnn_state(module, member(params), member(batch_stats))
+    else:
+      state = _mlp_state(member(params), image_hwc)
+    result = module.load_state_dict(
+        {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+      raise ValueError(f"flax -> torch: missing {missing}, unexpected {result.unexpected_keys}")
+    modules.append(module.train())
+  return modules
+
+
+class EnsembleTrainerLike(Protocol):
+  def step(self, x_MxBxCxHxW: torch.Tensor, y_MxB: torch.Tensor) -> torch.Tensor:
+    """One Adam step of every member on its own batch; returns the M losses."""
+
+
+class FuncEnsemble:
+  """M members as stacked tensors: ``vmap(grad_and_value(functional_call))`` + one Adam.
+
+  Batch-norm running statistics are stacked buffers updated inside the vmapped call;
+  dropout draws differ per member (``randomness="different"``).
+  """
+
+  def __init__(self, modules: Sequence[nn.Module], lr: float):
+    self.params, self.buffers = torch.func.stack_module_state(list(modules))
+    base = copy.deepcopy(modules[0]).to("meta")
+
+    def loss_fn(params, buffers, x_BxCxHxW, y_B):
+      logits = torch.func.functional_call(base, (params, buffers), (x_BxCxHxW,))
+      return F.cross_entropy(logits, y_B)
+
+    self._grads = torch.func.vmap(torch.func.grad_and_value(loss_fn), randomness="different")
+    self.opt = torch.optim.Adam(list(self.params.values()), lr=lr)
+
+  def step(self, x_MxBxCxHxW: torch.Tensor, y_MxB: torch.Tensor) -> torch.Tensor:
+    grads, loss_M = self._grads(self.params, self.buffers, x_MxBxCxHxW, y_MxB)
+    for name, p in self.params.items():
+      p.grad = grads[name]
+    self.opt.step()
+    return loss_M.detach()
+
+
+class LoopEnsemble:
+  """M independent ``nn.Module`` s, each with its own ``torch.optim.Adam``, stepped in turn."""
+
+  def __init__(self, modules: Sequence[nn.Module], lr: float):
+    self.modules = list(modules)
+    self.opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in self.modules]
+
+  def step(self, x_MxBxCxHxW: torch.Tensor, y_MxB: torch.Tensor) -> torch.Tensor:
+    losses = []
+    for m, (module, opt) in enumerate(zip(self.modules, self.opts)):
+      opt.zero_grad(set_to_none=True)
+      loss = F.cross_entropy(module(x_MxBxCxHxW[m]), y_MxB[m])
+      loss.backward()
+      opt.step()
+      losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def random_order(indices_MxS: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+  """Pool indices of one epoch's batches: a fresh permutation per member, ``(M, S // B, B)``."""
+  m, s = indices_MxS.shape
+  steps = s // batch_size
+  perm_MxS = torch.argsort(torch.rand(m, s, generator=generator), dim=1)
+  return indices_MxS.gather(1, perm_MxS[:, : steps * batch_size]).view(m, steps, batch_size)
+
+
+def train_epoch(trainer: EnsembleTrainerLike, images_NxCxHxW: torch.Tensor, labels_N: torch.Tensor,
+                indices_MxS: torch.Tensor | None = None, batch_size: int = 128, *,
+                order_MxTxB: torch.Tensor | None = None, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+  """One epoch of every member; returns the M mean training losses (as jipguard does).
+
+  Args:
+    trainer: A :class:`FuncEnsemble` or :class:`LoopEnsemble`.
+    images_NxCxHxW: The shared pool, float32 NCHW.
+    labels_N: Labels of the pool (int64).
+    indices_MxS: Each member's sample of the pool; batches are a fresh permutation of it,
+      ``S // batch_size`` full batches (the remainder is skipped, as in jipguard).
+    batch_size: Minibatch size per member.
+    order_MxTxB: Explicit pool indices of every member's batches (overrides the shuffle).
+    generator: Torch generator for the shuffle.
+  """
+  if order_MxTxB is None:
+    order_MxTxB = random_order(indices_MxS, batch_size, generator)
+  losses_TxM = []
+  for t in range(order_MxTxB.shape[1]):
+    idx_MxB = order_MxTxB[:, t]
+    losses_TxM.append(trainer.step(images_NxCxHxW[idx_MxB], labels_N[idx_MxB]))
+  return torch.stack(losses_TxM).mean(0)

@@ -1,0 +1,83 @@
+"""Tests for the benchmark harness (benchmarks/): rows, equivalence check, result files.
+
+Skipped without PyTorch (the optional ``bench`` extra), which CI may not install.
+"""
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Makes `benchmarks` importable.
+
+from benchmarks import harness, kernels  # noqa: E402
+
+_ROW_KEYS = {"kernel", "size", "jax_s", "jax_compile_s", "torch_best_s", "torch_func_s", "torch_loop_s",
+             "ratio", "gflops", "torch_gflops", "check_max_rel_err", "check_passed"}
+
+
+def test_smallest_ensemble_row_has_keys_and_passes_equivalence_check(tmp_path):
+  # The quick size (M=10 MLP) with a 4-step epoch: same code path, ~5x less timed work.
+  size = dataclasses.replace(kernels.KERNELS["ensemble_train_epoch"].sizes(True)[0], n=512)
+  row = kernels.ensemble_row(size, repeats=1)
+  assert _ROW_KEYS <= set(row)
+  assert row["kernel"] == "ensemble_train_epoch" and row["size"] == size.label
+  assert row["check_passed"] and row["check_max_rel_err"] < kernels.CHECK_RTOL
+  for k in ("jax_s", "torch_func_s", "torch_loop_s"):
+    assert row[k] > 0
+  assert row["torch_best_s"] == min(row["torch_func_s"], row["torch_loop_s"])
+  assert row["ratio"] == pytest.approx(row["jax_s"] / row["torch_best_s"])
+  assert row["gflops"] == pytest.approx(size.flops / row["jax_s"] / 1e9)
+  assert np.isfinite([row["final_loss_jax"], row["final_loss_torch_func"], row["final_loss_torch_loop"]]).all()
+
+  harness.add_roofline([row])  # No GEMM rows: no roofline.
+  assert row["roofline_fraction"] is None
+  harness.write(tmp_path, [row], harness.machine_info(["benchmarks/run.py", "--quick"]) | {"loadavg_end": [0, 0, 0]})
+  assert json.loads((tmp_path / "results.json").read_text())[0]["size"] == size.label
+  assert size.label in (tmp_path / "results.md").read_text()
+
+
+def test_equivalence_check_compares_all_three_implementations():
+  check = kernels.check_equivalence("mlp")
+  assert check.jax.shape == check.torch_func.shape == check.torch_loop.shape == (2, 2)  # (epochs, members)
+  assert check.passed
+  # Members differ (own keys and samples), so matching per-member losses is not a coincidence.
+  assert not np.allclose(check.jax[:, 0], check.jax[:, 1])
+
+
+def test_roofline_fraction_is_relative_to_best_gemm():
+  rows = [{"kernel": "gemm_roofline", "gflops": 50.0, "torch_gflops": 100.0},
+          {"kernel": "ensemble_train_epoch", "gflops": 25.0, "torch_gflops": 10.0}]
+  harness.add_roofline(rows)
+  assert rows[1]["roofline_fraction"] == 0.25 and rows[1]["torch_roofline_fraction"] == 0.1
+  assert rows[0]["roofline_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("model, hwc", [("mlp", (28, 28, 1)), ("cnn", (32, 32, 3))])
+def test_analytic_flops_match_xla_cost_analysis(model, hwc):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from jipguard import models  # noqa: PLC0415
+
+  net = models.get_model(model, 10)
+  x = jnp.zeros((1, *hwc))
+  variables = jax.eval_shape(net.init, jax.random.key(0), x)  # Shapes suffice to lower.
+  cost = jax.jit(lambda v, x: net.apply(v, x)).lower(variables, x).cost_analysis()  # No compile.
+  analytic = kernels.mlp_forward_flops(hwc) if model == "mlp" else kernels.cnn_forward_flops(hwc)
+  # XLA also counts biases, ReLUs, batch norm and pooling, but skips the taps of SAME
+  # padding (4% of a 32x32 3x3 conv), which the conventional count includes.
+  assert 0.9 * analytic <= cost["flops"] <= 1.05 * analytic
+
+
+def test_time_calls_respects_budget():
+  calls = []
+  timing = harness.time_calls(lambda: calls.append(1), repeats=4)
+  assert len(calls) == 5 and len(timing.times_s) == 4
+  slow = harness.time_calls(lambda: __import__("time").sleep(0.02), repeats=5, budget_s=0.03)
+  assert len(slow.times_s) == 1
