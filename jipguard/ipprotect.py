@@ -47,6 +47,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import functools
+import hashlib
 import os
 from typing import Any
 
@@ -363,7 +364,9 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
     A :class:`BatchResult` for all images.
 
   Raises:
-    ValueError: Non-finite input images, or a non-finite sanitized batch.
+    ValueError: Non-finite input images, or ``checkpoint_dir`` holds batches of another
+      configuration (parameters, seeds, anchor secret, models or images).
+    FloatingPointError: A sanitized batch has non-finite pixels.
   """
   images = np.asarray(images, np.float32)
   if not np.all(np.isfinite(images)):
@@ -372,6 +375,7 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
   starts = list(range(0, len(images), batch))
   manager = None
   meta = {"config": dataclasses.asdict(cfg), "seed": seed, "model": repr(model),
+          "anchor": hashlib.sha256(str(anchor_seed).encode()).hexdigest(),  # A commitment, not the secret.
           "data": ensemble.digest(images, params_tr, params_v)}
   if checkpoint_dir is not None:
     manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),

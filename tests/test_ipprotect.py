@@ -135,6 +135,9 @@ def test_resumed_sanitization_equals_uninterrupted(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="different configuration"):
     ipprotect.sanitize(_MODEL, tr, va, images, dataclasses.replace(_CFG, lam=1.0), seed=0, anchor_seed=9,
                        checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match="differs in \\['anchor'\\]"):
+    ipprotect.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=10, checkpoint_dir=tmp_path,
+                       progress=False)
 
 
 def test_sanitizer_input_errors():
