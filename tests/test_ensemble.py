@@ -62,19 +62,37 @@ def test_ensemble_equals_members_trained_one_at_a_time(model):
   assert not np.allclose(p[0], p[1])
 
 
-@pytest.mark.parametrize("m", [8, 6])  # 6 members are padded to the 8-device mesh.
-def test_sharded_equals_unsharded(m):
+def test_step_loop_equals_scan_epoch():
+  """The per-step path (conv models on CPU) trains exactly what the scan path trains."""
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(3, 256, 128)
+  scanned = _trainer(_CNN, tx=_SGD)
+  scanned.scan = True
+  stepped = _trainer(_CNN, tx=_SGD)
+  stepped.scan = False
+  a = scanned.fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  b = stepped.fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  _assert_trees_close(a.state, b.state, atol=2e-5)
+  np.testing.assert_allclose(a.history[-1]["loss"], b.history[-1]["loss"], rtol=1e-5)
+  assert _trainer(_CNN).scan is None and ensemble.has_convolutions(a.state)
+  assert not ensemble.has_convolutions(_trainer().init(keys, x))
+
+
+@pytest.mark.parametrize("m,model", [(8, _CNN), (6, _MLP)], ids=["cnn-step-loop", "mlp-scan-padded"])
+def test_sharded_equals_unsharded(m, model):
+  """Both epoch paths on 8 simulated devices; 6 members are padded to the 8-device mesh."""
   assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
   train, test = _digits()
   x, y = train.images[:512], train.labels[:512]
   keys, indices = _member_inputs(m, 512, 256)
-  plain = _trainer(_CNN, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  plain = _trainer(model, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
   mesh = sharding.make_mesh()
-  sharded = _trainer(_CNN, mesh=mesh, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  sharded = _trainer(model, mesh=mesh, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
   assert sharded.state.num_members == m
   _assert_trees_close(plain.state, sharded.state, atol=2e-5)
-  logits_plain = ensemble.predict(_CNN, plain.state.variables, test.images)
-  logits_sharded = ensemble.predict(_CNN, sharded.state.variables, test.images)
+  logits_plain = ensemble.predict(model, plain.state.variables, test.images)
+  logits_sharded = ensemble.predict(model, sharded.state.variables, test.images)
   np.testing.assert_allclose(logits_plain, logits_sharded, atol=1e-4)
 
 
