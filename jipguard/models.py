@@ -160,12 +160,6 @@ def get_model(name: str, num_classes: int) -> nn.Module:
   return MODELS[name](num_classes=num_classes)
 
 
-def uses_batch_norm(model: nn.Module, image_shape: Sequence[int]) -> bool:
-  """Whether ``model`` keeps batch statistics (a ``batch_stats`` collection)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
-  return "batch_stats" in shapes
-
-
 def param_count(model: nn.Module, image_shape: Sequence[int]) -> int:
   """Number of trainable parameters of ``model`` on images of ``image_shape`` (HWC)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
