@@ -213,21 +213,13 @@ def _to_torch(images_NxHxWxC: np.ndarray, labels_N: np.ndarray, indices_MxS: np.
 def jax_epoch_order(keys_M: jax.Array, indices_MxS: np.ndarray, epoch: int, batch_size: int) -> np.ndarray:
   """Pool indices of the batches ``EnsembleTrainer.train_epoch`` visits: ``(M, S // B, B)``.
 
-  Follows the key derivation documented in ``jipguard/ensemble.py``: epoch ``e`` shuffles
-  member ``m``'s sample with the first half of ``split(fold_in(fold_in(k_m, 1), e))``.
+  Taken from the trainer's own ``ensemble.epoch_batches``, so the torch side always sees
+  exactly the JAX batch order.
   """
-  return np.asarray(_epoch_order(keys_M, jnp.asarray(indices_MxS), jnp.int32(epoch), batch_size=batch_size))
-
-
-@functools.partial(jax.jit, static_argnames="batch_size")
-def _epoch_order(keys_M, indices_MxS, epoch, *, batch_size):
-  m, s = indices_MxS.shape
-  steps = s // batch_size
-  epoch_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, 1), epoch))(keys_M)
-  shuffle_keys = jax.vmap(jax.random.split)(epoch_keys)[:, 0]
-  perm_MxS = jax.vmap(lambda k: jax.random.permutation(k, s))(shuffle_keys)
-  order = perm_MxS[:, : steps * batch_size]
-  return jnp.take_along_axis(indices_MxS, order, axis=1).reshape(m, steps, batch_size)
+  idx = jnp.asarray(indices_MxS)
+  batch_idx, _, _ = ensemble.epoch_batches(idx, jnp.zeros_like(idx), keys_M, jnp.int32(epoch),
+                                           batch_size=batch_size)
+  return np.asarray(jnp.swapaxes(batch_idx, 0, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +278,7 @@ def check_equivalence(model: str, members: int = 2, batch_size: int = 32, steps:
     raise AssertionError(
         f"JAX and torch {model} ensembles disagree (max relative loss error {result.max_rel_err:.2e} >= "
         f"{CHECK_RTOL}): jax {result.jax.tolist()}, torch.func {result.torch_func.tolist()}, "
-        f"torch loop {result.torch_loop.tolist()}. If jipguard/ensemble.py changed its key derivation, "
-        "update jax_epoch_order.")
+        f"torch loop {result.torch_loop.tolist()}.")
   return result
 
 
