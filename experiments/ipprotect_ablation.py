@@ -77,8 +77,7 @@ def main(argv=None) -> int:
                  + f" | {s['images_per_second'][0]:.1f} |")
   cmd = "python experiments/ipprotect_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
   text = f"# IPProtect sanitizer ablation\n\n`{cmd}`, seeds {a.seeds}, common flags `{' '.join(BASE)}`\n\n"
-  pipeline.write_atomic(os.path.join(a.out, "ablation.md"),
-                        lambda t: open(t, "w").write(text + "\n".join(lines) + "\n"))
+  pipeline.write_text(os.path.join(a.out, "ablation.md"), text + "\n".join(lines) + "\n")
   print("\n".join(lines))
   return 0
 

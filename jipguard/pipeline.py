@@ -106,12 +106,17 @@ def write_atomic(path: str, write_fn) -> None:
       os.remove(tmp)
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically."""
   def _write(tmp):
     with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
+      f.write(text)
   write_atomic(path, _write)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON to ``path`` atomically."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def load_data(cfg: IPProtectConfig) -> tuple[data_lib.Dataset, data_lib.Dataset]:

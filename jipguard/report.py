@@ -123,9 +123,5 @@ Times of a resumed run count only the work it redid.
   sanitized images (each sanitized image min-max scaled for display); `sellers.png` plots each
   seller's utility on original vs sanitized data.
 """
-  from jipguard.pipeline import write_atomic
-
-  def _write(tmp):
-    with open(tmp, "w") as f:
-      f.write(text)
-  write_atomic(os.path.join(workdir, "report.md"), _write)
+  from jipguard.pipeline import write_text
+  write_text(os.path.join(workdir, "report.md"), text)
