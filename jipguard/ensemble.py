@@ -45,7 +45,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from jipguard import sharding
+from jipguard import metrics, sharding
 
 PyTree = Any
 
@@ -123,8 +123,7 @@ def predict(model: nn.Module, variables: PyTree, x_NxHxWxC: jax.Array,
 def accuracy(model: nn.Module, variables: PyTree, x_NxHxWxC: jax.Array, y_N: jax.Array,
              batch_size: int = 1024) -> np.ndarray:
   """Accuracy of every member on ``(x, y)``: a numpy array of M floats."""
-  logits = predict(model, variables, x_NxHxWxC, batch_size)
-  return np.asarray(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y_N)[None], axis=-1))
+  return metrics.utility(predict(model, variables, x_NxHxWxC, batch_size), y_N)
 
 
 def _member_step(model, tx, params, batch_stats, opt_state, x, y, key):
@@ -362,8 +361,8 @@ class EnsembleTrainer:
     bar = tqdm.tqdm(total=epochs, initial=start, desc=desc, disable=not progress, leave=False)
     try:
       for epoch in range(start, epochs):
-        state, metrics = self.train_epoch(state, images, indices_p, labels_p, keys_p, epoch)
-        record = {"epoch": epoch + 1, **{k: np.asarray(v)[:m].tolist() for k, v in metrics.items()}}
+        state, epoch_metrics = self.train_epoch(state, images, indices_p, labels_p, keys_p, epoch)
+        record = {"epoch": epoch + 1, **{k: np.asarray(v)[:m].tolist() for k, v in epoch_metrics.items()}}
         bad = [i for i, v in enumerate(record["loss"]) if not np.isfinite(v)]
         if bad:
           raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1} in members {bad}")
