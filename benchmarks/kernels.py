@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks import torch_reference as tr
-from jipguard import data, ensemble, models
+from jipguard import data, ensemble, ipprotect, models
 
 LR = 1e-3
 # One optimiser object: every trainer of equal model and batch size shares one compiled epoch.
@@ -43,6 +43,21 @@ def configure_torch() -> None:
   """Torch uses every core (as XLA's CPU backend does)."""
   if torch.get_num_threads() != os.cpu_count():
     torch.set_num_threads(os.cpu_count())
+
+
+@functools.cache
+def torch_device() -> torch.device:
+  """Where the PyTorch reference runs: the GPU when JAX runs on one too, else the CPU."""
+  if jax.default_backend() == "gpu" and torch.cuda.is_available():
+    return torch.device("cuda")
+  return torch.device("cpu")
+
+
+def torch_sync(result: Any = None) -> Any:
+  """Waits for queued GPU work (torch launches asynchronously); returns ``result``."""
+  if torch_device().type == "cuda":
+    torch.cuda.synchronize()
+  return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +98,12 @@ class GemmSize:
 
 def gemm_sizes(quick: bool) -> list[GemmSize]:
   del quick  # A few seconds each; the roofline needs the same sizes in both modes.
-  return [GemmSize(100, 128, 784, 256),  # The ensemble MLP's first layer, M=100, B=128.
-          GemmSize(100, 256, 784, 256),
-          GemmSize(0, 2048, 2048, 2048)]
+  sizes = [GemmSize(100, 128, 784, 256),  # The ensemble MLP's first layer, M=100, B=128.
+           GemmSize(100, 256, 784, 256),
+           GemmSize(0, 2048, 2048, 2048)]
+  if jax.default_backend() == "gpu":  # A GPU's peak needs a larger product.
+    sizes.append(GemmSize(0, 8192, 8192, 8192))
+  return sizes
 
 
 _matmul = jax.jit(jnp.matmul)
@@ -98,18 +116,18 @@ def gemm_row(size: GemmSize, repeats: int, budget_s: float | None = None) -> har
   a = rng.standard_normal((*lead, size.m, size.k), dtype=np.float32)
   b = rng.standard_normal((*lead, size.k, size.n), dtype=np.float32)
   a_j, b_j = jax.device_put(a), jax.device_put(b)
-  a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+  a_t, b_t = torch.from_numpy(a).to(torch_device()), torch.from_numpy(b).to(torch_device())
 
   with harness.jax_compile_seconds() as compile_clock:
     jax_t = harness.time_calls(lambda: _matmul(a_j, b_j).block_until_ready(), repeats, budget_s)
   with torch.inference_mode():
     batched = functools.partial(torch.bmm if size.batch else torch.mm, a_t, b_t)
-    torch_batched = harness.time_calls(batched, repeats, budget_s)
+    torch_batched = harness.time_calls(lambda: torch_sync(batched()), repeats, budget_s)
     torch_loop = None
     if size.batch:
-      torch_loop = harness.time_calls(lambda: [torch.mm(a_t[i], b_t[i]) for i in range(size.batch)],
+      torch_loop = harness.time_calls(lambda: torch_sync([torch.mm(a_t[i], b_t[i]) for i in range(size.batch)]),
                                       repeats, budget_s)
-    ref = batched().numpy()
+    ref = batched().cpu().numpy()
   err = float(np.max(np.abs(np.asarray(_matmul(a_j, b_j)) - ref)) / np.max(np.abs(ref)))
   return harness.make_row("gemm_roofline", size.label, size.flops, jax_t, compile_clock.seconds,
                           torch_batched, torch_loop, check_max_rel_err=err, check_passed=err < 1e-4)
@@ -206,8 +224,9 @@ def _pool(model: str, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _to_torch(images_NxHxWxC: np.ndarray, labels_N: np.ndarray, indices_MxS: np.ndarray):
-  return (torch.from_numpy(np.ascontiguousarray(images_NxHxWxC.transpose(0, 3, 1, 2))),
-          torch.from_numpy(labels_N.astype(np.int64)), torch.from_numpy(indices_MxS.astype(np.int64)))
+  dev = torch_device()
+  return (torch.from_numpy(np.ascontiguousarray(images_NxHxWxC.transpose(0, 3, 1, 2))).to(dev),
+          torch.from_numpy(labels_N.astype(np.int64)).to(dev), torch.from_numpy(indices_MxS.astype(np.int64)).to(dev))
 
 
 def jax_epoch_order(keys_M: jax.Array, indices_MxS: np.ndarray, epoch: int, batch_size: int) -> np.ndarray:
@@ -261,8 +280,8 @@ def check_equivalence(model: str, members: int = 2, batch_size: int = 32, steps:
   trainer = ensemble.EnsembleTrainer(_flax_model(model, dropout=False), TX, batch_size=batch_size)
   state = trainer.init(keys, jnp.asarray(images))
   make = _torch_model(model, hwc, dropout=False)
-  func = tr.FuncEnsemble(tr.from_flax(make, state.params, state.batch_stats, hwc), LR)
-  loop = tr.LoopEnsemble(tr.from_flax(make, state.params, state.batch_stats, hwc), LR)
+  func = tr.FuncEnsemble(_on_device(tr.from_flax(make, state.params, state.batch_stats, hwc)), LR)
+  loop = tr.LoopEnsemble(_on_device(tr.from_flax(make, state.params, state.batch_stats, hwc)), LR)
   images_t, labels_t, _ = _to_torch(images, labels, indices)
   x, idx = jnp.asarray(images), jnp.asarray(indices)
   lab = jnp.asarray(labels)[idx]
@@ -270,9 +289,9 @@ def check_equivalence(model: str, members: int = 2, batch_size: int = 32, steps:
   for epoch in range(epochs):
     state, metrics = trainer.train_epoch(state, x, idx, lab, keys, epoch)
     losses["jax"].append(np.asarray(metrics["loss"]))
-    order = torch.from_numpy(jax_epoch_order(keys, indices, epoch, batch_size).astype(np.int64))
+    order = torch.from_numpy(jax_epoch_order(keys, indices, epoch, batch_size).astype(np.int64)).to(torch_device())
     for name, impl in (("torch_func", func), ("torch_loop", loop)):
-      losses[name].append(tr.train_epoch(impl, images_t, labels_t, order_MxTxB=order).numpy())
+      losses[name].append(tr.train_epoch(impl, images_t, labels_t, order_MxTxB=order).cpu().numpy())
   result = Equivalence(**{k: np.stack(v) for k, v in losses.items()})
   if not result.passed:
     raise AssertionError(
@@ -311,15 +330,16 @@ def ensemble_row(size: EnsembleSize, repeats: int, budget_s: float | None = None
   make = _torch_model(size.model, size.image_hwc)
   timings, torch_loss = {}, {}
   for name, cls in (("func", tr.FuncEnsemble), ("loop", tr.LoopEnsemble)):
-    impl = cls(tr.from_flax(make, init.params, init.batch_stats, size.image_hwc), LR)
+    impl = cls(_on_device(tr.from_flax(make, init.params, init.batch_stats, size.image_hwc)), LR)
     gen = torch.Generator().manual_seed(0)
 
     def torch_epoch(impl=impl, gen=gen, name=name):
-      torch_loss[name] = tr.train_epoch(impl, images_t, labels_t, indices_t, size.batch_size, generator=gen)
+      torch_loss[name] = torch_sync(tr.train_epoch(impl, images_t, labels_t, indices_t, size.batch_size,
+                                                   generator=gen))
 
     timings[name] = harness.time_calls(torch_epoch, repeats, budget_s)
     del impl
-  for name, loss in {"jax": jax_loss, **{k: v.numpy() for k, v in torch_loss.items()}}.items():
+  for name, loss in {"jax": jax_loss, **{k: v.cpu().numpy() for k, v in torch_loss.items()}}.items():
     if not np.all(np.isfinite(loss)):
       raise FloatingPointError(f"{name} {size.label}: non-finite training loss {loss}")
   return harness.make_row(
@@ -331,7 +351,125 @@ def ensemble_row(size: EnsembleSize, repeats: int, budget_s: float | None = None
       check_max_rel_err=check.max_rel_err, check_passed=check.passed)
 
 
+# ------------------------------------------------------------------- IPProtect sanitize step
+
+
+@dataclasses.dataclass(frozen=True)
+class SanitizeSize:
+  """One step of Algorithm 1: B images, each against (a subset of) M frozen models."""
+
+  model: str
+  members: int
+  images: int
+  loss: str = "logits"
+
+  @property
+  def image_hwc(self) -> tuple[int, int, int]:
+    return EnsembleSize(self.model, self.members, 0).image_hwc
+
+  @property
+  def label(self) -> str:
+    arch = "MLP 784-256-256-10" if self.model == "mlp" else "CNN 32x32x3"
+    return f"M={self.members} {arch} B={self.images} L={self.loss}"
+
+  @property
+  def flops(self) -> float:
+    """Forward of every model on every image + backward to the pixels only: ~2x forward."""
+    hwc = self.image_hwc
+    per = mlp_forward_flops(hwc) if self.model == "mlp" else cnn_forward_flops(hwc)
+    return 2.0 * per * self.members * self.images
+
+
+def sanitize_sizes(quick: bool) -> list[SanitizeSize]:
+  if quick:
+    return [SanitizeSize("mlp", 10, 64)]
+  return [SanitizeSize("mlp", 10, 256), SanitizeSize("mlp", 100, 256), SanitizeSize("mlp", 100, 1024),
+          SanitizeSize("mlp", 100, 256, "probs"), SanitizeSize("cnn", 8, 64)]
+
+
+SANITIZE_CFG = dict(lam=0.1, tau=1.5, learning_rate=0.01)
+
+
+def _sanitize_problem(size: SanitizeSize, seed: int = 0):
+  """Frozen models, their targets on real images, starting noise, anchors, per-image subsets."""
+  model = _flax_model(size.model, dropout=False)
+  pool, _ = _pool(size.model, size.images)
+  keys = jax.random.split(jax.random.key(seed), size.members)
+  trainer = ensemble.EnsembleTrainer(model, TX, batch_size=32)
+  state = trainer.init(keys, jnp.asarray(pool[:2]))
+  rng = np.random.default_rng(seed)
+  shape = (size.images, *size.image_hwc)
+  x0 = rng.standard_normal(shape, dtype=np.float32)
+  anchors = rng.standard_normal(shape, dtype=np.float32)
+  b = max(1, round(0.95 * size.members))
+  weights = (np.argsort(rng.random((size.images, size.members)), axis=1) < b).astype(np.float32)
+  targets = np.swapaxes(np.asarray(ensemble.apply(model, state.variables, jnp.asarray(pool))), 0, 1)
+  return model, jax.device_get(state), pool, x0, anchors, weights, targets
+
+
+def _on_device(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+  return [m.to(torch_device()) for m in modules]
+
+
+def _nchw(a: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.array(a.transpose(0, 3, 1, 2))).to(torch_device())
+
+
+def _torch_sanitizers(size: SanitizeSize, state, x0, anchors, targets) -> dict[str, tr.Sanitizer]:
+  make = _torch_model(size.model, size.image_hwc, dropout=False)
+  out = {}
+  for variant in ("func", "loop"):
+    modules = _on_device(tr.from_flax(make, state.params, state.batch_stats, size.image_hwc))
+    out[variant] = tr.Sanitizer(modules, _nchw(x0), _nchw(anchors), torch.from_numpy(np.array(targets)).to(torch_device()),
+                                variant=variant, loss=size.loss, **{k: SANITIZE_CFG[k] for k in ("lam", "tau")},
+                                lr=SANITIZE_CFG["learning_rate"])
+  return out
+
+
+def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None, check_steps: int = 3) -> harness.Row:
+  configure_torch()
+  cfg = ipprotect.SanitizerConfig(loss=size.loss, **SANITIZE_CFG)
+  model, state, _, x0, anchors, weights, targets = _sanitize_problem(size)
+  variables = jax.device_put(state.variables)
+  args = [jax.device_put(a) for a in (targets, anchors, weights)]
+  keys = jax.random.split(jax.random.key(1), size.images)
+  step = functools.partial(ipprotect.sanitize_step_jit, model=model, cfg=cfg)
+
+  # Equivalence: from the same start, every side's per-image utility losses agree at each of
+  # `check_steps` + 1 steps (the last one measures the pixels after `check_steps` updates).
+  # Pixels themselves are not compared: Adam's first steps are +-lr wherever |grad| >> eps,
+  # so float rounding in near-zero gradients flips single pixels by up to 2 lr.
+  x, opt = jnp.asarray(x0), ipprotect.optimizer(cfg).init(jnp.asarray(x0))
+  utils = []
+  for _ in range(check_steps + 1):
+    x, opt, util = step(variables, x, opt, args[0], args[1], args[2], keys)
+    utils.append(np.asarray(util))
+  ref = np.stack(utils)
+  sanitizers = _torch_sanitizers(size, state, x0, anchors, targets)
+  w_t = torch.from_numpy(weights).to(torch_device())
+  err = 0.0
+  for impl in sanitizers.values():
+    got = np.stack([impl.step(w_t).cpu().numpy() for _ in range(check_steps + 1)])
+    err = max(err, float(np.max(np.abs(got - ref) / np.abs(ref))))
+
+  carry = {"x": x, "opt": opt}
+
+  def jax_step():
+    carry["x"], carry["opt"], util = step(variables, carry["x"], carry["opt"], *args, keys)
+    jax.block_until_ready((carry["x"], util))
+
+  with harness.jax_compile_seconds() as compile_clock:
+    jax_t = harness.time_calls(jax_step, repeats, budget_s)
+  timings = {name: harness.time_calls(lambda impl=impl: torch_sync(impl.step(w_t)), repeats, budget_s)
+             for name, impl in sanitizers.items()}
+  return harness.make_row(
+      "sanitize_step", size.label, size.flops, jax_t, compile_clock.seconds, timings["func"], timings["loop"],
+      members=size.members, images=size.images, check_max_rel_err=err, check_passed=err < CHECK_RTOL,
+      check=f"per-image utility losses of {check_steps + 1} steps from the same start")
+
+
 KERNELS: dict[str, Kernel] = {
     "gemm_roofline": Kernel(gemm_sizes, gemm_row),
     "ensemble_train_epoch": Kernel(ensemble_sizes, ensemble_row),
+    "sanitize_step": Kernel(sanitize_sizes, sanitize_row),
 }

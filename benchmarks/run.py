@@ -17,6 +17,7 @@ import sys
 if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import harness, kernels  # noqa: E402
@@ -32,8 +33,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--budget-s", type=float, default=300.0,
                       help="per implementation and size: fewer timed runs (>= 1) if repeats x warm-up exceeds it")
   parser.add_argument("--match", default=None, help="only sizes whose label contains this, e.g. 'M=100'")
+  parser.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
+                      help="float32 matrix products on a GPU: full fp32 on both sides (default), or TF32 on both")
   args = parser.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 5)
+  # The same arithmetic on both sides: JAX's GPU default is TF32-like, torch's is full fp32 for
+  # matmuls but TF32 for convolutions. (No effect on a CPU.)
+  tf32 = args.precision == "tf32"
+  jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+  torch.backends.cuda.matmul.allow_tf32 = tf32
+  torch.backends.cudnn.allow_tf32 = tf32
 
   torch.set_num_threads(os.cpu_count())
   machine = harness.machine_info([sys.argv[0], *argv])

@@ -215,7 +215,7 @@ def random_order(indices_MxS: torch.Tensor, batch_size: int, generator: torch.Ge
   """Pool indices of one epoch's batches: a fresh permutation per member, ``(M, S // B, B)``."""
   m, s = indices_MxS.shape
   steps = s // batch_size
-  perm_MxS = torch.argsort(torch.rand(m, s, generator=generator), dim=1)
+  perm_MxS = torch.argsort(torch.rand(m, s, generator=generator), dim=1).to(indices_MxS.device)
   return indices_MxS.gather(1, perm_MxS[:, : steps * batch_size]).view(m, steps, batch_size)
 
 
@@ -242,3 +242,61 @@ def train_epoch(trainer: EnsembleTrainerLike, images_NxCxHxW: torch.Tensor, labe
     idx_MxB = order_MxTxB[:, t]
     losses_TxM.append(trainer.step(images_NxCxHxW[idx_MxB], labels_N[idx_MxB]))
   return torch.stack(losses_TxM).mean(0)
+
+
+# ----------------------------------------------------------------- IPProtect sanitize step
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+  """``ipprotect._distance``: L2 over the last axis, of logits or of softmax(logits / T)."""
+  if kind == "probs":
+    a, b = F.softmax(a / temperature, dim=-1), F.softmax(b / temperature, dim=-1)
+  return torch.sqrt(torch.sum(torch.square(a - b), dim=-1) + 1e-12)
+
+
+class Sanitizer:
+  """Algorithm 1's step of IPProtect in PyTorch: the paper's reference formulation.
+
+  Every image's Eq. 9 (mean L over its subset of the M frozen models, plus the
+  security hinge to its anchor), backward to the pixels only (the models'
+  ``requires_grad`` is off, as in the best PyTorch practice) and ``torch.optim.Adam`` on
+  the pixels. ``variant="func"`` evaluates the M models as one ``torch.func.vmap`` of
+  ``functional_call`` over stacked weights; ``variant="loop"`` loops over the modules.
+  """
+
+  def __init__(self, modules: Sequence[nn.Module], x_BxCxHxW: torch.Tensor, anchors_BxCxHxW: torch.Tensor,
+               targets_BxMxC: torch.Tensor, *, variant: str, lr: float, lam: float, tau: float,
+               loss: str = "logits", temperature: float = 1.0):
+    self.modules = [m.eval().requires_grad_(False) for m in modules]
+    self.x = x_BxCxHxW.clone().requires_grad_(True)
+    self.anchors, self.targets = anchors_BxCxHxW, targets_BxMxC
+    self.opt = torch.optim.Adam([self.x], lr=lr)
+    self.lam, self.tau, self.loss, self.temperature = lam, tau, loss, temperature
+    if variant == "func":
+      params, buffers = torch.func.stack_module_state(self.modules)
+      base = copy.deepcopy(self.modules[0]).to("meta")
+      call = lambda p, b, x: torch.func.functional_call(base, (p, b), (x,))
+      vmapped = torch.func.vmap(call, in_dims=(0, 0, None))
+
+      def logits(x):
+        # cuDNN's eval-mode batch norm cannot run under torch.func.vmap ("NYI: querying
+        # is_contiguous inside of vmap"); torch's native kernels can.
+        with torch.backends.cudnn.flags(enabled=False):
+          return vmapped(params, buffers, x).transpose(0, 1)
+
+      self._logits = logits
+    elif variant == "loop":
+      self._logits = lambda x: torch.stack([m(x) for m in self.modules], dim=1)
+    else:
+      raise ValueError(f"variant must be 'func' or 'loop', got {variant!r}")
+
+  def step(self, weights_BxM: torch.Tensor) -> torch.Tensor:
+    """One Adam step of every image; returns each image's utility loss before it."""
+    self.opt.zero_grad(set_to_none=True)
+    per_model_BxM = _distance(self._logits(self.x), self.targets, self.loss, self.temperature)
+    utility_B = (weights_BxM * per_model_BxM).sum(1) / weights_BxM.sum(1)
+    rms_B = torch.sqrt(torch.square(self.x - self.anchors).flatten(1).mean(1))
+    total = (utility_B + self.lam * torch.clamp(rms_B - self.tau, min=0.0)).sum()
+    total.backward()
+    self.opt.step()
+    return utility_B.detach()

@@ -242,14 +242,39 @@ class BatchResult:
   steps: np.ndarray         # Steps taken by each image.
 
 
+def optimizer(cfg: SanitizerConfig) -> optax.GradientTransformation:
+  """The optimiser on the pixels (Adam, elementwise: images are independent)."""
+  return optax.adam(cfg.learning_rate)
+
+
+def sanitize_step(params_tr: Any, x_BxHxWxC: jax.Array, opt_state: Any, targets_BxMxC: jax.Array,
+                  anchors: jax.Array, weights_BxM: jax.Array, keys_B: jax.Array, *, model: nn.Module,
+                  cfg: SanitizerConfig) -> tuple[jax.Array, Any, jax.Array]:
+  """One step of Algorithm 1 for a batch of images (the sanitizer's hot kernel).
+
+  Every image's Eq. 9 under its own model subset (``weights_BxM``), its gradient with
+  respect to the pixels only, and the optimiser update.
+
+  Returns:
+    ``(x, opt_state, utility_B)``: the updated images and optimiser state, and each
+    image's utility loss before the update.
+  """
+  objective = functools.partial(image_objective, model=model, cfg=cfg)
+  grad_fn = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))
+  (_, (util, _)), grads = grad_fn(x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, params_tr)
+  updates, opt_state = optimizer(cfg).update(grads, opt_state, x_BxHxWxC)
+  return optax.apply_updates(x_BxHxWxC, updates), opt_state, util
+
+
+sanitize_step_jit = jax.jit(sanitize_step, static_argnames=("model", "cfg"))
+
+
 def _sanitize_batch(params_tr, params_v, x_BxHxWxC, x0, anchors, image_keys, active0, *,
                     model, cfg, model_batch):
   """The whole step loop for one data batch: one jitted program (lax.while_loop)."""
-  tx = optax.adam(cfg.learning_rate)
+  tx = optimizer(cfg)
   targets_BxMxC = jnp.swapaxes(ensemble.apply(model, params_tr, x_BxHxWxC), 0, 1)
   m = targets_BxMxC.shape[1]
-  objective = functools.partial(image_objective, model=model, cfg=cfg)
-  grad_fn = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))
 
   if cfg.val_stop:
     targets_v_BxVxC = jnp.swapaxes(ensemble.apply(model, params_v, x_BxHxWxC), 0, 1)
@@ -269,10 +294,10 @@ def _sanitize_batch(params_tr, params_v, x_BxHxWxC, x0, anchors, image_keys, act
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(image_keys)
     sub_keys, obj_keys = jnp.moveaxis(jax.vmap(jax.random.split)(step_keys), 1, 0)
     weights = jax.vmap(subset_weights)(sub_keys)
-    (_, (util, _)), grads = grad_fn(x, targets_BxMxC, anchors, weights, obj_keys, params_tr)
-    updates, new_opt = tx.update(grads, opt_state, x)
+    new_x, new_opt, util = sanitize_step(params_tr, x, opt_state, targets_BxMxC, anchors, weights, obj_keys,
+                                         model=model, cfg=cfg)
     keep = lambda new, old: jnp.where(active.reshape(-1, *[1] * (new.ndim - 1)), new, old)
-    x = keep(optax.apply_updates(x, updates), x)
+    x = keep(new_x, x)
     opt_state = jax.tree.map(lambda n, o: keep(n, o) if n.ndim else n, new_opt, opt_state)
     steps = steps + active
     last_train = jnp.where(active, util, last_train)
