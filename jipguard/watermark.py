@@ -132,7 +132,8 @@ def blue_shift(images_NxHxWx3: jax.Array, intensity: jax.Array, mask_HxW: jax.Ar
   if mask_HxW.shape != images.shape[-3:-1]:
     raise ValueError(f"mask shape {mask_HxW.shape} does not match images {images.shape}")
   delta_HxWx3 = jnp.zeros((*mask_HxW.shape, 3)).at[..., 2].set(mask_HxW.astype(jnp.float32))
-  return jnp.clip(images + intensity * delta_HxWx3, 0.0, 1.0)
+  delta = jnp.broadcast_to(intensity * delta_HxWx3, images.shape)
+  return jnp.clip(images + delta, 0.0, 1.0)
 
 
 @flax.struct.dataclass
@@ -205,7 +206,7 @@ def hsv_to_rgb(h_N: np.ndarray, s_N: np.ndarray, v_N: np.ndarray) -> np.ndarray:
 
 
 def colorize(seed: int, images_NxHxWx1: np.ndarray, labels_N: np.ndarray, num_classes: int, *,
-             hue_mean: float = 30.0, hue_std: float = 30.0, class_hue_step: float = 0.0) -> np.ndarray:
+             hue_mean: float = 30.0, hue_std: float = 10.0, class_hue_step: float = 12.0) -> np.ndarray:
   """Tints grey images with random per-image colours: a coloured MNIST-style dataset.
 
   Foreground hue ``~ hue_mean + class_hue_step * c + N(0, hue_std)`` degrees for class
