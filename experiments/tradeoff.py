@@ -1,0 +1,432 @@
+"""IP exposure vs utility trade-off study (paper 000, section VI-C: Fig. 2 and Table III).
+
+    python experiments/tradeoff.py --preset smoke --out /tmp/tradeoff-smoke   # ~2-3 min, CI
+    python experiments/tradeoff.py                                             # default preset
+    python experiments/tradeoff.py --dataset fashion_mnist --omega_tr 10 50 --seeds 0
+
+For each dataset and seed: IPProtect at every |Omega_Tr| (``pipeline.run``, sellers and
+sample_models cached under ``<out>/cache``), and every baseline (identity, random,
+InstaHide k, DP-MERF sigma; ``jipguard.baselines``) at every parameter. Each point is
+scored with the same seller models (utility MAE) and ``jipguard.exposure`` (image IP
+exposure or its named stand-ins, training and inference statistical IP exposure over the
+model set G, with D_X drawn from the train split) and written to its own file
+``<out>/points/<dataset>/<method>-<param>-s<seed>.json``; a finished point is never
+recomputed, so a killed sweep resumes. Then ``table3.md`` / ``table3.json`` (mean +- std
+over parameters and seeds per method; 0-1 normalised harmonic means) and ``fig2.png`` (plus
+``fig2_<image|training|inference>.png``) are written to ``<out>``.
+
+Run times and results on a 2-core machine are in docs/exposure.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jipguard import data as data_lib
+from jipguard import ensemble, exposure, ipprotect, metrics, models, pipeline
+
+METHODS = ("ipprotect", "identity", "random", "instahide", "dp_merf")
+HMEAN_METHODS = ("ipprotect", "dp_merf", "instahide")  # Table III's rows; Identity / Random are the two ends.
+LABELS = {"ipprotect": "IPProtect", "identity": "Identity", "random": "Random", "instahide": "InstaHide",
+          "dp_merf": "DP-MERF"}
+PARAM_NAMES = {"ipprotect": "|Omega_Tr|", "instahide": "k", "dp_merf": "sigma"}
+KINDS = ("image", "training", "inference")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Everything the study's points depend on (written to ``study.json``)."""
+
+  datasets: tuple[str, ...] = (data_lib.DEFAULT_DATASET,)  # Names or paths.
+  data_dir: str | None = None                  # Local copy of a named dataset.
+  ipprotect_preset: str = "default"            # pipeline.preset of the IPProtect points and sellers.
+  buyer_size: int | None = None                # Override of the preset's buyer set size.
+  seller_pool_size: int | None = None          # Override of the preset's seller pool size.
+  omega_tr: tuple[int, ...] = (10, 50)         # IPProtect's |Omega_Tr| values.
+  params: dict[str, tuple] = dataclasses.field(default_factory=lambda: {
+      "identity": (None,), "random": (None,), "instahide": (4, 6, 10, 15), "dp_merf": (5, 10, 15, 30, 40)})
+  methods: tuple[str, ...] = METHODS           # Methods to run.
+  seeds: tuple[int, ...] = (0, 1)              # Seeds (data draws, sellers, sanitizers, zoo).
+  dx_size: int = 1000                          # |D_X|, drawn from the train split.
+  zoo: exposure.ZooConfig = exposure.ZooConfig()  # The model set G.
+  dp_merf_steps: int | None = None             # Generator steps of DP-MERF; None = its default.
+  vgg_weights: str | None = None               # VGG weights file (Def. 2); None = stand-ins only.
+  vgg_size: int = 224                          # VGG input size.
+
+
+def preset(name: str) -> StudyConfig:
+  """``smoke`` (CI, ~2-3 min on 2 cores), ``default`` (the embedded subset), ``paper``."""
+  if name == "smoke":
+    return StudyConfig(ipprotect_preset="smoke", omega_tr=(2, 6), seeds=(0,), dx_size=200,
+                       params={"identity": (None,), "random": (None,), "instahide": (4, 15), "dp_merf": (5, 40)},
+                       zoo=exposure.SMOKE_ZOO, dp_merf_steps=30)
+  if name == "default":
+    return StudyConfig()
+  if name == "paper":
+    return StudyConfig(ipprotect_preset="paper", omega_tr=(1, 5, 10, 50, 100), seeds=(0, 1, 2), dx_size=10000,
+                       zoo=exposure.ZooConfig(n_estimators=100, max_iter=500, mlp_hidden=256, cnn_epochs=10,
+                                              gradient_boosting_max_features=None))
+  raise ValueError(f"unknown preset {name!r}; choose smoke, default or paper")
+
+
+def _json(cfg: StudyConfig) -> dict[str, Any]:
+  d = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+  d.pop("methods")  # Which methods to run does not change any point.
+  return d
+
+
+def _point_path(out: str, dataset: str, method: str, param, seed: int) -> str:
+  name = os.path.basename(os.path.normpath(dataset))
+  return os.path.join(out, "points", name, f"{method}-{param}-s{seed}.json")
+
+
+def _fmt(v: float) -> float | str:
+  """JSON-safe float: infinities become the strings "inf" / "-inf"."""
+  return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def _unfmt(v) -> float:
+  return float(v)  # float("inf") reads _fmt's strings back.
+
+
+class _Context:
+  """What every point of one (dataset, seed) shares, built on first use."""
+
+  def __init__(self, cfg: StudyConfig, out: str, dataset: str, seed: int, progress: bool):
+    self.cfg, self.out, self.dataset, self.seed, self.progress = cfg, out, dataset, seed, progress
+    name = os.path.basename(os.path.normpath(dataset))
+    base = pipeline.preset(cfg.ipprotect_preset, dataset)
+    over = {k: getattr(cfg, k) for k in ("buyer_size", "seller_pool_size") if getattr(cfg, k) is not None}
+    self.ipcfg = dataclasses.replace(base, data_dir=cfg.data_dir, seed=seed,
+                                     cache_dir=os.path.abspath(os.path.join(out, "cache", f"{name}-s{seed}")), **over)
+    self._cache: dict[str, Any] = {}
+
+  def get(self, what: str):
+    if what not in self._cache:
+      self._cache[what] = getattr(self, f"_make_{what}")()
+    return self._cache[what]
+
+  def _make_data(self):
+    return pipeline.load_data(self.ipcfg)
+
+  def _make_model(self):
+    buyer, _ = self.get("data")
+    return models.get_model(self.ipcfg.model or ("mlp" if buyer.image_shape[-1] == 1 else "cnn"), buyer.num_classes)
+
+  def _make_dx(self) -> data_lib.Dataset:
+    """D_X: ``dx_size`` images of the train split (the seller pool's split), fixed per seed."""
+    _, pool = self.get("data")
+    n = min(self.cfg.dx_size, len(pool))
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(self.seed), 20), len(pool)))
+    return pool.subset(np.sort(perm[:n]))
+
+  def _make_dx_zoo(self) -> exposure.FittedZoo:
+    dx = self.get("dx")
+    return exposure.fit_zoo(dx.images, dx.labels, dx.num_classes, dataclasses.replace(self.cfg.zoo, seed=self.seed))
+
+  def _seller_labels(self) -> np.ndarray:
+    _, pool = self.get("data")
+    noise = ipprotect.TABLE_I_NOISE[ipprotect.table_i_family(pool.name)]
+    return ipprotect.seller_labels(jax.random.fold_in(jax.random.key(self.ipcfg.seed), 1), pool.labels, noise,
+                                   self.ipcfg.models_per_seller, pool.num_classes)
+
+  def seller_dir(self) -> str:
+    """``pipeline.run``'s cache directory of the sellers (same hash of the same fields)."""
+    cfg = self.ipcfg
+    parts = (cfg.seller_pool_size, cfg.models_per_seller, dataclasses.asdict(cfg.seller_train))
+    tag = hashlib.sha256(json.dumps([cfg.dataset, cfg.data_dir, repr(self.get("model")), cfg.seed, *parts],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cfg.cache_dir, f"sellers-{tag}")
+
+  def sellers(self):
+    """``pipeline.run``'s sellers (same keys and labels), restored from its cache when there."""
+    if "sellers" not in self._cache:
+      _, pool = self.get("data")
+      labels = self._seller_labels()
+      self._cache["sellers"] = ipprotect.train_models(
+          self.get("model"), self.ipcfg.seller_train, jax.random.fold_in(jax.random.key(self.ipcfg.seed), 2),
+          pool.images, labels, num_members=len(labels), checkpoint_dir=self.seller_dir(), desc="sellers",
+          progress=self.progress)
+    return self._cache["sellers"]
+
+  def utility_mae(self, images, labels) -> float:
+    buyer, _ = self.get("data")
+    model, variables = self.get("model"), self.sellers().variables
+    if "u_original" not in self._cache:
+      self._cache["u_original"] = metrics.utility(ensemble.predict(model, variables, buyer.images), buyer.labels)
+    u_s = metrics.utility(ensemble.predict(model, variables, images), labels)
+    return metrics.utility_mae(self._cache["u_original"], u_s)
+
+
+def _sanitized(ctx: _Context, method: str, param) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """The method's sanitized buyer set and what its producer reported."""
+  buyer, _ = ctx.get("data")
+  if method == "ipprotect":
+    name = os.path.basename(os.path.normpath(ctx.dataset))
+    workdir = os.path.join(ctx.out, "ipprotect", f"{name}-tr{param}-s{ctx.seed}")
+    m = pipeline.run(dataclasses.replace(ctx.ipcfg, omega_tr=int(param)), workdir, progress=ctx.progress)
+    with np.load(os.path.join(workdir, "sanitized.npz")) as z:
+      images, labels = z["images"], z["labels"]
+    return images, labels, {"utility_mae_pipeline": m["utility_mae"], "run_dir": workdir}
+  from jipguard import baselines  # The other half of the issue; imported only when a baseline runs.
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ctx.seed), 30), METHODS.index(method))
+  key = jax.random.fold_in(key, 0 if param is None else int(round(float(param) * 1000)))
+  kwargs = {}
+  if method == "dp_merf" and ctx.cfg.dp_merf_steps is not None:
+    kwargs["dp_merf_config"] = baselines.DPMERFConfig(steps=ctx.cfg.dp_merf_steps)
+  images, labels = baselines.sanitize(method, key, buyer.images, buyer.labels, buyer.num_classes, param, **kwargs)
+  info = {}
+  if method == "instahide":
+    info["public_dataset"] = getattr(baselines, "PUBLIC_SOURCE", "baselines default")
+  return np.asarray(images, np.float32), np.asarray(labels, np.int32), info
+
+
+def run_point(ctx: _Context, method: str, param) -> dict[str, Any]:
+  """Sanitizes with one method and parameter, scores it, writes its point file (or reads it)."""
+  path = _point_path(ctx.out, ctx.dataset, method, param, ctx.seed)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  t0 = time.perf_counter()
+  images, labels, info = _sanitized(ctx, method, param)
+  t_sanitize = time.perf_counter() - t0
+  buyer, _ = ctx.get("data")
+  dx, cfg = ctx.get("dx"), ctx.cfg
+  vgg = exposure.load_vgg_weights(cfg.vgg_weights) if cfg.vgg_weights else None
+  t1 = time.perf_counter()
+  dx_zoo = ctx.get("dx_zoo")
+  image = exposure.image_exposure(buyer.images, images, pair_randomly=(method == "dp_merf"), seed=ctx.seed,
+                                  vgg=vgg, vgg_size=cfg.vgg_size, feature_zoo=dx_zoo)
+  zoo_cfg = dataclasses.replace(cfg.zoo, seed=ctx.seed)
+  training = exposure.training_exposure(images, labels, dx.images, dx.labels, buyer.num_classes, zoo_cfg)
+  inference = exposure.inference_exposure(dx_zoo, images, labels, zoo_cfg.n_jobs)
+  point = {
+      "dataset": ctx.dataset, "method": method, "param": param, "seed": ctx.seed,
+      "num_images": int(len(images)), "dx_size": int(len(dx)),
+      "utility_mae": ctx.utility_mae(images, labels),
+      "image_exposure": {k: _fmt(v) for k, v in image.items()},
+      "training_exposure": training.mean, "training_per_model": training.per_model,
+      "inference_exposure": inference.mean, "inference_per_model": inference.per_model,
+      "timings": {"sanitize_s": t_sanitize, "score_s": time.perf_counter() - t1},
+      **info,
+  }
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pipeline.write_json(path, point)
+  return point
+
+
+def image_metric(points: list[dict[str, Any]]) -> str:
+  """The image exposure Table III reports: VGG when every point has it, else the CNN stand-in."""
+  for name in ("vgg_conv5_1", "own_cnn_feature", "pixel_mse"):
+    if points and all(name in p["image_exposure"] for p in points):
+      return name
+  raise ValueError("points share no image exposure metric")
+
+
+def exposure_of(point: dict[str, Any], kind: str, image_name: str) -> float:
+  if kind == "image":
+    return _unfmt(point["image_exposure"][image_name])
+  return float(point[f"{kind}_exposure"])
+
+
+def table3(points: list[dict[str, Any]]) -> dict[str, Any]:
+  """Table III: per dataset, exposure kind and method, mean +- std of MAE, exposure and HMean.
+
+  The harmonic mean is computed per point, with each metric divided by its maximum over
+  all points of the ``HMEAN_METHODS`` of that dataset (``exposure.normalized_harmonic_mean``),
+  then averaged; Identity and Random are reported without it (Identity's MAE is 0, so its
+  harmonic mean would be 0: the formula rewards doing nothing).
+  """
+  out: dict[str, Any] = {}
+  image_name = image_metric(points)
+  for dataset in sorted({p["dataset"] for p in points}):
+    pts = [p for p in points if p["dataset"] == dataset]
+    d = out[dataset] = {}
+    for kind in KINDS:
+      hm_pts = [p for p in pts if p["method"] in HMEAN_METHODS and math.isfinite(exposure_of(p, kind, image_name))]
+      mae_max = max((p["utility_mae"] for p in hm_pts), default=0.0)
+      exp_max = max((exposure_of(p, kind, image_name) for p in hm_pts), default=0.0)
+      rows = d[kind] = {}
+      for method in METHODS:
+        mp = [p for p in pts if p["method"] == method]
+        if not mp:
+          continue
+        mae = np.array([p["utility_mae"] for p in mp])
+        exp = np.array([exposure_of(p, kind, image_name) for p in mp])
+        exp_ms = [float(exp.mean()), float(exp.std())] if np.all(np.isfinite(exp)) else ["inf", "nan"]
+        row = {"mae": [float(mae.mean()), float(mae.std())], "exposure": exp_ms,
+               "hmean": None, "points": len(mp), "params": sorted({str(p["param"]) for p in mp}),
+               "seeds": sorted({p["seed"] for p in mp})}
+        if method in HMEAN_METHODS and mae_max > 0 and exp_max > 0 and np.all(np.isfinite(exp)):
+          hm = exposure.normalized_harmonic_mean(mae, exp, mae_max, exp_max)
+          row["hmean"] = [float(hm.mean()), float(hm.std())]
+        rows[method] = row
+      d[f"{kind}_normalisation"] = {"mae_max": mae_max, "exposure_max": exp_max}
+  return {"image_metric": image_name, "image_metric_name": exposure.IMAGE_METRIC_NAMES[image_name], "tables": out}
+
+
+def _ms(v) -> str:
+  if v is None:
+    return "—"
+  m, s = v
+  if isinstance(m, str):
+    return m
+  return f"{m:.2f} ± {s:.2f}" if isinstance(s, float) else f"{m:.2f}"
+
+
+def table3_markdown(t: dict[str, Any]) -> str:
+  datasets = list(t["tables"])
+  head = "| IP | method | " + " | ".join(f"{d}: MAE | {d}: IP exp. | {d}: HMean" for d in datasets) + " |"
+  lines = [head, "|" + "---|" * (2 + 3 * len(datasets))]
+  for kind in KINDS:
+    for method in METHODS:
+      cells = []
+      for d in datasets:
+        row = t["tables"][d][kind].get(method)
+        cells += ["", "", ""] if row is None else [_ms(row["mae"]), _ms(row["exposure"]), _ms(row["hmean"])]
+      if any(cells):
+        lines.append(f"| {kind} | {LABELS[method]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def figure(points: list[dict[str, Any]], kinds: tuple[str, ...], path: str) -> None:
+  """Fig. 2: exposure vs utility MAE, one row per exposure kind, one panel per dataset."""
+  from jipguard import report
+  plt = report.plt
+  image_name = image_metric(points)
+  datasets = sorted({p["dataset"] for p in points})
+  fig, axes = plt.subplots(len(kinds), len(datasets), figsize=(4.6 * len(datasets), 3.6 * len(kinds)),
+                           squeeze=False)
+  colors = dict(zip(METHODS, ("tab:red", "tab:gray", "black", "tab:blue", "tab:green")))
+  for r, kind in enumerate(kinds):
+    for c, dataset in enumerate(datasets):
+      ax = axes[r, c]
+      pts = [p for p in points if p["dataset"] == dataset]
+      finite = [exposure_of(p, kind, image_name) for p in pts if math.isfinite(exposure_of(p, kind, image_name))]
+      top = max(finite, default=1.0) * 1.15
+      for method in METHODS:
+        params = sorted({str(p["param"]) for p in pts if p["method"] == method}, key=lambda s: (len(s), s))
+        for i, param in enumerate(params):
+          group = [p for p in pts if p["method"] == method and str(p["param"]) == param]
+          x = np.array([p["utility_mae"] for p in group])
+          y = np.array([exposure_of(p, kind, image_name) for p in group])
+          inf = not np.all(np.isfinite(y))
+          ym = top if inf else y.mean()
+          ax.errorbar(x.mean(), ym, xerr=x.std(), yerr=0 if inf else y.std(), fmt="*" if inf else "o",
+                      color=colors[method], ms=9 if inf else 5, capsize=2,
+                      label=LABELS[method] if i == 0 else None)
+          tag = ("inf" if inf else "") if param == "None" else f"{param}{' (inf)' if inf else ''}"
+          if tag:
+            ax.annotate(tag, (x.mean(), ym), textcoords="offset points", xytext=(4, 3), fontsize=7)
+      ax.set_xlabel("utility MAE")
+      ylabel = exposure.IMAGE_METRIC_NAMES[image_name] if kind == "image" else f"{kind} IP exposure"
+      ax.set_ylabel(ylabel if len(ylabel) < 40 else ylabel.replace("stand-in: ", "stand-in:\n"), fontsize=8)
+      ax.set_title(f"{os.path.basename(dataset)}: {kind} IP", fontsize=9)
+      ax.grid(alpha=0.3)
+      if r == 0 and c == 0:
+        ax.legend(fontsize=7)
+  fig.tight_layout()
+  report.save_figure(fig, path)
+
+
+def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log=print) -> dict[str, Any]:
+  """Runs (or resumes) every point, then writes table3.md / table3.json and the figures."""
+  unknown = sorted(set(cfg.methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+  os.makedirs(out, exist_ok=True)
+  study_path = os.path.join(out, "study.json")
+  if os.path.exists(study_path):
+    with open(study_path) as f:
+      ensemble.check_same_config(json.load(f)["config"], _json(cfg), out)
+  import jipguard
+  pipeline.write_json(study_path, {"config": _json(cfg), "jipguard_version": jipguard.__version__,
+                                   "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})
+  t0 = time.perf_counter()
+  points = []
+  for dataset in cfg.datasets:
+    for seed in cfg.seeds:
+      ctx = _Context(cfg, out, dataset, seed, progress)
+      for method in cfg.methods:
+        for param in (cfg.omega_tr if method == "ipprotect" else cfg.params[method]):
+          t = time.perf_counter()
+          p = run_point(ctx, method, param)
+          points.append(p)
+          log(f"{os.path.basename(dataset)} s{seed} {method:9s} {str(param):5s} MAE {p['utility_mae']:.3f} "
+              f"train {p['training_exposure']:.3f} infer {p['inference_exposure']:.3f} "
+              f"image {p['image_exposure']} ({time.perf_counter() - t:.1f} s)")
+  t = table3(points)
+  t["wall_s"] = time.perf_counter() - t0
+  pipeline.write_json(os.path.join(out, "table3.json"), t)
+  cmd = "python experiments/tradeoff.py " + " ".join(sys.argv[1:])
+  text = (f"# Table III: IP exposure vs utility MAE\n\n`{cmd}`; datasets {list(cfg.datasets)}, seeds "
+          f"{list(cfg.seeds)}, IPProtect preset `{cfg.ipprotect_preset}` at |Omega_Tr| in {list(cfg.omega_tr)}, "
+          f"|D_X| = {cfg.dx_size}.\n\nImage IP exposure column: **{t['image_metric_name']}**. Mean ± std over "
+          "every parameter and seed of a method. HMean: harmonic mean of utility MAE and exposure, each divided by "
+          "its maximum over the IPProtect, DP-MERF and InstaHide points of the dataset (lower is better; not "
+          "defined for the Identity / Random ends).\n\n" + table3_markdown(t) + "\n")
+  pipeline.write_text(os.path.join(out, "table3.md"), text)
+  figure(points, KINDS, os.path.join(out, "fig2.png"))
+  for kind in KINDS:
+    figure(points, (kind,), os.path.join(out, f"fig2_{kind}.png"))
+  return t
+
+
+def parse(argv=None) -> tuple[StudyConfig, str, bool]:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="default", choices=["smoke", "default", "paper"])
+  p.add_argument("--dataset", nargs="+", help="datasets (default: the embedded fashion_mnist_subset)")
+  p.add_argument("--data_dir", help="local copy of a named dataset")
+  p.add_argument("--out", help="study directory (default runs/tradeoff-<preset>)")
+  p.add_argument("--omega_tr", type=int, nargs="+", help="IPProtect's |Omega_Tr| values")
+  p.add_argument("--seeds", type=int, nargs="+")
+  p.add_argument("--methods", nargs="+", choices=METHODS)
+  p.add_argument("--instahide_k", type=int, nargs="+", help="InstaHide's k values")
+  p.add_argument("--dp_merf_sigma", type=float, nargs="+", help="DP-MERF's sigma values")
+  p.add_argument("--buyer_size", type=int)
+  p.add_argument("--seller_pool_size", type=int)
+  p.add_argument("--dx_size", type=int, help="|D_X| drawn from the train split")
+  p.add_argument("--n_jobs", type=int, help="zoo models fitted in parallel")
+  p.add_argument("--vgg_weights", help="VGG weights file (scripts/convert_vgg_weights.py); default: stand-ins")
+  p.add_argument("--vgg_size", type=int)
+  p.add_argument("--quiet", action="store_true")
+  a = p.parse_args(argv)
+  cfg = preset(a.preset)
+  over = {k: getattr(a, k) for k in ("data_dir", "buyer_size", "seller_pool_size", "dx_size", "vgg_weights",
+                                     "vgg_size") if getattr(a, k) is not None}
+  for k, src in (("datasets", "dataset"), ("omega_tr", "omega_tr"), ("seeds", "seeds"), ("methods", "methods")):
+    if getattr(a, src):
+      over[k] = tuple(getattr(a, src))
+  params = dict(cfg.params)
+  if a.instahide_k:
+    params["instahide"] = tuple(a.instahide_k)
+  if a.dp_merf_sigma:
+    params["dp_merf"] = tuple(a.dp_merf_sigma)
+  cfg = dataclasses.replace(cfg, params=params, **over)
+  if a.n_jobs:
+    cfg = dataclasses.replace(cfg, zoo=dataclasses.replace(cfg.zoo, n_jobs=a.n_jobs))
+  return cfg, a.out or os.path.join("runs", f"tradeoff-{a.preset}"), a.quiet
+
+
+def main(argv=None) -> int:
+  cfg, out, quiet = parse(argv)
+  t = run_study(cfg, out, progress=not quiet)
+  print(table3_markdown(t))
+  print(f"study directory: {out} (table3.md, table3.json, fig2*.png, points/); {t['wall_s']:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
