@@ -691,6 +691,16 @@ def _plain_losses(model, variables, images, labels):
   return optax.softmax_cross_entropy_with_integer_labels(model.apply(variables, images, train=False), labels)
 
 
+_logits = jax.jit(lambda model, variables, x: model.apply(variables, x, train=False), static_argnums=0)
+
+
+def logits(model: nn.Module, variables: PyTree, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+  """Logits of one model on ``images`` (inference mode, chunks of ``batch_size``)."""
+  images = np.asarray(images, np.float32)
+  return np.concatenate([np.asarray(_logits(model, variables, jnp.asarray(images[i:i + batch_size])))
+                         for i in range(0, len(images), batch_size)])
+
+
 def mia_std_threshold(shadow_train_losses: np.ndarray) -> float:
   """MIA-std (Yeom et al. 2018): the mean training loss (here of the user's shadow model)."""
   return float(np.mean(shadow_train_losses))
