@@ -127,49 +127,51 @@ def public_dataset(image_shape: Sequence[int], source: str = PUBLIC_SOURCE) -> n
   return _public_cached(source, shape)
 
 
-def instahide_coefficients(key: jax.Array, n: int, k: int) -> jax.Array:
-  """Random mixing weights, (n, k): |N(0, 1)| draws normalised to sum 1 (InstaHide's code).
+class InstaHideDraws(NamedTuple):
+  """The randomness of one InstaHide encoding pass (N = 1) over n private images."""
 
-  Column 0 (the encoded private image) holds each row's largest weight: the row's maximum is
-  swapped into it, as the paper requires ("the mixup coefficient for the original image to be
-  maximum"). Column 1 is the other private image, columns 2.. the public images.
+  other_N: jax.Array           # The second private image of each encoding (never the image itself).
+  public_NxK2: jax.Array       # k - 2 distinct public images per encoding.
+  coefficients_NxK: jax.Array  # Mixing weights: [own, other private, public...], sum 1, own the largest.
+  signs_NxHxWxC: jax.Array     # The pixel-wise sign mask, +-1.
+
+
+def instahide_draws(key: jax.Array, num_private: int, num_public: int, k: int,
+                    image_shape: Sequence[int]) -> InstaHideDraws:
+  """All of InstaHide's random choices, from one uniform draw (one threefry call compiles fast).
+
+  * The other private image is uniform over the rest of the private set.
+  * The k - 2 public images are uniform without replacement (the top k - 2 of random scores).
+  * The weights are |N(0, 1)| draws normalised to sum 1, as InstaHide's code draws them; each
+    row's largest weight is then swapped into column 0 (the encoded private image), as the
+    paper requires ("the mixup coefficient for the original image to be maximum").
+  * The sign mask is a fair +-1 coin per pixel.
   """
-  lam = jnp.abs(jax.random.normal(key, (n, k)))
+  n, d = num_private, math.prod(image_shape)
+  u = jax.random.uniform(key, (n, 1 + num_public + k + d), minval=jnp.finfo(jnp.float32).tiny)
+  other = (jnp.arange(n) + 1 + jnp.floor(u[:, 0] * (n - 1)).astype(jnp.int32)) % n
+  other = jnp.where(other == jnp.arange(n), (other + 1) % n, other)  # u -> 1 rounding guard.
+  scores = u[:, 1:1 + num_public]
+  public = jax.lax.top_k(scores, k - 2)[1].astype(jnp.int32) if k > 2 else jnp.zeros((n, 0), jnp.int32)
+  lam = jnp.sqrt(2.0) * jax.lax.erf_inv(u[:, 1 + num_public:1 + num_public + k])  # |N(0, 1)|.
   lam = lam / jnp.sum(lam, axis=1, keepdims=True)
-  top = jnp.argmax(lam, axis=1)
-  rows = jnp.arange(n)
-  first = lam[:, 0]
-  return lam.at[rows, 0].set(lam[rows, top]).at[rows, top].set(first)
-
-
-def instahide_sources(key: jax.Array, num_private: int, num_public: int, k: int
-                      ) -> tuple[jax.Array, jax.Array]:
-  """Which images each encoding mixes: (other private index (n,), public indices (n, k - 2)).
-
-  The other private image is uniform over the rest of the private set; the k - 2 public
-  images are distinct within a row (uniform without replacement).
-  """
-  key_other, key_public = jax.random.split(key)
-  other = (jnp.arange(num_private) + jax.random.randint(key_other, (num_private,), 1, num_private)) % num_private
-  if k == 2:
-    return other, jnp.zeros((num_private, 0), jnp.int32)
-  scores = jax.random.uniform(key_public, (num_private, num_public))
-  return other, jax.lax.top_k(scores, k - 2)[1].astype(jnp.int32)
+  rows, top = jnp.arange(n), jnp.argmax(lam, axis=1)
+  lam = lam.at[rows, 0].set(lam[rows, top]).at[rows, top].set(lam[:, 0])
+  signs = jnp.where(u[:, 1 + num_public + k:] < 0.5, 1.0, -1.0).reshape(n, *image_shape)
+  return InstaHideDraws(other, public, lam, signs.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _instahide_mix(key, private_NxHxWxC, public_PxHxWxC, *, k):
   n = private_NxHxWxC.shape[0]
-  key_src, key_lam, key_sign = jax.random.split(key, 3)
-  other, pub = instahide_sources(key_src, n, public_PxHxWxC.shape[0], k)
-  lam_NxK = instahide_coefficients(key_lam, n, k)
+  draws = instahide_draws(key, n, public_PxHxWxC.shape[0], k, private_NxHxWxC.shape[1:])
+  lam_NxK = draws.coefficients_NxK
   signed = lambda x: 2 * x - 1  # [0, 1] -> [-1, 1], InstaHide's centred inputs.
   w = lambda j: lam_NxK[:, j].reshape(n, 1, 1, 1)
-  mixed = w(0) * signed(private_NxHxWxC) + w(1) * signed(private_NxHxWxC[other])
+  mixed = w(0) * signed(private_NxHxWxC) + w(1) * signed(private_NxHxWxC[draws.other_N])
   for j in range(k - 2):
-    mixed = mixed + w(j + 2) * signed(public_PxHxWxC[pub[:, j]])
-  signs = jnp.where(jax.random.bernoulli(key_sign, 0.5, private_NxHxWxC.shape), 1.0, -1.0).astype(jnp.float32)
-  return jnp.clip(mixed, -1, 1) * signs, lam_NxK, signs  # Clip: float rounding only.
+    mixed = mixed + w(j + 2) * signed(public_PxHxWxC[draws.public_NxK2[:, j]])
+  return jnp.clip(mixed, -1, 1) * draws.signs_NxHxWxC, lam_NxK, draws.signs_NxHxWxC  # Clip: float rounding only.
 
 
 def instahide_mix(key: jax.Array, private_NxHxWxC: np.ndarray, public_PxHxWxC: np.ndarray, k: int
@@ -177,9 +179,8 @@ def instahide_mix(key: jax.Array, private_NxHxWxC: np.ndarray, public_PxHxWxC: n
   """Cross-dataset InstaHide with N = 1: one encoding per private image.
 
   Encoding i is ``signs_i * (lam_i0 (2 x_i - 1) + lam_i1 (2 x_o - 1) + sum_j lam_ij (2 p_j - 1))``
-  with x_o another private image, p_j k - 2 distinct public images (``instahide_sources`` with
-  the first of ``split(key, 3)``), weights from ``instahide_coefficients`` (second key) and a
-  pixel-wise sign mask of fair +-1 coins (third key).
+  with x_o another private image, p_j k - 2 distinct public images, the weights and the sign
+  mask all from ``instahide_draws(key, N, P, k, (H, W, C))``.
 
   Args:
     key: PRNG key.
