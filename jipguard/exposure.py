@@ -223,9 +223,9 @@ def vgg_preprocess(images_NxHxWxC: jax.Array, size: int, preprocessing: str) -> 
   if x.shape[1:3] != (size, size):
     x = jax.image.resize(x, (x.shape[0], size, size, 3), method="bilinear")
   if preprocessing == "torch":
-    return (x - jnp.array(_TORCH_MEAN)) / jnp.array(_TORCH_STD)
+    return (x - jnp.array(_TORCH_MEAN).reshape(1, 1, 1, 3)) / jnp.array(_TORCH_STD).reshape(1, 1, 1, 3)
   if preprocessing == "caffe":
-    return x[..., ::-1] * 255.0 - jnp.array(_CAFFE_MEAN_BGR)
+    return x[..., ::-1] * 255.0 - jnp.array(_CAFFE_MEAN_BGR).reshape(1, 1, 1, 3)
   raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
 
 
@@ -251,9 +251,12 @@ def vgg_perceptual_distance(weights: VGGWeights, a_NxHxWxC: np.ndarray, b_NxHxWx
   return np.concatenate(out)
 
 
-def random_vgg_params(key: jax.Array, arch: str = "vgg16", layer: str = "conv5_1") -> dict[str, Any]:
-  """A randomly initialised params tree of :class:`VGGFeatures` (tests; same structure as a file)."""
-  return jax.tree.map(np.asarray, VGGFeatures(arch, layer).init(key, jnp.zeros((1, 16, 16, 3)))["params"])
+def random_vgg_params(seed: int = 0, arch: str = "vgg16", layer: str = "conv5_1") -> dict[str, Any]:
+  """A randomly initialised (He-normal) params tree of :class:`VGGFeatures` (tests, same structure)."""
+  rng = np.random.default_rng(seed)
+  return {name: {"kernel": (rng.standard_normal(k, np.float32) * np.sqrt(2 / np.prod(k[:3]))).astype(np.float32),
+                 "bias": (0.01 * rng.standard_normal(b, np.float32)).astype(np.float32)}
+          for name, (k, b) in vgg_layer_shapes(arch, layer).items()}
 
 
 # --------------------------------------------------------------------------------------------
