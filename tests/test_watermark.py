@@ -201,3 +201,12 @@ def test_prune(trained):
     assert 0.45 <= float(jnp.mean(w == 0)) <= 0.55
   with pytest.raises(ValueError):
     wm.prune(v, 1.0)
+
+
+def test_benchmark_kernel_matches_torch_reference():
+  pytest.importorskip("torch")
+  from benchmarks import watermark_kernel
+  r = watermark_kernel.row(watermark_kernel.GridSize("mlp", 5, 7), repeats=1)
+  assert r["check_passed"], r["check_max_rel_err"]
+  assert r["kernel"] == "watermark_grid_search" and r["torch_loop_s"] > 0
+  assert [s.label for s in watermark_kernel.SIZES(True)]
