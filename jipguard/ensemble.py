@@ -158,11 +158,21 @@ def _epoch_batches(indices_MxS, labels_MxS, keys_M, epoch, *, batch_size):
   return jnp.swapaxes(batch_idx, 0, 1), jnp.swapaxes(batch_y, 0, 1), dropout_keys
 
 
-def _train_step(state, images, idx_MxB, y_MxB, dropout_keys_M, step, *, model, tx, unroll_members=False):
-  """One step of every member (:func:`_member_step` vmapped, or unrolled over members)."""
+def _train_step(state, images, idx_MxB, y_MxB, dropout_keys_M, step, *, model, tx, unroll_members=False,
+                batch_sharding=None):
+  """One step of every member (:func:`_member_step` vmapped, or unrolled over members).
+
+  ``batch_sharding`` (a ``NamedSharding`` of ``(member, data)``) splits every member's
+  batch over the mesh's data axis: data parallelism inside each member, with the loss
+  mean and batch-norm statistics reduced across it by the partitioner.
+  """
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(dropout_keys_M)
   member_step = functools.partial(_member_step, model, tx)
-  args = (state.params, state.batch_stats, state.opt_state, images[idx_MxB], y_MxB, step_keys)
+  x_MxB = images[idx_MxB]
+  if batch_sharding is not None:
+    x_MxB = jax.lax.with_sharding_constraint(x_MxB, batch_sharding)
+    y_MxB = jax.lax.with_sharding_constraint(y_MxB, batch_sharding)
+  args = (state.params, state.batch_stats, state.opt_state, x_MxB, y_MxB, step_keys)
   if unroll_members:  # One ordinary convolution per member instead of a grouped one.
     outs = [member_step(*jax.tree.map(lambda a: a[i], args)) for i in range(idx_MxB.shape[0])]
     params, batch_stats, opt_state, loss, acc = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
@@ -171,21 +181,25 @@ def _train_step(state, images, idx_MxB, y_MxB, dropout_keys_M, step, *, model, t
   return EnsembleState(params=params, batch_stats=batch_stats, opt_state=opt_state), (loss, acc)
 
 
-def _train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, *, model, tx, batch_size):
+def _train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, *, model, tx, batch_size,
+                 batch_sharding=None):
   """One epoch of every member: a scan over steps of a vmapped member step."""
   batch_idx, batch_y, dropout_keys = _epoch_batches(indices_MxS, labels_MxS, keys_M, epoch, batch_size=batch_size)
 
   def body(state, step):
-    return _train_step(state, images, batch_idx[step], batch_y[step], dropout_keys, step, model=model, tx=tx)
+    return _train_step(state, images, batch_idx[step], batch_y[step], dropout_keys, step, model=model, tx=tx,
+                       batch_sharding=batch_sharding)
 
   state, (loss_TxM, acc_TxM) = jax.lax.scan(body, state, jnp.arange(batch_idx.shape[0]))
   return state, {"loss": loss_TxM.mean(0), "train_accuracy": acc_TxM.mean(0)}
 
 
-train_epoch = jax.jit(_train_epoch, static_argnames=("model", "tx", "batch_size"), donate_argnums=(0,))
+train_epoch = jax.jit(_train_epoch, static_argnames=("model", "tx", "batch_size", "batch_sharding"),
+                      donate_argnums=(0,))
 train_epoch.__doc__ = """Jitted :func:`_train_epoch`: ``(state, images, indices_MxS, labels_MxS, keys_M, epoch)``."""
 epoch_batches = jax.jit(_epoch_batches, static_argnames=("batch_size",))
-train_step = jax.jit(_train_step, static_argnames=("model", "tx", "unroll_members"), donate_argnums=(0,))
+train_step = jax.jit(_train_step, static_argnames=("model", "tx", "unroll_members", "batch_sharding"),
+                     donate_argnums=(0,))
 
 
 def has_convolutions(state: EnsembleState) -> bool:
@@ -230,7 +244,8 @@ class EnsembleTrainer:
     tx: An optax optimiser; its state is kept per member.
     batch_size: Minibatch size per member.
     mesh: Optional ``sharding.make_mesh`` mesh; the member axis is sharded over its
-      ``member`` axis (members are padded to a multiple of it, then sliced off).
+      ``member`` axis (members are padded to a multiple of it, then sliced off), and
+      each member's batch over its ``data`` axis (``batch_size`` must divide by it).
     scan: Run an epoch as one ``lax.scan`` program (True) or one jitted step per batch
       (False); default: scan, except for models with convolutions on CPU (see
       :meth:`train_epoch`).
@@ -243,6 +258,10 @@ class EnsembleTrainer:
     self.batch_size = batch_size
     self.mesh = mesh
     self.scan = scan
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    if self.batch_sharding is not None and batch_size % mesh.shape[sharding.DATA]:
+      raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's data axis "
+                       f"({mesh.shape[sharding.DATA]})")
 
   def init(self, keys_M: jax.Array, sample_x: jax.Array) -> EnsembleState:
     """Initialises one member per key (typed PRNG keys, shape (M,))."""
@@ -266,13 +285,15 @@ class EnsembleTrainer:
     epoch = jnp.int32(epoch)
     if scan:
       return train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch,
-                         model=self.model, tx=self.tx, batch_size=self.batch_size)
+                         model=self.model, tx=self.tx, batch_size=self.batch_size,
+                         batch_sharding=self.batch_sharding)
     batch_idx, batch_y, dropout_keys = epoch_batches(indices_MxS, labels_MxS, keys_M, epoch,
                                                      batch_size=self.batch_size)
     losses, accs = [], []
     for step in range(batch_idx.shape[0]):
       state, (loss, acc) = train_step(state, images, batch_idx[step], batch_y[step], dropout_keys,
-                                      jnp.int32(step), model=self.model, tx=self.tx, unroll_members=True)
+                                      jnp.int32(step), model=self.model, tx=self.tx, unroll_members=True,
+                                      batch_sharding=self.batch_sharding)
       losses.append(loss)
       accs.append(acc)
     return state, {"loss": jnp.mean(jnp.stack(losses), 0), "train_accuracy": jnp.mean(jnp.stack(accs), 0)}

@@ -57,6 +57,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
+  """``(member, data)`` sharding of per-member batches, or None without a data axis."""
+  if mesh is None or mesh.shape[DATA] == 1:
+    return None
+  return NamedSharding(mesh, P(MEMBER, DATA))
+
+
+def image_sharding(mesh: Mesh) -> NamedSharding:
+  """Splits an array's leading (image) axis over ``mesh``'s data axis."""
+  return NamedSharding(mesh, P(DATA))
+
+
 def num_member_shards(mesh: Mesh | None) -> int:
   return 1 if mesh is None else mesh.shape[MEMBER]
 

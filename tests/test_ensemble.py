@@ -79,15 +79,17 @@ def test_step_loop_equals_scan_epoch():
   assert not ensemble.has_convolutions(_trainer().init(keys, x))
 
 
-@pytest.mark.parametrize("m,model", [(8, _CNN), (6, _MLP)], ids=["cnn-step-loop", "mlp-scan-padded"])
-def test_sharded_equals_unsharded(m, model):
-  """Both epoch paths on 8 simulated devices; 6 members are padded to the 8-device mesh."""
+@pytest.mark.parametrize("m,model,mesh_shape", [(8, _CNN, (8, 1)), (6, _MLP, (8, 1)), (3, _CNN, (2, 4))],
+                         ids=["cnn-step-loop", "mlp-scan-padded", "cnn-member2-data4"])
+def test_sharded_equals_unsharded(m, model, mesh_shape):
+  """Both epoch paths on 8 simulated devices; 6 members are padded to the 8-device mesh;
+  on a (2, 4) mesh each member's batch (and its batch norm) is split over 4 devices."""
   assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
   train, test = _digits()
   x, y = train.images[:512], train.labels[:512]
   keys, indices = _member_inputs(m, 512, 256)
   plain = _trainer(model, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(*mesh_shape)
   sharded = _trainer(model, mesh=mesh, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
   assert sharded.state.num_members == m
   _assert_trees_close(plain.state, sharded.state, atol=2e-5)

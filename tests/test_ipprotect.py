@@ -81,6 +81,27 @@ def test_batch_equals_images_one_by_one():
   np.testing.assert_allclose(padded.images, batch.images, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)], ids=["data8", "member2-data4"])
+def test_sharded_sanitize_equals_single_device(mesh_shape):
+  """Images split over the data axis (12 images padded to 16), models over the member axis."""
+  assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
+  from jipguard import sharding
+  buyer, tr, va = _setup()
+  # Images stop after 10-25 steps. (Much longer runs of this lr-0.1 "probs" setting drift
+  # apart: Adam's normalisation amplifies rounding in near-zero gradients once softmax saturates.)
+  cfg = dataclasses.replace(_CFG, data_batch=12, steps=30, min_steps=10, val_every=5, zeta=0.02)
+  plain = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_seed=11, progress=False)
+  sharded = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_seed=11, progress=False,
+                               mesh=sharding.make_mesh(*mesh_shape))
+  np.testing.assert_array_equal(plain.steps, sharded.steps)
+  assert len(set(plain.steps.tolist())) > 1  # The stopping rule acted, per image.
+  np.testing.assert_allclose(plain.images, sharded.images, atol=1e-4)
+  np.testing.assert_allclose(plain.val_loss, sharded.val_loss, atol=1e-5)
+  with pytest.raises(ValueError, match="member axis"):
+    ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:8], cfg, start=0, seed=3, anchor_seed=11,
+                             mesh=sharding.make_mesh(4, 2))  # |Omega_Tr| = 6 members on 4 shards.
+
+
 def test_stopping_rule_stops_images_and_stopped_images_do_not_change():
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, zeta=10.0, steps=200)  # Every image converges at min_steps.
