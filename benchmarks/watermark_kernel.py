@@ -107,6 +107,15 @@ def torch_grid_losses(module: torch.nn.Module, images_NxHxWx3: torch.Tensor, lab
   return torch.stack(out)
 
 
+def max_rel_err(size: GridSize) -> float:
+  """Max |JAX - torch| / max |torch| over the K x N loss matrices (one call each, untimed)."""
+  model, variables, images, labels, sigs = _setup(size)
+  module = _torch_module(size, variables)
+  ref = torch_grid_losses(module, torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), sigs).numpy()
+  got = wm.signature_losses(model, variables, images, labels, sigs)
+  return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
+
+
 def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.Row:
   kernels.configure_torch()
   model, variables, images, labels, sigs = _setup(size)

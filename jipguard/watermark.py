@@ -491,8 +491,9 @@ def prune(variables: PyTree, fraction: float) -> PyTree:
   def _prune(path, w):
     if getattr(path[-1], "key", None) != "kernel" or fraction == 0:
       return w
-    q = jnp.quantile(jnp.abs(w).reshape(-1), fraction)
-    return jnp.where(jnp.abs(w) <= q, 0.0, w)
+    w = np.asarray(w)  # Host: one quantile per layer, no compilation.
+    q = np.quantile(np.abs(w), fraction)
+    return jnp.asarray(np.where(np.abs(w) <= q, 0.0, w).astype(w.dtype))
 
   return {**variables, "params": jax.tree_util.tree_map_with_path(_prune, variables["params"])}
 

@@ -206,7 +206,33 @@ def test_prune(trained):
 def test_benchmark_kernel_matches_torch_reference():
   pytest.importorskip("torch")
   from benchmarks import watermark_kernel
-  r = watermark_kernel.row(watermark_kernel.GridSize("mlp", 5, 7), repeats=1)
-  assert r["check_passed"], r["check_max_rel_err"]
-  assert r["kernel"] == "watermark_grid_search" and r["torch_loop_s"] > 0
+  err = watermark_kernel.max_rel_err(watermark_kernel.GridSize("mlp", 5, 7))
+  assert err < watermark_kernel.CHECK_RTOL, err
   assert [s.label for s in watermark_kernel.SIZES(True)]
+
+
+def test_cli_mark_and_verify(trained, tmp_path, capsys):
+  import importlib.util
+  import pathlib
+  spec = importlib.util.spec_from_file_location(
+      "wm_cli", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "watermark.py")
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  wm.save_model(str(tmp_path / "model"), "mlp", 10, (28, 28, 3), trained["variables"])
+  model, v, meta = wm.load_model(str(tmp_path / "model"))
+  assert meta["image_shape"] == [28, 28, 3]
+  np.testing.assert_allclose(wm.logits(model, v, trained["user_x"][:4]),
+                             wm.logits(trained["model"], trained["variables"], trained["user_x"][:4]), rtol=1e-6)
+  np.savez(tmp_path / "mine.npz", images=trained["user_x"], labels=trained["user_y"])
+  assert cli.main(["mark", "--input", str(tmp_path / "mine.npz"), "--signature", "40",
+                   "--output", str(tmp_path / "marked.npz")]) == 0
+  with np.load(tmp_path / "marked.npz") as z:
+    np.testing.assert_allclose(z["images"], wm.mark(trained["user_x"], 40.0), atol=1e-6)
+    np.testing.assert_array_equal(z["labels"], trained["user_y"])
+  capsys.readouterr()
+  assert cli.main(["verify", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "mine.npz"),
+                   "--signature", str(K_STAR), "--grid_step", "10", "--plot", str(tmp_path / "curve.png")]) == 0
+  out = capsys.readouterr().out
+  assert "verdict: MATCH" in out and (tmp_path / "curve.png").exists()
+  with pytest.raises(FileNotFoundError):
+    wm.load_model(str(tmp_path))
