@@ -42,6 +42,7 @@ HMEAN_METHODS = ("ipprotect", "dp_merf", "instahide")  # Table III's rows; Ident
 LABELS = {"ipprotect": "IPProtect", "identity": "Identity", "random": "Random", "instahide": "InstaHide",
           "dp_merf": "DP-MERF"}
 PARAM_NAMES = {"ipprotect": "|Omega_Tr|", "instahide": "k", "dp_merf": "sigma"}
+PARAM_TAGS = {"ipprotect": "Ω", "instahide": "k", "dp_merf": "σ"}  # Point labels in the figures.
 KINDS = ("image", "training", "inference")
 
 
@@ -327,7 +328,8 @@ def figure(points: list[dict[str, Any]], kinds: tuple[str, ...], path: str) -> N
           ax.errorbar(x.mean(), ym, xerr=x.std(), yerr=0 if inf else y.std(), fmt="*" if inf else "o",
                       color=colors[method], ms=9 if inf else 5, capsize=2,
                       label=LABELS[method] if i == 0 else None)
-          tag = ("inf" if inf else "") if param == "None" else f"{param}{' (inf)' if inf else ''}"
+          tag = "" if param == "None" else f"{PARAM_TAGS[method]}={param}"
+          tag += " (inf)" if inf else ""
           if tag:
             ax.annotate(tag, (x.mean(), ym), textcoords="offset points", xytext=(4, 3), fontsize=7)
       ax.set_xlabel("utility MAE")
