@@ -343,8 +343,12 @@ def figure(points: list[dict[str, Any]], kinds: tuple[str, ...], path: str) -> N
   report.save_figure(fig, path)
 
 
-def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log=print) -> dict[str, Any]:
-  """Runs (or resumes) every point, then writes table3.md / table3.json and the figures."""
+def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log=print,
+              report_only: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) every point, then writes table3.md / table3.json and the figures.
+
+  ``report_only``: compute nothing; tabulate the points already finished (of a killed sweep).
+  """
   unknown = sorted(set(cfg.methods) - set(METHODS))
   if unknown:
     raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
@@ -364,13 +368,18 @@ def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log=print) -
       for method in cfg.methods:
         for param in (cfg.omega_tr if method == "ipprotect" else cfg.params[method]):
           t = time.perf_counter()
+          if report_only and not os.path.exists(_point_path(out, dataset, method, param, seed)):
+            continue
           p = run_point(ctx, method, param)
           points.append(p)
           log(f"{os.path.basename(dataset)} s{seed} {method:9s} {str(param):5s} MAE {p['utility_mae']:.3f} "
               f"train {p['training_exposure']:.3f} infer {p['inference_exposure']:.3f} "
               f"image {p['image_exposure']} ({time.perf_counter() - t:.1f} s)")
+  if not points:
+    raise ValueError(f"no finished points in {out}")
   t = table3(points)
   t["wall_s"] = time.perf_counter() - t0
+  t["points"] = len(points)
   pipeline.write_json(os.path.join(out, "table3.json"), t)
   cmd = "python experiments/tradeoff.py " + " ".join(sys.argv[1:])
   text = (f"# Table III: IP exposure vs utility MAE\n\n`{cmd}`; datasets {list(cfg.datasets)}, seeds "
@@ -403,6 +412,7 @@ def parse(argv=None) -> tuple[StudyConfig, str, bool]:
   p.add_argument("--n_jobs", type=int, help="zoo models fitted in parallel")
   p.add_argument("--vgg_weights", help="VGG weights file (scripts/convert_vgg_weights.py); default: stand-ins")
   p.add_argument("--vgg_size", type=int)
+  p.add_argument("--report_only", action="store_true", help="only tabulate the points already finished")
   p.add_argument("--quiet", action="store_true")
   a = p.parse_args(argv)
   cfg = preset(a.preset)
@@ -419,12 +429,12 @@ def parse(argv=None) -> tuple[StudyConfig, str, bool]:
   cfg = dataclasses.replace(cfg, params=params, **over)
   if a.n_jobs:
     cfg = dataclasses.replace(cfg, zoo=dataclasses.replace(cfg.zoo, n_jobs=a.n_jobs))
-  return cfg, a.out or os.path.join("runs", f"tradeoff-{a.preset}"), a.quiet
+  return cfg, a.out or os.path.join("runs", f"tradeoff-{a.preset}"), a.quiet, a.report_only
 
 
 def main(argv=None) -> int:
-  cfg, out, quiet = parse(argv)
-  t = run_study(cfg, out, progress=not quiet)
+  cfg, out, quiet, report_only = parse(argv)
+  t = run_study(cfg, out, progress=not quiet, report_only=report_only)
   print(table3_markdown(t))
   print(f"study directory: {out} (table3.md, table3.json, fig2*.png, points/); {t['wall_s']:.0f} s")
   return 0

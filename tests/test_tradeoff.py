@@ -25,7 +25,7 @@ def _tradeoff():
 @functools.cache
 def _study(out):
   mod = _tradeoff()
-  cfg, _, _ = mod.parse(["--preset", "smoke", "--quiet"])
+  cfg, *_ = mod.parse(["--preset", "smoke", "--quiet"])
   table = mod.run_study(cfg, out, progress=False, log=lambda *_: None)
   return mod, cfg, table
 
@@ -105,6 +105,9 @@ def test_a_finished_sweep_resumes_without_recomputing(study, monkeypatch):
   monkeypatch.setattr(mod.exposure, "training_exposure", fail)
   again = mod.run_study(cfg, out, progress=False, log=lambda *_: None)
   assert again["tables"] == table["tables"]
+  os.remove(os.path.join(out, "points", "fashion_mnist_subset", "dp_merf-40-s0.json"))
+  partial = mod.run_study(cfg, out, progress=False, log=lambda *_: None, report_only=True)
+  assert partial["points"] == again["points"] - 1
   import dataclasses
   with pytest.raises(ValueError, match="dx_size"):
     mod.run_study(dataclasses.replace(cfg, dx_size=100), out, progress=False)
