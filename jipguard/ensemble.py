@@ -45,7 +45,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from jipguard import metrics, sharding
+from jipguard import distributed, metrics, sharding
 
 PyTree = Any
 
@@ -383,7 +383,7 @@ class EnsembleTrainer:
     try:
       for epoch in range(start, epochs):
         state, epoch_metrics = self.train_epoch(state, images, indices_p, labels_p, keys_p, epoch)
-        record = {"epoch": epoch + 1, **{k: np.asarray(v)[:m].tolist() for k, v in epoch_metrics.items()}}
+        record = {"epoch": epoch + 1, **{k: v[:m].tolist() for k, v in distributed.to_host(epoch_metrics).items()}}
         bad = [i for i, v in enumerate(record["loss"]) if not np.isfinite(v)]
         if bad:
           raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1} in members {bad}")

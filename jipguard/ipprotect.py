@@ -60,6 +60,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from jipguard import data as data_lib
+from jipguard import distributed
 from jipguard import ensemble
 from jipguard import sharding
 
@@ -377,12 +378,12 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
   active = jnp.arange(b) < n
   params_v = params_v if cfg.val_stop else None
   if mesh is not None:
-    x, x0, anchors, step_keys, active = jax.device_put((x, x0, anchors, step_keys, active),
+    x, x0, anchors, step_keys, active = sharding.place((x, x0, anchors, step_keys, active),
                                                        sharding.image_sharding(mesh))
     params_tr, params_v = sharding.shard_members((params_tr, params_v), mesh)
   out = _sanitize_batch_jit(params_tr, params_v, x, x0, anchors, step_keys, active,
                             model=model, cfg=cfg, model_batch=cfg.batch_of_models(m))
-  x_out, val, train, steps = (np.asarray(a)[:n] for a in out)
+  x_out, val, train, steps = (a[:n] for a in distributed.to_host(out))
   return BatchResult(images=x_out, val_loss=val, train_loss=train, steps=steps)
 
 

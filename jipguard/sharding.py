@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MEMBER = "member"
@@ -91,15 +92,36 @@ def pad_members(tree: Any, multiple: int) -> tuple[Any, int]:
   return jax.tree.map(_pad, tree), m
 
 
+def place(tree: Any, target: NamedSharding) -> Any:
+  """``jax.device_put(tree, target)`` that also works when ``target`` spans several hosts.
+
+  With several processes (``jax.distributed``), every process passes the same host
+  values; each keeps the shards of its own devices. Arrays that already span hosts are
+  resharded by an identity ``jit``. Typed PRNG key arrays are placed through their data.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, target)
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.jit(lambda a: a, out_shardings=target)(x)
+    if jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+  return jax.tree.map(one, tree)
+
+
 def shard_members(tree: Any, mesh: Mesh | None) -> Any:
   """Places ``tree`` (leading member axis on every leaf) on ``mesh``'s member axis."""
   if mesh is None:
     return tree
-  return jax.device_put(tree, member_sharding(mesh))
+  return place(tree, member_sharding(mesh))
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
   """Places a full copy of ``tree`` on every device of ``mesh``."""
   if mesh is None:
     return tree
-  return jax.device_put(tree, replicated(mesh))
+  return place(tree, replicated(mesh))

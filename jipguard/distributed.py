@@ -1,0 +1,100 @@
+"""Multi-host runs: ``jax.distributed`` start-up, host copies of global arrays, process 0.
+
+One program runs on every host (multi-controller JAX). After :func:`initialize`,
+``jax.devices()`` lists the devices of all hosts, ``sharding.make_mesh`` spans them, and
+jitted functions on arrays placed with ``NamedSharding`` run across hosts; every process
+passes the same host arrays to ``jax.device_put``, which keeps each host's shards.
+Results that a host needs whole (metrics, sanitized images) come back through
+:func:`to_host`; only process 0 writes run directories (:func:`is_main_process`).
+
+Where it starts from:
+
+* explicit flags (``--coordinator_address host:port --num_processes N --process_id i``),
+  e.g. two processes on one machine, as the tests do;
+* a cluster JAX detects by itself (Cloud TPU pods, SLURM with one task per host, Open MPI,
+  Kubernetes JobSet): ``--distributed auto`` calls ``jax.distributed.initialize()`` with
+  no arguments;
+* otherwise nothing happens: a single process with its local devices.
+
+On CPU, cross-process collectives use gloo (``jax_cpu_collectives_implementation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+# Environment variables that mean "a cluster launched this process as one of several".
+_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
+                "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The experiments' multi-host flags."""
+  g = parser.add_argument_group("multi-host (jax.distributed)")
+  g.add_argument("--distributed", choices=("off", "auto", "on"), default="off",
+                 help="'auto': initialise when a cluster environment is detected (TPU pod, SLURM, MPI); "
+                      "'on': always (with the flags below or JAX's own detection)")
+  g.add_argument("--coordinator_address", help="host:port of process 0")
+  g.add_argument("--num_processes", type=int, help="number of processes in the job")
+  g.add_argument("--process_id", type=int, help="this process's rank, 0..num_processes-1")
+
+
+def detected_cluster() -> bool:
+  """Whether the environment says this process is one of several (see module doc)."""
+  n = os.environ.get("SLURM_NTASKS") or os.environ.get("OMPI_COMM_WORLD_SIZE")
+  if n is not None:
+    return int(n) > 1
+  return any(v in os.environ for v in _CLUSTER_ENV[2:])
+
+
+def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Starts ``jax.distributed`` when asked or detected; returns whether it did.
+
+  Args:
+    mode: ``"off"`` never, ``"on"`` always, ``"auto"`` when explicit arguments are given
+      or :func:`detected_cluster`.
+    coordinator_address: ``host:port`` of process 0 (None: JAX detects it).
+    num_processes: Processes in the job.
+    process_id: This process's rank.
+
+  Raises:
+    ValueError: Only some of the three explicit arguments are given, or a bad mode.
+  """
+  if mode not in ("off", "auto", "on"):
+    raise ValueError(f"mode must be 'off', 'auto' or 'on', got {mode!r}")
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(a is not None for a in explicit) and not all(a is not None for a in explicit):
+    raise ValueError("give all of coordinator_address, num_processes and process_id, or none")
+  if mode == "off" or (mode == "auto" and explicit[0] is None and not detected_cluster()):
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Used by CPU devices only.
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True
+
+
+def initialize_from_flags(args: argparse.Namespace) -> bool:
+  return initialize(args.distributed if args.coordinator_address is None else "on", args.coordinator_address,
+                    args.num_processes, args.process_id)
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def to_host(tree: Any) -> Any:
+  """Every array of ``tree`` as a numpy array, gathered from all hosts when it spans them."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
