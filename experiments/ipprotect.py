@@ -3,6 +3,8 @@
     python experiments/ipprotect.py --omega_tr 100                 # embedded Fashion-MNIST subset
     python experiments/ipprotect.py --preset smoke --workdir /tmp/s # seconds
     python experiments/ipprotect.py --dataset fashion_mnist --preset paper
+    python experiments/ipprotect.py --mesh 1,8                     # images over 8 devices
+    python experiments/ipprotect.py --distributed auto --mesh 4,16 # every host of a TPU pod / SLURM job
 
 Writes a run directory (default runs/ipprotect-<dataset>-<preset>-tr<omega_tr>-s<seed>):
 config.json, metrics.json, report.md, sanitized.npz, examples.png, sellers.png, checkpoints/.
@@ -16,10 +18,18 @@ import json
 import os
 import sys
 
-from jipguard import pipeline
+from jipguard import distributed, pipeline, sharding
 
 
-def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
+def _mesh_shape(text: str) -> tuple[int, int]:
+  try:
+    member, data = (int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--mesh takes MEMBER,DATA (two integers), got {text!r}") from None
+  return member, data
+
+
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="default", choices=["smoke", "default", "paper"])
   p.add_argument("--dataset", default="fashion_mnist_subset",
@@ -51,7 +61,14 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
   p.add_argument("--no_val_stop", action="store_true", help="run T steps; Omega_V unused by the optimisation")
   p.add_argument("--cache_dir", help="share trained sellers / sample_models between runs (ablations)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
-  a = p.parse_args(argv)
+  p.add_argument("--mesh", type=_mesh_shape,
+                 help="MEMBER,DATA device mesh over all devices of the job (e.g. 8,1 or 2,4); default: one device")
+  distributed.add_flags(p)
+  return p
+
+
+def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
+  a = _parser().parse_args(argv)
 
   cfg = pipeline.preset(a.preset, a.dataset)
   top = {k: getattr(a, k) for k in ("data_dir", "model", "buyer_size", "seller_pool_size", "models_per_seller",
@@ -74,8 +91,13 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
 
 
 def main(argv=None) -> int:
+  a = _parser().parse_args(argv)
+  distributed.initialize_from_flags(a)  # Before any computation.
   cfg, workdir, quiet = parse(argv)
-  m = pipeline.run(cfg, workdir, progress=not quiet)
+  mesh = sharding.make_mesh(*a.mesh) if a.mesh else None
+  m = pipeline.run(cfg, workdir, progress=not quiet and distributed.is_main_process(), mesh=mesh)
+  if not distributed.is_main_process():
+    return 0
   keys = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "compliance_lower_bound",
           "correlation_mean", "ssim_mean", "images_per_second")
   print(json.dumps({k: m[k] for k in keys}, indent=2))

@@ -23,7 +23,7 @@ import numpy as np
 
 import jipguard
 from jipguard import data as data_lib
-from jipguard import ensemble, ipprotect, metrics, models
+from jipguard import distributed, ensemble, ipprotect, metrics, models
 from jipguard.ipprotect import SanitizerConfig, TrainConfig
 
 
@@ -142,12 +142,26 @@ def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
     with open(path) as f:
       return int(json.load(f)["anchor_seed"])
   seed = secrets.randbits(64)
-  write_json(path, {"anchor_seed": seed, "note": "private to the buyer: never share"})
+  if jax.process_count() > 1:  # Every host must use process 0's secret.
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    halves = multihost_utils.broadcast_one_to_all(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
+    seed = (int(halves[0]) << 32) | int(halves[1])
+  if distributed.is_main_process():
+    write_json(path, {"anchor_seed": seed, "note": "private to the buyer: never share"})
   return seed
 
 
-def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) the whole IPProtect job into ``workdir``; returns metrics.json's dict."""
+def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
+        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the whole IPProtect job into ``workdir``; returns metrics.json's dict.
+
+  With a ``mesh`` (``sharding.make_mesh``), ensembles are trained with members over its
+  member axis and batches over its data axis, and images are sanitized over its data
+  axis; it may span hosts (``jipguard.distributed``), in which case every process runs
+  this function and process 0 writes the run directory (a shared filesystem holds the
+  checkpoints).
+  """
+  main = distributed.is_main_process()
   os.makedirs(workdir, exist_ok=True)
   ckpt = os.path.join(workdir, "checkpoints")
   os.makedirs(ckpt, exist_ok=True)
@@ -158,8 +172,9 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True) -> dict[st
     with open(config_path) as f:
       saved = json.load(f)["config"]
     ensemble.check_same_config(saved, cfg_json, workdir)
-  write_json(config_path, {"config": cfg_json, "jipguard_version": jipguard.__version__,
-                           "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})
+  if main:
+    write_json(config_path, {"config": cfg_json, "jipguard_version": jipguard.__version__,
+                             "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})
 
   buyer, pool = load_data(cfg)
   model = models.get_model(cfg.model or ("mlp" if buyer.image_shape[-1] == 1 else "cnn"), buyer.num_classes)
@@ -181,7 +196,7 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True) -> dict[st
                                    num_members=len(labels),
                                    checkpoint_dir=ensemble_dir("sellers", cfg.seller_pool_size, cfg.models_per_seller,
                                                                dataclasses.asdict(cfg.seller_train)),
-                                   desc="sellers", progress=progress)
+                                   desc="sellers", progress=progress, mesh=mesh)
   timings["sellers_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -189,18 +204,20 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True) -> dict[st
                                   cfg.omega_tr + cfg.omega_v,
                                   checkpoint_dir=ensemble_dir("omega", cfg.buyer_size, cfg.omega_tr, cfg.omega_v,
                                                               dataclasses.asdict(cfg.omega_train)),
-                                  desc="sample_models", progress=progress)
-  params_tr = omega.member(slice(0, cfg.omega_tr)).variables
-  params_v = omega.member(slice(cfg.omega_tr, None)).variables
+                                  desc="sample_models", progress=progress, mesh=mesh)
+  # Host copies (small): evaluation runs locally; the sanitizer places them on the mesh.
+  omega_vars, seller_vars = distributed.to_host((omega.variables, sellers.variables))
+  params_tr = jax.tree.map(lambda a: a[:cfg.omega_tr], omega_vars)
+  params_v = jax.tree.map(lambda a: a[cfg.omega_tr:], omega_vars)
   timings["sample_models_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
   result = ipprotect.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
                               cfg.sanitizer, seed=cfg.seed, anchor_seed=_anchor_seed(cfg, ckpt),
-                              checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress)
+                              checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress, mesh=mesh)
   timings["sanitize_s"] = time.perf_counter() - t
 
-  out = evaluate(model, sellers.variables, params_tr, params_v, buyer, result, cfg.models_per_seller)
+  out = evaluate(model, seller_vars, params_tr, params_v, buyer, result, cfg.models_per_seller)
   out["timings"] = timings
   out["images_per_second"] = len(buyer) / max(timings["sanitize_s"], 1e-9)
   out["num_images"] = len(buyer)
@@ -208,6 +225,8 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True) -> dict[st
   out["table_i"] = {"noise": list(noise), "resample_rate": [ipprotect.resample_rate(n) for n in noise],
                     "paper_accuracy": list(ipprotect.TABLE_I_ACCURACY[ipprotect.table_i_family(buyer.name)])}
 
+  if not main:
+    return out
   write_atomic(os.path.join(workdir, "sanitized.npz"),
                lambda p: np.savez_compressed(p, images=result.images.astype(np.float32),
                                              labels=buyer.labels.astype(np.int32)))
