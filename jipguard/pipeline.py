@@ -230,9 +230,9 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   write_atomic(os.path.join(workdir, "sanitized.npz"),
                lambda p: np.savez_compressed(p, images=result.images.astype(np.float32),
                                              labels=buyer.labels.astype(np.int32)))
-  write_json(os.path.join(workdir, "metrics.json"), out)
   from jipguard import report  # Matplotlib only when writing the report.
   report.write_ipprotect_report(workdir, cfg, out, buyer, result)
+  write_json(os.path.join(workdir, "metrics.json"), out)  # Last: its presence means "finished".
   return out
 
 
