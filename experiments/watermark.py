@@ -445,10 +445,12 @@ def parse(argv=None):
     q.add_argument("--data_dir", help="local copy / tfds data_dir of a named dataset")
     q.add_argument("--train_size", type=int, default=10_000, help="learner's training images")
     q.add_argument("--model", default="mlp", help="mlp, cnn, resnet8, resnet20")
-    q.add_argument("--epochs", type=int, default=30, help="learner epochs")
+    q.add_argument("--epochs", type=int, default=60, help="learner epochs")
     q.add_argument("--batch_size", type=int, default=128)
     q.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay)")
-    q.add_argument("--augment", default="crop_flip", choices=sorted(wm.NAMED_AUGMENTS))
+    q.add_argument("--augment", default="flip", choices=sorted(wm.NAMED_AUGMENTS),
+                   help="learner augmentation (crop_flip is the paper's default for its ResNets; random "
+                   "crops defeat a pixel-aligned MLP's memorisation, see docs/watermark.md)")
     q.add_argument("--per_user", type=int, default=100, help="images per user (1%% of 10,000)")
     q.add_argument("--heldout_users", type=int, default=100, help="held-out users (test split)")
     q.add_argument("--heldout_per_user", type=int, default=100, help="images per held-out user")

@@ -284,6 +284,7 @@ class Augment:
 
 NAMED_AUGMENTS = {
     "none": Augment(crop=0, flip=False),
+    "flip": Augment(crop=0),
     "crop_flip": Augment(),
     "cutout": Augment(cutout=8),
     "label_smoothing": Augment(label_smoothing=0.1),
