@@ -74,7 +74,8 @@ def _setup(size: GridSize):
   rng = np.random.default_rng(0)
   images = rng.random((size.images, *size.image_hwc), dtype=np.float32)
   labels = rng.integers(0, 10, size.images).astype(np.int32)
-  variables = model.init(jax.random.key(0), images[:1], train=False)
+  init = jax.jit(functools.partial(model.init, train=False), compiler_options={"xla_backend_optimization_level": 0})
+  variables = init(jax.random.key(0), images[:1])
   sigs = np.linspace(0, 360, size.signatures, endpoint=False).astype(np.float32)
   return model, variables, images, labels, sigs
 
