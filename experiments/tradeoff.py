@@ -82,10 +82,16 @@ def preset(name: str) -> StudyConfig:
   raise ValueError(f"unknown preset {name!r}; choose smoke, default or paper")
 
 
+# What is swept does not change any one point: a study may be extended by more of them.
+_SWEPT = ("methods", "seeds", "omega_tr", "params")
+
+
 def _json(cfg: StudyConfig) -> dict[str, Any]:
-  d = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-  d.pop("methods")  # Which methods to run does not change any point.
-  return d
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _fingerprint(d: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in d.items() if k not in _SWEPT}
 
 
 def _point_path(out: str, dataset: str, method: str, param, seed: int) -> str:
@@ -356,7 +362,7 @@ def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log=print,
   study_path = os.path.join(out, "study.json")
   if os.path.exists(study_path):
     with open(study_path) as f:
-      ensemble.check_same_config(json.load(f)["config"], _json(cfg), out)
+      ensemble.check_same_config(_fingerprint(json.load(f)["config"]), _fingerprint(_json(cfg)), out)
   import jipguard
   pipeline.write_json(study_path, {"config": _json(cfg), "jipguard_version": jipguard.__version__,
                                    "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})

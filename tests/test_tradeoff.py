@@ -98,6 +98,7 @@ def test_table3_harmonic_means_match_the_points(study):
 
 
 def test_a_finished_sweep_resumes_without_recomputing(study, monkeypatch):
+  import dataclasses
   out, mod, cfg, table = study
   def fail(*args, **kwargs):
     raise AssertionError("a finished point was recomputed")
@@ -108,7 +109,8 @@ def test_a_finished_sweep_resumes_without_recomputing(study, monkeypatch):
   os.remove(os.path.join(out, "points", "fashion_mnist_subset", "dp_merf-40-s0.json"))
   partial = mod.run_study(cfg, out, progress=False, log=lambda *_: None, report_only=True)
   assert partial["points"] == again["points"] - 1
-  import dataclasses
+  more_seeds = dataclasses.replace(cfg, seeds=(0, 1))  # Extending a sweep is allowed.
+  assert mod.run_study(more_seeds, out, progress=False, log=lambda *_: None, report_only=True)["points"] == partial["points"]
   with pytest.raises(ValueError, match="dx_size"):
     mod.run_study(dataclasses.replace(cfg, dx_size=100), out, progress=False)
   with pytest.raises(ValueError, match="unknown methods"):
