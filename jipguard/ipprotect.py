@@ -168,6 +168,7 @@ class SanitizerConfig:
   val_stop: bool = True           # Use Omega_V's stopping rule (False: T steps, no Omega_V).
   val_every: int = 50             # Check the stopping rule every this many steps.
   min_steps: int = 100            # Never stop an image before this step.
+  compact: bool = True            # Drop stopped images from the batch (same results, less work).
 
   def __post_init__(self):
     if self.loss not in ("logits", "probs"):
@@ -271,60 +272,84 @@ def sanitize_step(params_tr: Any, x_BxHxWxC: jax.Array, opt_state: Any, targets_
 sanitize_step_jit = jax.jit(sanitize_step, static_argnames=("model", "cfg"))
 
 
-def _sanitize_batch(params_tr, params_v, x_BxHxWxC, x0, anchors, image_keys, active0, *,
-                    model, cfg, model_batch):
-  """The whole step loop for one data batch: one jitted program (lax.while_loop)."""
-  tx = optimizer(cfg)
-  targets_BxMxC = jnp.swapaxes(ensemble.apply(model, params_tr, x_BxHxWxC), 0, 1)
-  m = targets_BxMxC.shape[1]
+def _val_loss(model, cfg, params_v, x, targets_v_BxVxC):
+  """L_k of Algorithm 1 line 14: mean L over Omega_V of each image (NaN without val_stop)."""
+  if params_v is None:
+    return jnp.full(x.shape[:1], jnp.nan)
+  logits = jnp.swapaxes(ensemble.apply(model, params_v, x), 0, 1)
+  return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss, cfg.temperature), axis=1)
 
-  if cfg.val_stop:
-    targets_v_BxVxC = jnp.swapaxes(ensemble.apply(model, params_v, x_BxHxWxC), 0, 1)
 
-    def val_loss(x):
-      logits = jnp.swapaxes(ensemble.apply(model, params_v, x), 0, 1)
-      return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss, cfg.temperature), axis=1)
-  else:
-    val_loss = lambda x: jnp.full(x.shape[:1], jnp.nan)
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _start(params_tr, params_v, x_BxHxWxC, x0, *, model, cfg):
+  """Targets of Omega_Tr / Omega_V on the original images, and the optimiser state of x0."""
+  targets = jnp.swapaxes(ensemble.apply(model, params_tr, x_BxHxWxC), 0, 1)
+  targets_v = None if params_v is None else jnp.swapaxes(ensemble.apply(model, params_v, x_BxHxWxC), 0, 1)
+  return targets, targets_v, optimizer(cfg).init(x0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "model_batch", "treedef"))
+def _run_steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, model_batch, treedef):
+  """Steps t..t_end-1 of every active image (one jitted while loop).
+
+  ``slots`` holds per-image arrays with a leading image axis: ``x``, ``mu`` / ``nu``
+  (the optimiser state's per-pixel leaves), ``active``, ``prev_val``, ``steps``,
+  ``last_train`` and the constants ``targets``, ``targets_v``, ``anchors``, ``keys``.
+  ``shared`` is the optimiser state's other leaves (Adam's step count), and ``treedef``
+  the optimiser state's structure.
+  """
+  m = slots["targets"].shape[1]
 
   def subset_weights(key):
     # Exactly `model_batch` of the m models, uniformly at random.
     return (jnp.argsort(jax.random.uniform(key, (m,))) < model_batch).astype(jnp.float32)
 
   def body(carry):
-    t, x, opt_state, active, prev_val, steps, last_train = carry
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(image_keys)
+    t, shared, s = carry
+    opt_state = jax.tree.unflatten(treedef, _merge_leaves(shared, s["opt"]))
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(s["keys"])
     sub_keys, obj_keys = jnp.moveaxis(jax.vmap(jax.random.split)(step_keys), 1, 0)
     weights = jax.vmap(subset_weights)(sub_keys)
-    new_x, new_opt, util = sanitize_step(params_tr, x, opt_state, targets_BxMxC, anchors, weights, obj_keys,
-                                         model=model, cfg=cfg)
+    new_x, new_opt, util = sanitize_step(params_tr, s["x"], opt_state, s["targets"], s["anchors"], weights,
+                                         obj_keys, model=model, cfg=cfg)
+    active = s["active"]
     keep = lambda new, old: jnp.where(active.reshape(-1, *[1] * (new.ndim - 1)), new, old)
-    x = keep(new_x, x)
-    opt_state = jax.tree.map(lambda n, o: keep(n, o) if n.ndim else n, new_opt, opt_state)
-    steps = steps + active
-    last_train = jnp.where(active, util, last_train)
+    new_shared, new_per_image = _split_leaves(jax.tree.leaves(new_opt))
+    s = {**s, "x": keep(new_x, s["x"]), "opt": [keep(n, o) for n, o in zip(new_per_image, s["opt"])],
+         "steps": s["steps"] + active, "last_train": jnp.where(active, util, s["last_train"])}
     t = t + 1
     if cfg.val_stop:
       def check(args):
         active, prev_val = args
-        val = val_loss(x)
+        val = _val_loss(model, cfg, params_v, s["x"], s["targets_v"])
         converged = (jnp.abs(val - prev_val) < cfg.zeta) & (t >= cfg.min_steps)
         return active & ~converged, val
-      active, prev_val = jax.lax.cond(t % cfg.val_every == 0, check, lambda a: a, (active, prev_val))
-    return t, x, opt_state, active, prev_val, steps, last_train
+      active, prev_val = jax.lax.cond(t % cfg.val_every == 0, check, lambda a: a, (s["active"], s["prev_val"]))
+      s = {**s, "active": active, "prev_val": prev_val}
+    return t, new_shared, s
 
   def cond(carry):
-    t, _, _, active, *_ = carry
-    return (t < cfg.steps) & jnp.any(active)
+    t, _, s = carry
+    return (t < t_end) & jnp.any(s["active"])
 
-  b = x0.shape[0]
-  init = (jnp.int32(0), x0, tx.init(x0), active0, jnp.full((b,), jnp.inf), jnp.zeros((b,), jnp.int32),
-          jnp.full((b,), jnp.nan))
-  _, x, _, _, _, steps, last_train = jax.lax.while_loop(cond, body, init)
-  return x, val_loss(x), last_train, steps
+  return jax.lax.while_loop(cond, body, (t, shared, slots))
 
 
-_sanitize_batch_jit = jax.jit(_sanitize_batch, static_argnames=("model", "cfg", "model_batch"))
+def _split_leaves(leaves):
+  """Optimiser-state leaves -> (shared scalars, per-image arrays), with positions kept."""
+  shared = [leaf if leaf.ndim == 0 else None for leaf in leaves]
+  per_image = [leaf for leaf in leaves if leaf.ndim > 0]
+  return shared, per_image
+
+
+def _merge_leaves(shared, per_image):
+  it = iter(per_image)
+  return [leaf if leaf is not None else next(it) for leaf in shared]
+
+
+@jax.jit
+def _gather(slots, index):
+  return jax.tree.map(lambda a: a[index], slots)
 
 
 def image_keys(seed_key: jax.Array, start: int, count: int) -> jax.Array:
@@ -377,14 +402,66 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
   m = jax.tree.leaves(params_tr)[0].shape[0]
   active = jnp.arange(b) < n
   params_v = params_v if cfg.val_stop else None
+  shards = 1
   if mesh is not None:
+    shards = mesh.shape[sharding.DATA]
     x, x0, anchors, step_keys, active = sharding.place((x, x0, anchors, step_keys, active),
                                                        sharding.image_sharding(mesh))
     params_tr, params_v = sharding.shard_members((params_tr, params_v), mesh)
-  out = _sanitize_batch_jit(params_tr, params_v, x, x0, anchors, step_keys, active,
-                            model=model, cfg=cfg, model_batch=cfg.batch_of_models(m))
-  x_out, val, train, steps = (a[:n] for a in distributed.to_host(out))
-  return BatchResult(images=x_out, val_loss=val, train_loss=train, steps=steps)
+  targets, targets_v, opt_state = _start(params_tr, params_v, x, x0, model=model, cfg=cfg)
+  leaves, treedef = jax.tree.flatten(opt_state)
+  shared, per_image = _split_leaves(leaves)
+  slots = {"x": x0, "opt": per_image, "active": active, "prev_val": jnp.full((b,), jnp.inf),
+           "steps": jnp.zeros((b,), jnp.int32), "last_train": jnp.full((b,), jnp.nan), "targets": targets,
+           "targets_v": targets_v, "anchors": anchors, "keys": step_keys}
+  run = functools.partial(_run_steps, params_tr, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
+                          treedef=treedef)
+
+  # Host-side results, filled as images finish (compaction) and at the end.
+  out_x = np.zeros((b, *shape), np.float32)
+  out_steps = np.zeros((b,), np.int32)
+  out_train = np.full((b,), np.nan, np.float32)
+  slot_image = np.arange(b)          # Which image each slot holds.
+  slot_real = np.ones((b,), bool)    # False for padding slots added by compaction.
+
+  def write_back(slots):
+    host = distributed.to_host({k: slots[k] for k in ("x", "steps", "last_train")})
+    real = slot_real
+    out_x[slot_image[real]] = host["x"][real]
+    out_steps[slot_image[real]] = host["steps"][real]
+    out_train[slot_image[real]] = host["last_train"][real]
+
+  t = jnp.int32(0)
+  segment = cfg.val_every if (cfg.val_stop and cfg.compact) else cfg.steps
+  while int(t) < cfg.steps:
+    t_end = min(cfg.steps, (int(t) // segment + 1) * segment)
+    t, shared, slots = run(t, jnp.int32(t_end), shared, slots)
+    alive = distributed.to_host(slots["active"])
+    if not alive.any():
+      break
+    bucket = len(alive)
+    # Stop spending on converged images: once at most a quarter of the slots are active,
+    # continue with the active ones only, in a batch of the next power of two.
+    if cfg.compact and alive.sum() * 4 <= bucket:
+      write_back(slots)
+      new_bucket = max(shards, int(2 ** np.ceil(np.log2(max(alive.sum(), 1)))))
+      new_bucket = -(-new_bucket // shards) * shards
+      keep_slots = np.flatnonzero(alive)
+      index = np.concatenate([keep_slots, np.full(new_bucket - len(keep_slots), keep_slots[0])])
+      slots = _gather(slots, jnp.asarray(index))
+      slots["active"] = jnp.asarray(np.arange(new_bucket) < len(keep_slots))
+      slot_image, slot_real = slot_image[index], np.arange(new_bucket) < len(keep_slots)
+      if mesh is not None:
+        slots = sharding.place(slots, sharding.image_sharding(mesh))
+  write_back(slots)
+  val = distributed.to_host(_final_val(params_v, sharding.place(jnp.asarray(out_x), sharding.image_sharding(mesh))
+                                       if mesh is not None else jnp.asarray(out_x), targets_v, model=model, cfg=cfg))
+  return BatchResult(images=out_x[:n], val_loss=val[:n], train_loss=out_train[:n], steps=out_steps[:n])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg"))
+def _final_val(params_v, x, targets_v, *, model, cfg):
+  return _val_loss(model, cfg, params_v, x, targets_v)
 
 
 def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,

@@ -102,6 +102,22 @@ def test_sharded_sanitize_equals_single_device(mesh_shape):
                              mesh=sharding.make_mesh(4, 2))  # |Omega_Tr| = 6 members on 4 shards.
 
 
+def test_compaction_drops_stopped_images_and_changes_nothing():
+  """With 16 images of which most stop early, the loop continues on a smaller batch."""
+  buyer, tr, va = _setup()
+  cfg = dataclasses.replace(_CFG, data_batch=16, steps=60, min_steps=10, val_every=5, zeta=0.02)
+  before = ipprotect._run_steps._cache_size()
+  compact = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_seed=11, progress=False)
+  assert ipprotect._run_steps._cache_size() > before + 1  # The 16-image program and a smaller one.
+  full = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:16], dataclasses.replace(cfg, compact=False), seed=3,
+                            anchor_seed=11, progress=False)
+  assert np.sum(compact.steps <= 15) >= 12 and compact.steps.max() > 20  # It was worth compacting.
+  np.testing.assert_array_equal(compact.steps, full.steps)
+  np.testing.assert_allclose(compact.images, full.images, atol=1e-4)
+  np.testing.assert_allclose(compact.val_loss, full.val_loss, atol=1e-5)
+  np.testing.assert_allclose(compact.train_loss, full.train_loss, atol=1e-5)
+
+
 def test_stopping_rule_stops_images_and_stopped_images_do_not_change():
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, zeta=10.0, steps=200)  # Every image converges at min_steps.
