@@ -139,3 +139,24 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
   return harness.make_row(NAME, size.label, size.flops, jax_t, clock.seconds, None, torch_t,
                           signatures=size.signatures, images=size.images,
                           check_max_rel_err=err, check_passed=err < CHECK_RTOL)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Runs this kernel alone: ``python -m benchmarks.watermark_kernel --out DIR [--quick]``."""
+  import argparse
+  import sys
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", required=True, help="directory for results.json / results.md")
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--match", help="only sizes whose label contains this")
+  args = p.parse_args(argv)
+  kernels.configure_torch()
+  registry = {"gemm_roofline": kernels.KERNELS["gemm_roofline"], NAME: kernels.Kernel(SIZES, row)}
+  rows = harness.run(registry, list(registry), quick=args.quick, repeats=args.repeats, match=args.match)
+  machine = harness.machine_info([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+  print(harness.write(args.out, rows, machine))
+
+
+if __name__ == "__main__":
+  main()
