@@ -62,7 +62,7 @@ def test_every_point_and_artefact_is_written(study):
 
 
 def test_identity_exposes_most_random_near_chance_and_ipprotect_uses_the_sellers(study):
-  out, *_ = study
+  out, mod, cfg, _ = study
   pts = _points(out)
   ident, rand = pts["identity-None-s0"], pts["random-None-s0"]
   assert ident["utility_mae"] == 0.0
@@ -73,6 +73,9 @@ def test_identity_exposes_most_random_near_chance_and_ipprotect_uses_the_sellers
   for n in (2, 6):  # The study's seller models are pipeline.run's (restored from its cache, not retrained).
     p = pts[f"ipprotect-{n}-s0"]
     assert p["utility_mae"] == pytest.approx(p["utility_mae_pipeline"], abs=1e-6)
+  ctx = mod._Context(cfg, out, "fashion_mnist_subset", 0, False)
+  cache = os.path.dirname(ctx.seller_dir())
+  assert [d for d in os.listdir(cache) if d.startswith("sellers-")] == [os.path.basename(ctx.seller_dir())]
   assert pts["instahide-4-s0"]["public_dataset"]
 
 
