@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -41,7 +40,6 @@ METHODS = ("ipprotect", "identity", "random", "instahide", "dp_merf")
 HMEAN_METHODS = ("ipprotect", "dp_merf", "instahide")  # Table III's rows; Identity / Random are the two ends.
 LABELS = {"ipprotect": "IPProtect", "identity": "Identity", "random": "Random", "instahide": "InstaHide",
           "dp_merf": "DP-MERF"}
-PARAM_NAMES = {"ipprotect": "|Omega_Tr|", "instahide": "k", "dp_merf": "sigma"}
 PARAM_TAGS = {"ipprotect": "Ω", "instahide": "k", "dp_merf": "σ"}  # Point labels in the figures.
 KINDS = ("image", "training", "inference")
 
