@@ -428,8 +428,8 @@ def parse(argv=None) -> tuple[StudyConfig, str, bool]:
   params = dict(cfg.params)
   if a.instahide_k:
     params["instahide"] = tuple(a.instahide_k)
-  if a.dp_merf_sigma:
-    params["dp_merf"] = tuple(a.dp_merf_sigma)
+  if a.dp_merf_sigma:  # 5.0 -> 5: one point file name per value.
+    params["dp_merf"] = tuple(int(v) if float(v).is_integer() else v for v in a.dp_merf_sigma)
   cfg = dataclasses.replace(cfg, params=params, **over)
   if a.n_jobs:
     cfg = dataclasses.replace(cfg, zoo=dataclasses.replace(cfg.zoo, n_jobs=a.n_jobs))
