@@ -245,7 +245,8 @@ def vgg_perceptual_distance(weights: VGGWeights, a_NxHxWxC: np.ndarray, b_NxHxWx
   """
   a, b = _check_pair(a_NxHxWxC, b_NxHxWxC)
   module = VGGFeatures(weights.arch, layer)
-  out = [np.asarray(_feature_distance_vgg(weights.params, a[i:i + batch_size], b[i:i + batch_size],
+  params = jax.device_put(weights.params)  # Once, not per batch.
+  out = [np.asarray(_feature_distance_vgg(params, a[i:i + batch_size], b[i:i + batch_size],
                                           module=module, size=size, preprocessing=weights.preprocessing))
          for i in range(0, len(a), batch_size)]
   return np.concatenate(out)
