@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks import torch_reference as tr
-from jipguard import data, ensemble, ipprotect, models
+from jipguard import data, ensemble, ipprotect, metrics, models
 
 LR = 1e-3
 # One optimiser object: every trainer of equal model and batch size shares one compiled epoch.
@@ -468,8 +468,116 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
       check=f"per-image utility losses of {check_steps + 1} steps from the same start")
 
 
+# ------------------------------------------------------- IPProtect: time to sanitize a dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSize:
+  """Algorithm 1 on N buyer images with |Omega_Tr| = M, |Omega_V| = V, T steps at most.
+
+  The stopping rule and its parameters are the main job's defaults (``pipeline.preset``);
+  quality is measured on Omega_V and on ``sellers`` models trained on other data.
+  """
+
+  members: int
+  val_members: int
+  images: int
+  steps: int = 300
+  sellers: int = 8
+
+  @property
+  def label(self) -> str:
+    return f"MLP |Omega_Tr|={self.members} |Omega_V|={self.val_members} N={self.images} T<={self.steps}"
+
+
+def dataset_sizes(quick: bool) -> list[DatasetSize]:
+  if quick:
+    return [DatasetSize(10, 4, 64, steps=150)]
+  return [DatasetSize(50, 10, 256)]
+
+
+@functools.cache
+def _dataset_problem(size: DatasetSize):
+  """The buyer images, the sampled models Omega_Tr / Omega_V and unseen seller models."""
+  from jipguard import pipeline  # noqa: PLC0415
+  model = _flax_model("mlp", dropout=False)
+  buyer = data.load("fashion_mnist_subset", "test").subset(np.arange(size.images))
+  train = data.load("fashion_mnist_subset", "train")
+  cfg = pipeline.preset("default")
+  omega = ipprotect.sample_models(model, cfg.omega_train, jax.random.key(3), buyer, size.members + size.val_members,
+                                  progress=False)
+  sellers = ipprotect.train_models(model, cfg.seller_train, jax.random.key(4), train.images[:3000],
+                                   train.labels[:3000], num_members=size.sellers, progress=False)
+  variables = jax.device_get(omega.variables)
+  tr_vars = jax.tree.map(lambda a: a[:size.members], variables)
+  v_vars = jax.tree.map(lambda a: a[size.members:], variables)
+  san_cfg = dataclasses.replace(cfg.sanitizer, steps=size.steps, data_batch=size.images)
+  return model, buyer, tr_vars, v_vars, jax.device_get(sellers.variables), san_cfg
+
+
+def _quality(model, buyer, sanitized, judges) -> dict[str, float]:
+  """Utility MAE and compliance of ``sanitized`` on each set of judge models."""
+  out = {}
+  for name, variables in judges.items():
+    lo = ensemble.predict(model, variables, buyer.images)
+    ls = ensemble.predict(model, variables, sanitized)
+    out[f"mae_{name}"] = metrics.utility_mae(metrics.utility(lo, buyer.labels), metrics.utility(ls, buyer.labels))
+    out[f"compliance_{name}"] = float(metrics.compliance(lo, ls).mean())
+  return out
+
+
+def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None = None) -> harness.Row:
+  """Wall time to sanitize N images (``ipprotect.sanitize_batch``, compaction on) vs the torch reference."""
+  configure_torch()
+  model, buyer, tr_vars, v_vars, seller_vars, cfg = _dataset_problem(size)
+  judges = {"omega_v": v_vars, "sellers": seller_vars}
+  seed, anchor_seed = 0, 12345
+  last = {}
+
+  def jax_run():
+    last["jax"] = ipprotect.sanitize_batch(model, tr_vars, v_vars, buyer.images, cfg, start=0, seed=seed,
+                                           anchor_seed=anchor_seed)
+
+  with harness.jax_compile_seconds() as compile_clock:
+    jax_t = harness.time_calls(jax_run, repeats, budget_s)
+  x0, anchors, _ = ipprotect.starting_points(buyer.image_shape, 0, size.images, seed=seed, anchor_seed=anchor_seed)
+  make = _torch_model("mlp", (28, 28, 1), dropout=False)
+  timings, torch_out = {}, {}
+  for variant in ("func", "loop"):
+    gen = torch.Generator().manual_seed(0)
+
+    def torch_run(variant=variant, gen=gen):
+      tr_mods = _on_device(tr.from_flax(make, tr_vars["params"], None, (28, 28, 1)))
+      v_mods = _on_device(tr.from_flax(make, v_vars["params"], None, (28, 28, 1)))
+      x, taken = tr.sanitize_dataset(
+          tr_mods, v_mods, _nchw(buyer.images), _nchw(np.asarray(x0)), _nchw(np.asarray(anchors)), variant=variant,
+          steps=cfg.steps, model_batch=cfg.batch_of_models(size.members), val_every=cfg.val_every,
+          min_steps=cfg.min_steps, zeta=cfg.zeta, lr=cfg.learning_rate, lam=cfg.lam, tau=cfg.tau, loss=cfg.loss,
+          temperature=cfg.temperature, generator=gen)
+      torch_out[variant] = torch_sync((x.cpu().numpy().transpose(0, 2, 3, 1), taken.cpu().numpy()))
+
+    timings[variant] = harness.time_calls(torch_run, 1 if repeats > 1 else repeats, budget_s)
+  best = min(timings, key=lambda k: timings[k].median_s)
+  q_jax = _quality(model, buyer, last["jax"].images, judges)
+  q_torch = _quality(model, buyer, torch_out[best][0], judges)
+  # "Same quality": utility MAE within 0.02 and compliance within 0.05 on both judge sets.
+  gaps = {k: abs(q_jax[k] - q_torch[k]) for k in q_jax}
+  passed = all(v <= (0.02 if k.startswith("mae") else 0.05) for k, v in gaps.items())
+  steps_jax, steps_torch = last["jax"].steps, torch_out[best][1]
+  per_image_step = 2.0 * mlp_forward_flops((28, 28, 1)) * size.members
+  return harness.make_row(
+      "sanitize_dataset", size.label, per_image_step * float(steps_jax.sum()), jax_t, compile_clock.seconds,
+      timings["func"], timings["loop"],
+      quality_jax=q_jax, quality_torch=q_torch, steps_mean_jax=float(steps_jax.mean()),
+      steps_mean_torch=float(steps_torch.mean()), steps_max=int(max(steps_jax.max(), steps_torch.max())),
+      check_max_rel_err=max(gaps.values()), check_passed=passed,
+      check="|quality_jax - quality_torch|: utility MAE <= 0.02 and compliance <= 0.05 on Omega_V and sellers",
+      note="gflops count useful image-steps only (JAX's)")
+
+
 KERNELS: dict[str, Kernel] = {
     "gemm_roofline": Kernel(gemm_sizes, gemm_row),
     "ensemble_train_epoch": Kernel(ensemble_sizes, ensemble_row),
     "sanitize_step": Kernel(sanitize_sizes, sanitize_row),
+    "sanitize_dataset": Kernel(dataset_sizes, sanitize_dataset_row),
 }

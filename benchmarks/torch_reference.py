@@ -300,3 +300,48 @@ class Sanitizer:
     total.backward()
     self.opt.step()
     return utility_B.detach()
+
+
+def sanitize_dataset(tr_modules: Sequence[nn.Module], v_modules: Sequence[nn.Module], images_BxCxHxW: torch.Tensor,
+                     x0_BxCxHxW: torch.Tensor, anchors_BxCxHxW: torch.Tensor, *, variant: str, steps: int,
+                     model_batch: int, val_every: int, min_steps: int, zeta: float, lr: float, lam: float,
+                     tau: float, loss: str, temperature: float = 1.0, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+  """The paper's Algorithm 1 on one batch of images, in PyTorch, as jipguard defines it.
+
+  Each step every image draws its own subset of ``model_batch`` of the |Omega_Tr| models;
+  every ``val_every`` steps (from ``min_steps`` on) an image whose mean Omega_V loss
+  changed by less than ``zeta`` stops, and stopped images keep their pixels. The batch
+  runs until every image stopped or ``steps`` steps: converged images stay in the batch
+  (the straightforward formulation).
+
+  Returns:
+    ``(sanitized images, steps taken per image)``.
+  """
+  with torch.no_grad():
+    targets = torch.stack([m.eval()(images_BxCxHxW) for m in tr_modules], dim=1)
+    targets_v = torch.stack([m.eval()(images_BxCxHxW) for m in v_modules], dim=1)
+  for m in v_modules:
+    m.requires_grad_(False)
+  san = Sanitizer(tr_modules, x0_BxCxHxW, anchors_BxCxHxW, targets, variant=variant, lr=lr, lam=lam, tau=tau,
+                  loss=loss, temperature=temperature)
+  b, dev = images_BxCxHxW.shape[0], images_BxCxHxW.device
+  active = torch.ones(b, dtype=torch.bool, device=dev)
+  prev = torch.full((b,), float("inf"), device=dev)
+  taken = torch.zeros(b, dtype=torch.int64, device=dev)
+  for t in range(1, steps + 1):
+    weights = (torch.argsort(torch.rand(b, len(tr_modules), generator=generator), dim=1) < model_batch).float()
+    frozen = san.x.detach()[~active].clone()
+    san.step(weights.to(dev))
+    with torch.no_grad():
+      san.x[~active] = frozen
+    taken += active
+    if t % val_every == 0:
+      with torch.no_grad():
+        logits_v = torch.stack([m(san.x) for m in v_modules], dim=1)
+        val = _distance(logits_v, targets_v, loss, temperature).mean(1)
+      active &= ~((val - prev).abs() < zeta) | (t < min_steps)
+      prev = val
+      if not bool(active.any()):
+        break
+  return san.x.detach(), taken

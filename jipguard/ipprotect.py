@@ -364,6 +364,16 @@ def secret_key(seed: int) -> jax.Array:
   return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
 
 
+def starting_points(image_shape: Sequence[int], start: int, count: int, *, seed: int, anchor_seed: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Images start..start+count-1's starting noise x~_0, anchors x_N and step keys (module doc)."""
+  root = jax.random.key(seed)
+  normal = lambda k: jax.random.normal(k, tuple(image_shape))
+  x0 = jax.vmap(normal)(image_keys(jax.random.fold_in(root, 0), start, count))
+  anchors = jax.vmap(normal)(image_keys(secret_key(anchor_seed), start, count))
+  return x0, anchors, image_keys(jax.random.fold_in(root, 1), start, count)
+
+
 def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
                    cfg: SanitizerConfig, *, start: int, seed: int, anchor_seed: int,
                    pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None) -> BatchResult:
@@ -394,11 +404,8 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
   if cfg.hidden_dropout > 0 and not hasattr(model, "dropout"):
     raise ValueError(f"hidden_dropout needs a model with a `dropout` attribute (mlp), got {type(model).__name__}")
   x = jnp.zeros((b, *images.shape[1:]), jnp.float32).at[:n].set(images)
-  root = jax.random.key(seed)
   shape = images.shape[1:]
-  x0 = jax.vmap(lambda k: jax.random.normal(k, shape))(image_keys(jax.random.fold_in(root, 0), start, b))
-  anchors = jax.vmap(lambda k: jax.random.normal(k, shape))(image_keys(secret_key(anchor_seed), start, b))
-  step_keys = image_keys(jax.random.fold_in(root, 1), start, b)
+  x0, anchors, step_keys = starting_points(shape, start, b, seed=seed, anchor_seed=anchor_seed)
   m = jax.tree.leaves(params_tr)[0].shape[0]
   active = jnp.arange(b) < n
   params_v = params_v if cfg.val_stop else None
