@@ -285,7 +285,7 @@ def sweep(a) -> dict[str, Any]:
   train = train.subset(slice(0, a.train_size))
   points = []
   for i, over in enumerate(SWEEPS[a.vary](a)):
-    p = dict(model_name=a.model, k_star=a.signature, num_marked=a.per_user, augment=a.augment, **over)
+    p = {**dict(model_name=a.model, k_star=a.signature, num_marked=a.per_user, augment=a.augment), **over}
     name = "-".join(f"{k}={v}" for k, v in over.items())
     path = os.path.join(a.workdir, "results", f"{name}.json")
     if not os.path.exists(path):
