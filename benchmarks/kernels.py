@@ -581,3 +581,8 @@ KERNELS: dict[str, Kernel] = {
     "sanitize_step": Kernel(sanitize_sizes, sanitize_row),
     "sanitize_dataset": Kernel(dataset_sizes, sanitize_dataset_row),
 }
+
+# The watermark verifier's grid search lives beside its torch reference (it imports this module).
+from benchmarks import watermark_kernel  # noqa: E402
+
+KERNELS[watermark_kernel.NAME] = Kernel(watermark_kernel.SIZES, watermark_kernel.row)

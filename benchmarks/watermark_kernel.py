@@ -88,7 +88,7 @@ def _torch_module(size: GridSize, variables) -> torch.nn.Module:
     make = functools.partial(tr.TorchCNN, in_channels=c, image_hw=h)
   stacked = jax.tree.map(lambda a: np.asarray(a)[None], variables)
   (module,) = tr.from_flax(make, stacked["params"], stacked.get("batch_stats"), size.image_hwc)
-  return module.eval()
+  return module.eval().to(kernels.torch_device())
 
 
 def torch_grid_losses(module: torch.nn.Module, images_NxHxWx3: torch.Tensor, labels_N: torch.Tensor,
@@ -102,7 +102,7 @@ def torch_grid_losses(module: torch.nn.Module, images_NxHxWx3: torch.Tensor, lab
       c, s = torch.cos(theta), torch.sin(theta)
       rot = torch.stack([torch.stack([torch.ones(()), torch.zeros(()), torch.zeros(())]),
                          torch.stack([torch.zeros(()), c, -s]), torch.stack([torch.zeros(()), s, c])])
-      g = torch.linalg.solve(t_yiq, rot @ t_yiq)  # Eq. 5: T^-1 T_k T.
+      g = torch.linalg.solve(t_yiq, rot @ t_yiq).to(images_NxHxWx3.device)  # Eq. 5: T^-1 T_k T.
       x = torch.clamp(images_NxHxWx3 @ g.T, 0.0, 1.0).permute(0, 3, 1, 2)
       out.append(F.cross_entropy(module(x), labels_N, reduction="none"))
   return torch.stack(out)
@@ -112,7 +112,9 @@ def max_rel_err(size: GridSize) -> float:
   """Max |JAX - torch| / max |torch| over the K x N loss matrices (one call each, untimed)."""
   model, variables, images, labels, sigs = _setup(size)
   module = _torch_module(size, variables)
-  ref = torch_grid_losses(module, torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), sigs).numpy()
+  dev = kernels.torch_device()
+  ref = torch_grid_losses(module, torch.from_numpy(images).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev),
+                          sigs).cpu().numpy()
   got = wm.signature_losses(model, variables, images, labels, sigs)
   return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
 
@@ -121,7 +123,8 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
   kernels.configure_torch()
   model, variables, images, labels, sigs = _setup(size)
   module = _torch_module(size, variables)
-  images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+  dev = kernels.torch_device()
+  images_t, labels_t = torch.from_numpy(images).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev)
   x, y = jax.device_put(images), jax.device_put(labels)
   last = {}
 
@@ -129,12 +132,12 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
     last["jax"] = wm.signature_losses(model, variables, x, y, sigs)  # Returns numpy: blocks.
 
   def torch_call():
-    last["torch"] = torch_grid_losses(module, images_t, labels_t, sigs)
+    last["torch"] = kernels.torch_sync(torch_grid_losses(module, images_t, labels_t, sigs))
 
   with harness.jax_compile_seconds() as clock:
     jax_t = harness.time_calls(jax_call, repeats, budget_s)
   torch_t = harness.time_calls(torch_call, repeats, budget_s)
-  ref = last["torch"].numpy()
+  ref = last["torch"].cpu().numpy()
   err = float(np.max(np.abs(last["jax"] - ref)) / max(np.max(np.abs(ref)), 1e-12))
   return harness.make_row(NAME, size.label, size.flops, jax_t, clock.seconds, None, torch_t,
                           signatures=size.signatures, images=size.images,

@@ -81,3 +81,10 @@ def test_time_calls_respects_budget():
   assert len(calls) == 5 and len(timing.times_s) == 4
   slow = harness.time_calls(lambda: __import__("time").sleep(0.02), repeats=5, budget_s=0.03)
   assert len(slow.times_s) == 1
+
+
+def test_sanitize_step_row_matches_torch_reference():
+  """Both torch variants give the same per-image utility losses over 4 steps as the JAX step."""
+  row = kernels.sanitize_row(kernels.SanitizeSize("mlp", 4, 8), repeats=1)
+  assert row["check_passed"], row["check_max_rel_err"]
+  assert row["kernel"] == "sanitize_step" and row["ratio"] > 0 and row["gflops"] > 0
