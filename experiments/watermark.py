@@ -91,6 +91,7 @@ def loss_plot(path: str, curves: list[tuple[str, np.ndarray, np.ndarray, float]]
   ax.axvspan(-tau, tau, color="tab:green", alpha=0.15, label="match |k - k*| < tau")
   ax.set_xlabel("k - k* (degrees)")
   ax.set_ylabel("mean loss of the user's images")
+  ax.set_yscale("log")
   ax.set_title(title)
   ax.legend(fontsize=6, ncol=2)
   report.save_figure(fig, path)
