@@ -8,8 +8,7 @@ PyTorch. Both start from the same weights (``torch_reference.from_flax``); the c
 compares the whole ``K x N`` loss matrices.
 
 Exposes ``SIZES(quick)`` and ``row(size, repeats, budget_s=None)`` in the style of
-``benchmarks/kernels.py`` (the lead registers it in ``KERNELS`` as
-``"watermark_grid_search"``).
+``benchmarks/kernels.py``, which registers it in ``KERNELS`` as ``"watermark_grid_search"``.
 """
 
 from __future__ import annotations
@@ -23,13 +22,19 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from benchmarks import kernels
 from benchmarks import torch_reference as tr
 from jipguard import models
 from jipguard import watermark as wm
 
 CHECK_RTOL = 1e-3
 NAME = "watermark_grid_search"
+
+
+def _kernels():
+  """``benchmarks.kernels``, imported when first used: it registers this module at import time,
+  so a module-level import would be circular when this module is imported first."""
+  from benchmarks import kernels  # pylint: disable=g-import-not-at-top
+  return kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +63,7 @@ class GridSize:
   @property
   def flops(self) -> float:
     """Forward FLOPs of the network on every watermarked image (the 3x3 colour maps are negligible)."""
-    f = kernels.mlp_forward_flops(self.image_hwc) if self.model == "mlp" else kernels.cnn_forward_flops(self.image_hwc)
+    f = _kernels().mlp_forward_flops(self.image_hwc) if self.model == "mlp" else _kernels().cnn_forward_flops(self.image_hwc)
     return f * self.signatures * self.images
 
 
@@ -88,7 +93,7 @@ def _torch_module(size: GridSize, variables) -> torch.nn.Module:
     make = functools.partial(tr.TorchCNN, in_channels=c, image_hw=h)
   stacked = jax.tree.map(lambda a: np.asarray(a)[None], variables)
   (module,) = tr.from_flax(make, stacked["params"], stacked.get("batch_stats"), size.image_hwc)
-  return module.eval().to(kernels.torch_device())
+  return module.eval().to(_kernels().torch_device())
 
 
 def torch_grid_losses(module: torch.nn.Module, images_NxHxWx3: torch.Tensor, labels_N: torch.Tensor,
@@ -112,7 +117,7 @@ def max_rel_err(size: GridSize) -> float:
   """Max |JAX - torch| / max |torch| over the K x N loss matrices (one call each, untimed)."""
   model, variables, images, labels, sigs = _setup(size)
   module = _torch_module(size, variables)
-  dev = kernels.torch_device()
+  dev = _kernels().torch_device()
   ref = torch_grid_losses(module, torch.from_numpy(images).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev),
                           sigs).cpu().numpy()
   got = wm.signature_losses(model, variables, images, labels, sigs)
@@ -120,10 +125,10 @@ def max_rel_err(size: GridSize) -> float:
 
 
 def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.Row:
-  kernels.configure_torch()
+  _kernels().configure_torch()
   model, variables, images, labels, sigs = _setup(size)
   module = _torch_module(size, variables)
-  dev = kernels.torch_device()
+  dev = _kernels().torch_device()
   images_t, labels_t = torch.from_numpy(images).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev)
   x, y = jax.device_put(images), jax.device_put(labels)
   last = {}
@@ -132,7 +137,7 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
     last["jax"] = wm.signature_losses(model, variables, x, y, sigs)  # Returns numpy: blocks.
 
   def torch_call():
-    last["torch"] = kernels.torch_sync(torch_grid_losses(module, images_t, labels_t, sigs))
+    last["torch"] = _kernels().torch_sync(torch_grid_losses(module, images_t, labels_t, sigs))
 
   with harness.jax_compile_seconds() as clock:
     jax_t = harness.time_calls(jax_call, repeats, budget_s)
@@ -154,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--match", help="only sizes whose label contains this")
   args = p.parse_args(argv)
-  kernels.configure_torch()
-  registry = {"gemm_roofline": kernels.KERNELS["gemm_roofline"], NAME: kernels.Kernel(SIZES, row)}
+  _kernels().configure_torch()
+  registry = {"gemm_roofline": _kernels().KERNELS["gemm_roofline"], NAME: _kernels().Kernel(SIZES, row)}
   rows = harness.run(registry, list(registry), quick=args.quick, repeats=args.repeats, match=args.match)
   machine = harness.machine_info([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
   print(harness.write(args.out, rows, machine))
