@@ -73,6 +73,43 @@ def test_torchvision_state_dict_converts_and_loader_maps_every_layer(tmp_path):
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def _reference_features_nchw(state_dict, arch, x_nchw, last_index):
+  """torchvision's ``features[:last_index]`` evaluated directly on OIHW weights in NCHW (no torch)."""
+  import jax.numpy as jnp
+  x, index = jnp.asarray(x_nchw), 0
+  for n in exposure.VGG_BLOCKS[arch]:
+    for _ in range(n):
+      w, b = state_dict[f"features.{index}.weight"], state_dict[f"features.{index}.bias"]
+      x = jax.lax.conv_general_dilated(x, jnp.asarray(w), (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NCHW", "OIHW", "NCHW")) + b.reshape(1, -1, 1, 1)
+      x = jnp.maximum(x, 0)  # features[index + 1]: ReLU.
+      index += 2
+      if index >= last_index:
+        return np.asarray(x)
+    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+    index += 1
+
+
+@pytest.mark.parametrize("arch,last_index", [("vgg16", 26), ("vgg19", 30)])
+def test_state_dict_layer_mapping_without_torch(arch, last_index):
+  """A torchvision-keyed OIHW state dict converts to Flax features equal to a direct NCHW evaluation."""
+  rng = np.random.default_rng(0)
+  sd, index, c = {"classifier.0.weight": np.zeros((4, 4))}, 0, 3
+  for n, width in zip(exposure.VGG_BLOCKS[arch], exposure.VGG_WIDTHS):
+    for _ in range(n):
+      sd[f"features.{index}.weight"] = (rng.standard_normal((width, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
+      sd[f"features.{index}.bias"] = (0.1 * rng.standard_normal(width)).astype(np.float32)
+      index, c = index + 2, width
+    index += 1
+  params = _script("convert_vgg_weights").convert_torch_state_dict(sd, arch)
+  assert list(params) == exposure.vgg_layer_names(arch)
+  x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  ours = np.asarray(exposure.VGGFeatures(arch).apply({"params": params}, x))
+  ref = _reference_features_nchw(sd, arch, x.transpose(0, 3, 1, 2), last_index).transpose(0, 2, 3, 1)
+  assert ours.shape == ref.shape == (2, 1, 1, 512) and np.abs(ref).max() > 0
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_converter_rejects_batch_norm_and_wrong_shapes():
   conv = _script("convert_vgg_weights")
   with pytest.raises(ValueError, match="batch-norm"):
