@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
   add("hidden_dropout", float, "robust option: dropout of the sampled models' hidden units")
   add("seed", int, "seed of everything but the anchors")
   add("anchor_seed", int, "64-bit anchor secret (default: drawn once, kept in checkpoints/)")
-  p.add_argument("--loss", choices=["logits", "probs"], help="L on logits (paper) or softmax probabilities")
+  p.add_argument("--loss", choices=["logits", "probs", "kl"],
+                 help="L: L2 of logits (paper), L2 of softmax probabilities, or KL of the softmax outputs")
+  add("weight_decay", float, "L2 coefficient of the platform's training (sellers and sample_models)")
   p.add_argument("--no_val_stop", action="store_true", help="run T steps; Omega_V unused by the optimisation")
   p.add_argument("--cache_dir", help="share trained sellers / sample_models between runs (ablations)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -85,6 +87,9 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
     cfg = dataclasses.replace(cfg, seller_train=dataclasses.replace(cfg.seller_train, epochs=a.seller_epochs))
   if a.omega_epochs is not None:
     cfg = dataclasses.replace(cfg, omega_train=dataclasses.replace(cfg.omega_train, epochs=a.omega_epochs))
+  if a.weight_decay is not None:  # The platform's `learn`: the same for sellers and sample_models.
+    cfg = dataclasses.replace(cfg, seller_train=dataclasses.replace(cfg.seller_train, weight_decay=a.weight_decay),
+                              omega_train=dataclasses.replace(cfg.omega_train, weight_decay=a.weight_decay))
   name = os.path.basename(os.path.normpath(a.dataset))
   workdir = a.workdir or os.path.join("runs", f"ipprotect-{name}-{a.preset}-tr{cfg.omega_tr}-s{cfg.seed}")
   return cfg, workdir, a.quiet

@@ -33,6 +33,9 @@ VARIANTS = {
     "probs, lambda 1, tau 0.8": ["--omega_tr", "10", "--lam", "1.0", "--tau", "0.8"],
     "probs, |Omega_Tr| 50": ["--omega_tr", "50"],
     "logits (paper), |Omega_Tr| 50": ["--omega_tr", "50", "--loss", "logits", "--lr", "0.01", "--zeta", "0.5"],
+    "kl, lr 0.1": ["--omega_tr", "10", "--loss", "kl"],
+    "probs, weight decay 1e-3 (sellers and sample_models)": ["--omega_tr", "10", "--weight_decay", "1e-3"],
+    "probs, weight decay 1e-2 (sellers and sample_models)": ["--omega_tr", "10", "--weight_decay", "1e-2"],
 }
 KEYS = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "correlation_mean",
         "correlation_max", "ssim_mean", "images_per_second")

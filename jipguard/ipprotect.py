@@ -14,7 +14,8 @@ Interpretations of the paper (documented in README too):
 
 * **L** is the L2 distance between the two logit vectors, ``||f(x~) - f(x)||_2`` (not
   squared), averaged over the step's model subset. ``loss="probs"`` compares softmax
-  probabilities instead (an ablation option).
+  probabilities instead, ``loss="kl"`` takes KL(target || f(x~)) of the softmax outputs
+  (ablation options).
 * **D** is the per-pixel RMS distance ``||x~ - x_N||_2 / sqrt(d)``: the paper's
   tau = 1.3-1.65 only makes sense on a per-pixel scale (an N(0, 1) anchor is at RMS
   distance ~1.4 from another N(0, 1) draw, and ~1.1 from a [0, 1] Fashion-MNIST image).
@@ -118,9 +119,29 @@ class TrainConfig:
   epochs: int = 5                 # Passes over the model's own training sample.
   batch_size: int = 128           # Minibatch size.
   learning_rate: float = 1e-3     # Adam step size.
+  weight_decay: float = 0.0       # L2 coefficient added to the gradient (torch Adam's weight_decay).
+
+  def __post_init__(self):
+    if self.weight_decay < 0:
+      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
   def optimizer(self) -> optax.GradientTransformation:
-    return optax.adam(self.learning_rate)
+    """Adam; with ``weight_decay`` the coupled L2 of ``torch.optim.Adam(weight_decay=...)``.
+
+    Coupled (added to the gradient before Adam's normalisation), so weights that the data
+    never moves (first-layer weights of always-zero pixels) decay to zero at ~lr per step
+    whatever the coefficient; AdamW's decoupled decay would shrink them only by lr * wd.
+    """
+    if self.weight_decay == 0:
+      return optax.adam(self.learning_rate)
+    return optax.chain(optax.add_decayed_weights(self.weight_decay), optax.adam(self.learning_rate))
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What must match to resume a training (weight_decay only when set: older runs resume)."""
+    d = dataclasses.asdict(self)
+    if d["weight_decay"] == 0:
+      del d["weight_decay"]
+    return d
 
 
 def train_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, images: np.ndarray,
@@ -132,7 +153,7 @@ def train_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, images: np.
   trainer = ensemble.EnsembleTrainer(model, cfg.optimizer(), batch_size=cfg.batch_size, mesh=mesh)
   keys = jax.random.split(key, num_members)
   result = trainer.fit(keys, images, labels, epochs=cfg.epochs, indices=indices,
-                       checkpoint_dir=checkpoint_dir, fingerprint=dataclasses.asdict(cfg),
+                       checkpoint_dir=checkpoint_dir, fingerprint=cfg.fingerprint(),
                        desc=desc, progress=progress)
   return result.state
 
@@ -161,8 +182,8 @@ class SanitizerConfig:
   model_batch: int | None = None  # B: models per step; None = round(0.95 |Omega_Tr|).
   data_batch: int = 5000          # B_D: images optimised together.
   learning_rate: float = 0.01     # Adam step size on the pixels.
-  loss: str = "logits"            # L on "logits" (paper) or softmax "probs".
-  temperature: float = 1.0        # "probs": compare softmax(logits / temperature).
+  loss: str = "logits"            # L on "logits" (paper), softmax "probs", or "kl" (distillation).
+  temperature: float = 1.0        # "probs" / "kl": compare softmax(logits / temperature).
   input_noise: float = 0.0        # Robust option: sigma of Gaussian noise on x~.
   hidden_dropout: float = 0.0     # Robust option: dropout of sampled models' hidden units.
   val_stop: bool = True           # Use Omega_V's stopping rule (False: T steps, no Omega_V).
@@ -171,8 +192,8 @@ class SanitizerConfig:
   compact: bool = True            # Drop stopped images from the batch (same results, less work).
 
   def __post_init__(self):
-    if self.loss not in ("logits", "probs"):
-      raise ValueError(f"loss must be 'logits' or 'probs', got {self.loss!r}")
+    if self.loss not in ("logits", "probs", "kl"):
+      raise ValueError(f"loss must be 'logits', 'probs' or 'kl', got {self.loss!r}")
     for name in ("steps", "data_batch", "val_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -189,7 +210,14 @@ class SanitizerConfig:
 
 
 def _distance(a: jax.Array, b: jax.Array, kind: str, temperature: float = 1.0) -> jax.Array:
-  """L between output vectors (last axis): L2 of logits or of softmax(logits / temperature)."""
+  """L(a, b) between output vectors (last axis), ``b`` the target.
+
+  ``logits``: L2 of the logits; ``probs``: L2 of softmax(logits / temperature);
+  ``kl``: KL(softmax(b / T) || softmax(a / T)), the distillation loss.
+  """
+  if kind == "kl":
+    log_p, log_q = jax.nn.log_softmax(b / temperature), jax.nn.log_softmax(a / temperature)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
   if kind == "probs":
     a, b = jax.nn.softmax(a / temperature), jax.nn.softmax(b / temperature)
   return jnp.sqrt(jnp.sum(jnp.square(a - b), axis=-1) + 1e-12)
@@ -228,7 +256,7 @@ def image_objective(x_tilde: jax.Array, target_MxC: jax.Array, anchor: jax.Array
     logits_MxC = jax.vmap(lambda v, k: dropped.apply(v, x_in[None], train=True, rngs={"dropout": k})[0])(
         params, member_keys)
   else:
-    logits_MxC = ensemble.apply(model, params, x_in[None])[:, 0]
+    logits_MxC = ensemble.apply(model, params, x_in[None], unroll=ensemble.unroll_members(params))[:, 0]
   per_model = _distance(logits_MxC, target_MxC, cfg.loss, cfg.temperature)
   utility = jnp.sum(weights_M * per_model) / jnp.sum(weights_M)
   security = cfg.lam * jnp.maximum(rms_distance(x_tilde, anchor) - cfg.tau, 0.0)
@@ -276,15 +304,16 @@ def _val_loss(model, cfg, params_v, x, targets_v_BxVxC):
   """L_k of Algorithm 1 line 14: mean L over Omega_V of each image (NaN without val_stop)."""
   if params_v is None:
     return jnp.full(x.shape[:1], jnp.nan)
-  logits = jnp.swapaxes(ensemble.apply(model, params_v, x), 0, 1)
+  logits = jnp.swapaxes(ensemble.apply(model, params_v, x, unroll=ensemble.unroll_members(params_v)), 0, 1)
   return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss, cfg.temperature), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
 def _start(params_tr, params_v, x_BxHxWxC, x0, *, model, cfg):
   """Targets of Omega_Tr / Omega_V on the original images, and the optimiser state of x0."""
-  targets = jnp.swapaxes(ensemble.apply(model, params_tr, x_BxHxWxC), 0, 1)
-  targets_v = None if params_v is None else jnp.swapaxes(ensemble.apply(model, params_v, x_BxHxWxC), 0, 1)
+  targets = jnp.swapaxes(ensemble.apply(model, params_tr, x_BxHxWxC, unroll=ensemble.unroll_members(params_tr)), 0, 1)
+  targets_v = None if params_v is None else jnp.swapaxes(
+      ensemble.apply(model, params_v, x_BxHxWxC, unroll=ensemble.unroll_members(params_v)), 0, 1)
   return targets, targets_v, optimizer(cfg).init(x0)
 
 

@@ -77,6 +77,7 @@ def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfi
 def config_to_json(cfg: IPProtectConfig) -> dict[str, Any]:
   """The config as JSON; a given anchor secret is recorded only as its SHA-256 commitment."""
   d = dataclasses.asdict(cfg)
+  d["seller_train"], d["omega_train"] = cfg.seller_train.fingerprint(), cfg.omega_train.fingerprint()
   if cfg.anchor_seed is not None:
     d["anchor_seed"] = "sha256:" + hashlib.sha256(str(cfg.anchor_seed).encode()).hexdigest()
   return d
@@ -195,7 +196,7 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   sellers = ipprotect.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
                                    num_members=len(labels),
                                    checkpoint_dir=ensemble_dir("sellers", cfg.seller_pool_size, cfg.models_per_seller,
-                                                               dataclasses.asdict(cfg.seller_train)),
+                                                               cfg.seller_train.fingerprint()),
                                    desc="sellers", progress=progress, mesh=mesh)
   timings["sellers_s"] = time.perf_counter() - t
 
@@ -203,7 +204,7 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   omega = ipprotect.sample_models(model, cfg.omega_train, jax.random.fold_in(key, 3), buyer,
                                   cfg.omega_tr + cfg.omega_v,
                                   checkpoint_dir=ensemble_dir("omega", cfg.buyer_size, cfg.omega_tr, cfg.omega_v,
-                                                              dataclasses.asdict(cfg.omega_train)),
+                                                              cfg.omega_train.fingerprint()),
                                   desc="sample_models", progress=progress, mesh=mesh)
   # Host copies (small): evaluation runs locally; the sanitizer places them on the mesh.
   omega_vars, seller_vars = distributed.to_host((omega.variables, sellers.variables))

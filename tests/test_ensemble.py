@@ -132,6 +132,16 @@ def test_apply_predict_and_apply_each_agree():
   np.testing.assert_allclose(each[1], logits[1, ::-1], atol=1e-5)
 
 
+def test_unrolled_apply_equals_vmapped_for_conv_models():
+  x = jnp.asarray(np.random.default_rng(0).random((6, 8, 8, 1), np.float32))
+  state = _trainer(_CNN).init(jax.random.split(jax.random.key(0), 3), x)
+  np.testing.assert_allclose(ensemble.apply(_CNN, state.variables, x, unroll=True),
+                             ensemble.apply(_CNN, state.variables, x), atol=1e-5)
+  assert ensemble.has_convolutions(state) and ensemble.has_convolutions(state.variables)
+  assert ensemble.unroll_members(state.variables) == (jax.default_backend() == "cpu")
+  assert not ensemble.unroll_members(_trainer().init(jax.random.split(jax.random.key(0), 2), x).variables)
+
+
 def test_clean_mlp_ensemble_reaches_90_percent_on_digits():
   train, test = _digits()
   keys, _ = _member_inputs(4, 1, 1)

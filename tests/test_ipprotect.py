@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jipguard import data, ensemble, ipprotect, models, pipeline
@@ -189,7 +190,7 @@ def test_sanitizer_input_errors():
     ipprotect.sanitize(_MODEL, tr, va, buyer.images[:2], dataclasses.replace(_CFG, model_batch=7), seed=0,
                        anchor_seed=1, progress=False)
   with pytest.raises(ValueError, match="loss must be"):
-    ipprotect.SanitizerConfig(loss="kl")
+    ipprotect.SanitizerConfig(loss="hinge")
   with pytest.raises(ValueError, match="temperature must be > 0"):
     ipprotect.SanitizerConfig(temperature=0.0)
 
@@ -255,3 +256,31 @@ def test_experiment_flags_override_the_preset():
   assert pipeline.config_from_json(json.loads(json.dumps(pipeline.config_to_json(cfg)))) == cfg
   given = dataclasses.replace(cfg, anchor_seed=123456789)
   assert "123456789" not in json.dumps(pipeline.config_to_json(given))
+
+
+def test_kl_loss_is_distillation_kl():
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.standard_normal((5, 10)), jnp.float32) for _ in range(2))
+  got = ipprotect._distance(a, b, "kl", 2.0)
+  p, q = jax.nn.softmax(b / 2.0), jax.nn.softmax(a / 2.0)
+  np.testing.assert_allclose(got, jnp.sum(p * jnp.log(p / q), -1), rtol=1e-5)
+  assert np.all(np.asarray(got) > 0)
+  np.testing.assert_allclose(ipprotect._distance(b, b, "kl"), 0.0, atol=1e-6)
+
+
+def test_weight_decay_is_coupled_l2_and_kills_unused_weights():
+  # A weight whose data gradient is always zero (an always-black pixel) decays to ~0 under the
+  # coupled L2 (torch Adam's weight_decay) within ~|w| / lr steps, and stays put without it.
+  params = {"w": jnp.array([0.05, 0.05])}
+  data_grad = {"w": jnp.array([0.0, 1.0])}
+  for wd, expect_unused in ((0.0, 0.05), (1e-4, 0.0)):
+    tx = ipprotect.TrainConfig(learning_rate=1e-3, weight_decay=wd).optimizer()
+    p, state = params, tx.init(params)
+    for _ in range(200):
+      updates, state = tx.update(data_grad, state, p)
+      p = optax.apply_updates(p, updates)
+    assert abs(float(p["w"][0]) - expect_unused) < 2e-3, (wd, p)
+  assert ipprotect.TrainConfig().fingerprint() == {"epochs": 5, "batch_size": 128, "learning_rate": 1e-3}
+  assert ipprotect.TrainConfig(weight_decay=0.1).fingerprint()["weight_decay"] == 0.1
+  with pytest.raises(ValueError, match="weight_decay"):
+    ipprotect.TrainConfig(weight_decay=-1.0)
