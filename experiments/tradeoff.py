@@ -150,7 +150,7 @@ class _Context:
   def seller_dir(self) -> str:
     """``pipeline.run``'s cache directory of the sellers (same hash of the same fields)."""
     cfg = self.ipcfg
-    parts = (cfg.seller_pool_size, cfg.models_per_seller, dataclasses.asdict(cfg.seller_train))
+    parts = (cfg.seller_pool_size, cfg.models_per_seller, cfg.seller_train.fingerprint())
     tag = hashlib.sha256(json.dumps([cfg.dataset, cfg.data_dir, repr(self.get("model")), cfg.seed, *parts],
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     return os.path.join(cfg.cache_dir, f"sellers-{tag}")
