@@ -17,8 +17,8 @@ the signature as the one with the lowest loss (Eq. 6) and declares a match when
   ``ensemble.EnsembleTrainer``'s jitted epoch on a freshly augmented pool each epoch
   (:class:`Augment`: crop + flip, cutout, label smoothing, Gaussian noise, colour jitter).
 * **Verification.** :func:`signature_losses` is the loss matrix ``losses_KxN`` of every
-  candidate signature on every image: one jitted program, ``vmap`` over signatures, chunked
-  so memory stays bounded, signatures sharded over a mesh's ``member`` axis.
+  candidate signature on every image: one jitted program, a chunk of signatures x images
+  marked and classified as one flat batch, chunked so memory stays bounded, signatures sharded over a mesh's ``member`` axis.
   :func:`grid_search` averages it (Eq. 6); :func:`gradient_search` descends the loss from
   several initial signatures at once (vmapped) and returns the best. Matching and the
   statistics are host numpy (:func:`match`, :func:`adv_p`).
@@ -503,20 +503,22 @@ def prune(variables: PyTree, fraction: float) -> PyTree:
 
 
 def _losses_local(model, variables, images_NxHxWxC, labels_N, signatures_K, wm, *, sig_chunk, img_chunk):
-  """``losses_KxN`` on one device: signature chunks x image chunks, vmap over signatures."""
+  """``losses_KxN`` on one device: signature chunks x image chunks, one flat forward per block."""
   k, n = signatures_K.shape[0], images_NxHxWxC.shape[0]
   pad_k, pad_n = -k % sig_chunk, -n % img_chunk
   sigs = jnp.pad(signatures_K, (0, pad_k)).reshape(-1, sig_chunk)
   x = jnp.pad(images_NxHxWxC, [(0, pad_n)] + [(0, 0)] * 3).reshape(-1, img_chunk, *images_NxHxWxC.shape[1:])
   y = jnp.pad(labels_N, (0, pad_n)).reshape(-1, img_chunk)
 
-  def one_signature(x_BxHxWxC, y_B, s):
-    logits_BxC = model.apply(variables, wm(x_BxHxWxC, s), train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)
-
   def sig_block(s_S):
     def img_block(xy):
-      return jax.vmap(one_signature, in_axes=(None, None, 0))(xy[0], xy[1], s_S)  # S x B
+      x_B, y_B = xy
+      # One forward of all S x B marked images as a flat batch. (A vmap over signatures
+      # computes the same, but its batched convolutions ran ~3x slower on XLA:CPU:
+      # CIFAR CNN, 36 x 100 images, 5.0 s vs 1.7 s.)
+      marked = jax.vmap(wm, in_axes=(None, 0))(x_B, s_S).reshape(-1, *x_B.shape[1:])
+      logits = model.apply(variables, marked, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.tile(y_B, sig_chunk)).reshape(sig_chunk, -1)
     l_IxSxB = jax.lax.map(img_block, (x, y))
     return jnp.moveaxis(l_IxSxB, 0, 1).reshape(sig_chunk, -1)  # S x (I B)
 
@@ -541,8 +543,8 @@ def signature_losses(model: nn.Module, variables: PyTree, images: jax.Array, lab
                      mesh: jax.sharding.Mesh | None = None, chunk: int = 4096) -> np.ndarray:
   """The loss matrix of Eq. 6: cross-entropy of every image watermarked with every signature.
 
-  One jitted program (compiled once per shapes and model): ``vmap`` over the signatures of
-  a chunk, ``lax.map`` over signature chunks and image chunks so that at most about
+  One jitted program (compiled once per shapes and model): the images of a chunk marked
+  with each signature of a chunk and classified as one flat batch, ``lax.map`` over signature chunks and image chunks so that at most about
   ``chunk`` watermarked images are in flight per device. With ``mesh`` the signatures are
   padded to a multiple of its ``member`` axis and sharded over it (``shard_map``); the
   result equals the single-device one.
