@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="L: L2 of logits (paper), L2 of softmax probabilities, or KL of the softmax outputs")
   add("weight_decay", float, "L2 coefficient of the platform's training (sellers and sample_models)")
   p.add_argument("--no_val_stop", action="store_true", help="run T steps; Omega_V unused by the optimisation")
+  p.add_argument("--out_of_bag", action="store_true",
+                 help="fit each image only to the Omega_Tr models whose bootstrap left it out")
   p.add_argument("--cache_dir", help="share trained sellers / sample_models between runs (ablations)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.add_argument("--mesh", type=_mesh_shape,
@@ -82,6 +84,8 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
                                            ("hidden_dropout", "hidden_dropout")) if getattr(a, src) is not None}
   if a.no_val_stop:
     san["val_stop"] = False
+  if a.out_of_bag:
+    san["out_of_bag"] = True
   cfg = dataclasses.replace(cfg, **top, sanitizer=dataclasses.replace(cfg.sanitizer, **san))
   if a.seller_epochs is not None:
     cfg = dataclasses.replace(cfg, seller_train=dataclasses.replace(cfg.seller_train, epochs=a.seller_epochs))

@@ -36,6 +36,8 @@ VARIANTS = {
     "kl, lr 0.1": ["--omega_tr", "10", "--loss", "kl"],
     "probs, weight decay 1e-3 (sellers and sample_models)": ["--omega_tr", "10", "--weight_decay", "1e-3"],
     "probs, weight decay 1e-2 (sellers and sample_models)": ["--omega_tr", "10", "--weight_decay", "1e-2"],
+    "probs, out-of-bag models only": ["--omega_tr", "10", "--out_of_bag"],
+    "probs, out-of-bag models only, |Omega_Tr| 50": ["--omega_tr", "50", "--out_of_bag"],
 }
 KEYS = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "correlation_mean",
         "correlation_max", "ssim_mean", "images_per_second")

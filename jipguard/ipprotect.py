@@ -36,6 +36,14 @@ between the buyer's sampled models and unseen sellers): ``input_noise`` averages
 utility loss over Gaussian perturbations of x~ (one draw per step), ``hidden_dropout``
 drops hidden units of the sampled models at every step (MLP only).
 
+Out-of-bag option (``out_of_bag``, not in the paper): each image's utility loss is taken
+only over the Omega_Tr models whose bootstrap left that image out (about 37% of them; the
+step's random subset is intersected with them). A model trained on an image has
+memorised it, so it classifies it confidently and correctly; fitting x~ to such targets
+makes sanitized images easier than the originals for every unseen seller (utility
+overshoots). Out-of-bag models saw the image no more than a seller did. An image that
+every model was trained on (probability ~0.63^|Omega_Tr|) uses all of them.
+
 Keys: image k (global index in D_B) uses ``fold_in(init_key, k)`` for its starting
 noise, ``fold_in(anchor_key, k)`` for its anchor x_N, and ``fold_in(fold_in(step_key,
 k), t)`` at step t. ``anchor_key`` comes from a one-time secret seed drawn with
@@ -138,10 +146,14 @@ class TrainConfig:
 
   def fingerprint(self) -> dict[str, Any]:
     """What must match to resume a training (weight_decay only when set: older runs resume)."""
-    d = dataclasses.asdict(self)
-    if d["weight_decay"] == 0:
-      del d["weight_decay"]
-    return d
+    return fingerprint(self, weight_decay=0.0)
+
+
+def fingerprint(cfg: Any, **added: Any) -> dict[str, Any]:
+  """``asdict(cfg)`` without the fields in ``added`` (fields added to the config later) that
+  still have their default there, so checkpoints and run directories of older versions resume."""
+  d = dataclasses.asdict(cfg)
+  return {k: v for k, v in d.items() if not (k in added and v == added[k])}
 
 
 def train_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, images: np.ndarray,
@@ -162,13 +174,31 @@ def sample_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, buyer: dat
                   num_models: int, **kwargs) -> ensemble.EnsembleState:
   """``sample_models`` of Algorithm 1: models trained on bootstraps of the buyer data.
 
-  Each member has its own bootstrap of D_B (same size as D_B) and its own random
-  initialisation; same architecture and training algorithm as the sellers.
+  Each member has its own bootstrap of D_B (same size as D_B, :func:`sample_bootstraps`)
+  and its own random initialisation; same architecture and training algorithm as the
+  sellers.
   """
-  boot_key, init_key = jax.random.split(key)
-  indices = data_lib.bootstrap_indices(boot_key, len(buyer), num_models)
+  _, init_key = jax.random.split(key)
   return train_models(model, cfg, init_key, buyer.images, buyer.labels, num_members=num_models,
-                      indices=indices, **kwargs)
+                      indices=sample_bootstraps(key, len(buyer), num_models), **kwargs)
+
+
+def sample_bootstraps(key: jax.Array, n: int, num_models: int) -> np.ndarray:
+  """The bootstrap indices ``(num_models, n)`` that :func:`sample_models` trains on with ``key``."""
+  return data_lib.bootstrap_indices(jax.random.split(key)[0], n, num_models)
+
+
+def out_of_bag_mask(indices_MxS: np.ndarray, n: int) -> np.ndarray:
+  """``mask_NxM``: 1 where model m's bootstrap left image i out (see the module doc).
+
+  Rows of images that every model was trained on are all ones (use every model).
+  """
+  indices_MxS = np.asarray(indices_MxS)
+  mask = np.ones((n, indices_MxS.shape[0]), np.float32)
+  for m, idx in enumerate(indices_MxS):
+    mask[idx, m] = 0.0
+  mask[mask.sum(1) == 0] = 1.0
+  return mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +220,7 @@ class SanitizerConfig:
   val_every: int = 50             # Check the stopping rule every this many steps.
   min_steps: int = 100            # Never stop an image before this step.
   compact: bool = True            # Drop stopped images from the batch (same results, less work).
+  out_of_bag: bool = False        # Fit each image only to the Omega_Tr models that did not train on it.
 
   def __post_init__(self):
     if self.loss not in ("logits", "probs", "kl"):
@@ -201,6 +232,10 @@ class SanitizerConfig:
       raise ValueError("lam, tau, input_noise must be >= 0 and hidden_dropout in [0, 1)")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What must match to resume a sanitization (out_of_bag only when set: older runs resume)."""
+    return fingerprint(self, out_of_bag=False)
 
   def batch_of_models(self, num_train_models: int) -> int:
     b = self.model_batch or max(1, round(0.95 * num_train_models))
@@ -323,7 +358,8 @@ def _run_steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, mode
 
   ``slots`` holds per-image arrays with a leading image axis: ``x``, ``mu`` / ``nu``
   (the optimiser state's per-pixel leaves), ``active``, ``prev_val``, ``steps``,
-  ``last_train`` and the constants ``targets``, ``targets_v``, ``anchors``, ``keys``.
+  ``last_train`` and the constants ``targets``, ``targets_v``, ``anchors``, ``keys`` (and
+  ``mask``, the per-image eligible models, with ``out_of_bag``).
   ``shared`` is the optimiser state's other leaves (Adam's step count), and ``treedef``
   the optimiser state's structure.
   """
@@ -339,6 +375,9 @@ def _run_steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, mode
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(s["keys"])
     sub_keys, obj_keys = jnp.moveaxis(jax.vmap(jax.random.split)(step_keys), 1, 0)
     weights = jax.vmap(subset_weights)(sub_keys)
+    if "mask" in s:  # Out-of-bag: the subset's eligible models, or all eligible ones if none is drawn.
+      weights = weights * s["mask"]
+      weights = jnp.where(jnp.sum(weights, axis=1, keepdims=True) > 0, weights, s["mask"])
     new_x, new_opt, util = sanitize_step(params_tr, s["x"], opt_state, s["targets"], s["anchors"], weights,
                                          obj_keys, model=model, cfg=cfg)
     active = s["active"]
@@ -405,8 +444,12 @@ def starting_points(image_shape: Sequence[int], start: int, count: int, *, seed:
 
 def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
                    cfg: SanitizerConfig, *, start: int, seed: int, anchor_seed: int,
-                   pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None) -> BatchResult:
+                   pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                   member_mask: np.ndarray | None = None) -> BatchResult:
   """Sanitizes ``images`` (global indices ``start..``) as one jitted program.
+
+  ``member_mask`` (``N x |Omega_Tr|``, :func:`out_of_bag_mask`) is required with
+  ``cfg.out_of_bag`` and only then: each image's loss uses only its rows' models.
 
   The batch is padded to ``pad_to`` images (default: its own size) that are inactive
   from step 0, so every batch of a dataset runs the same compiled program.
@@ -430,26 +473,36 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
                          f"member axis ({member_shards})")
   if params_v is None and cfg.val_stop:
     raise ValueError("val_stop needs Omega_V models (params_v)")
+  m = jax.tree.leaves(params_tr)[0].shape[0]
+  if cfg.out_of_bag != (member_mask is not None):
+    raise ValueError("member_mask is required with out_of_bag=True and only then")
+  if member_mask is not None:
+    member_mask = np.asarray(member_mask, np.float32)
+    if member_mask.shape != (n, m) or not np.all(member_mask.sum(1) > 0):
+      raise ValueError(f"member_mask must be (images, |Omega_Tr|) = {(n, m)} with a model in every row, "
+                       f"got shape {member_mask.shape}")
   if cfg.hidden_dropout > 0 and not hasattr(model, "dropout"):
     raise ValueError(f"hidden_dropout needs a model with a `dropout` attribute (mlp), got {type(model).__name__}")
   x = jnp.zeros((b, *images.shape[1:]), jnp.float32).at[:n].set(images)
   shape = images.shape[1:]
   x0, anchors, step_keys = starting_points(shape, start, b, seed=seed, anchor_seed=anchor_seed)
-  m = jax.tree.leaves(params_tr)[0].shape[0]
   active = jnp.arange(b) < n
+  extra = {}
+  if member_mask is not None:
+    extra["mask"] = jnp.ones((b, m), jnp.float32).at[:n].set(member_mask)
   params_v = params_v if cfg.val_stop else None
   shards = 1
   if mesh is not None:
     shards = mesh.shape[sharding.DATA]
-    x, x0, anchors, step_keys, active = sharding.place((x, x0, anchors, step_keys, active),
-                                                       sharding.image_sharding(mesh))
+    x, x0, anchors, step_keys, active, extra = sharding.place((x, x0, anchors, step_keys, active, extra),
+                                                              sharding.image_sharding(mesh))
     params_tr, params_v = sharding.shard_members((params_tr, params_v), mesh)
   targets, targets_v, opt_state = _start(params_tr, params_v, x, x0, model=model, cfg=cfg)
   leaves, treedef = jax.tree.flatten(opt_state)
   shared, per_image = _split_leaves(leaves)
   slots = {"x": x0, "opt": per_image, "active": active, "prev_val": jnp.full((b,), jnp.inf),
            "steps": jnp.zeros((b,), jnp.int32), "last_train": jnp.full((b,), jnp.nan), "targets": targets,
-           "targets_v": targets_v, "anchors": anchors, "keys": step_keys}
+           "targets_v": targets_v, "anchors": anchors, "keys": step_keys, **extra}
   run = functools.partial(_run_steps, params_tr, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
                           treedef=treedef)
 
@@ -503,7 +556,7 @@ def _final_val(params_v, x, targets_v, *, model, cfg):
 def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
              cfg: SanitizerConfig, *, seed: int, anchor_seed: int,
              checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-             mesh: jax.sharding.Mesh | None = None) -> BatchResult:
+             mesh: jax.sharding.Mesh | None = None, member_mask: np.ndarray | None = None) -> BatchResult:
   """Algorithm 1 over a whole dataset, in data batches of ``cfg.data_batch`` images.
 
   Finished batches are saved to ``checkpoint_dir`` (orbax, one step per batch), and a
@@ -521,6 +574,8 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
     progress: Show a progress bar over images.
     mesh: Optional device mesh: images over its data axis, models over its member axis
       (see :func:`sanitize_batch`); batches are padded to a multiple of the data axis.
+    member_mask: With ``cfg.out_of_bag``: ``N x |Omega_Tr|`` eligible models per image
+      (:func:`out_of_bag_mask`).
 
   Returns:
     A :class:`BatchResult` for all images.
@@ -537,9 +592,9 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
   padded = batch if mesh is None else -(-batch // mesh.shape[sharding.DATA]) * mesh.shape[sharding.DATA]
   starts = list(range(0, len(images), batch))
   manager = None
-  meta = {"config": dataclasses.asdict(cfg), "seed": seed, "model": repr(model),
+  meta = {"config": cfg.fingerprint(), "seed": seed, "model": repr(model),
           "anchor": hashlib.sha256(str(anchor_seed).encode()).hexdigest(),  # A commitment, not the secret.
-          "data": ensemble.digest(images, params_tr, params_v)}
+          "data": ensemble.digest(images, params_tr, params_v, member_mask)}
   if checkpoint_dir is not None:
     manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
                                     options=ocp.CheckpointManagerOptions(create=True))
@@ -556,7 +611,8 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
         res = BatchResult(**{k: np.asarray(v) for k, v in restored["batch"].items()})
       else:
         res = sanitize_batch(model, params_tr, params_v, images[start:start + batch], cfg,
-                             start=start, seed=seed, anchor_seed=anchor_seed, pad_to=padded, mesh=mesh)
+                             start=start, seed=seed, anchor_seed=anchor_seed, pad_to=padded, mesh=mesh,
+                             member_mask=None if member_mask is None else member_mask[start:start + batch])
         if not np.all(np.isfinite(res.images)):
           raise FloatingPointError(f"sanitized batch {i} has non-finite pixels; lower the learning rate")
         if manager is not None:

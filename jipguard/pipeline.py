@@ -78,6 +78,7 @@ def config_to_json(cfg: IPProtectConfig) -> dict[str, Any]:
   """The config as JSON; a given anchor secret is recorded only as its SHA-256 commitment."""
   d = dataclasses.asdict(cfg)
   d["seller_train"], d["omega_train"] = cfg.seller_train.fingerprint(), cfg.omega_train.fingerprint()
+  d["sanitizer"] = cfg.sanitizer.fingerprint()
   if cfg.anchor_seed is not None:
     d["anchor_seed"] = "sha256:" + hashlib.sha256(str(cfg.anchor_seed).encode()).hexdigest()
   return d
@@ -213,9 +214,14 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   timings["sample_models_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
+  mask = None
+  if cfg.sanitizer.out_of_bag:  # The same bootstraps sample_models trained Omega_Tr on.
+    boots = ipprotect.sample_bootstraps(jax.random.fold_in(key, 3), len(buyer), cfg.omega_tr + cfg.omega_v)
+    mask = ipprotect.out_of_bag_mask(boots[:cfg.omega_tr], len(buyer))
   result = ipprotect.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
                               cfg.sanitizer, seed=cfg.seed, anchor_seed=_anchor_seed(cfg, ckpt),
-                              checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress, mesh=mesh)
+                              checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress, mesh=mesh,
+                              member_mask=mask)
   timings["sanitize_s"] = time.perf_counter() - t
 
   out = evaluate(model, seller_vars, params_tr, params_v, buyer, result, cfg.models_per_seller)

@@ -284,3 +284,51 @@ def test_weight_decay_is_coupled_l2_and_kills_unused_weights():
   assert ipprotect.TrainConfig(weight_decay=0.1).fingerprint()["weight_decay"] == 0.1
   with pytest.raises(ValueError, match="weight_decay"):
     ipprotect.TrainConfig(weight_decay=-1.0)
+
+
+def test_out_of_bag_mask_marks_exactly_the_models_that_did_not_train_on_an_image():
+  boots = ipprotect.sample_bootstraps(jax.random.key(5), 40, 6)
+  mask = ipprotect.out_of_bag_mask(boots, 40)
+  assert mask.shape == (40, 6)
+  for i in range(40):
+    trained = np.array([i in row for row in boots])
+    if trained.all():
+      assert np.all(mask[i] == 1)  # Fallback: every model.
+    else:
+      np.testing.assert_array_equal(mask[i], (~trained).astype(np.float32))
+  assert 0.25 < float(np.mean(mask)) < 0.5  # ~ (1 - 1/n)^n = 0.37 of the models per image.
+  # sample_models trains on exactly these bootstraps: a model that never saw an image and one
+  # that did are told apart by their loss on it (memorised images have near-zero loss).
+  buyer = data.load("fashion_mnist_subset", "test").subset(np.arange(40))
+  omega = ipprotect.sample_models(_MODEL, ipprotect.TrainConfig(epochs=40, batch_size=8), jax.random.key(5), buyer,
+                                  6, progress=False)
+  probs = jax.nn.softmax(ensemble.apply(_MODEL, omega.variables, buyer.images), -1)  # M x N x C
+  p_true = np.asarray(jnp.take_along_axis(probs, jnp.asarray(buyer.labels)[None, :, None], -1)[..., 0]).T
+  strict = ipprotect.out_of_bag_mask(boots, 40).astype(bool) & (mask.sum(1, keepdims=True) < 6)
+  assert p_true[~strict].mean() > 0.85 and p_true[strict].mean() < p_true[~strict].mean() - 0.1, (
+      p_true[~strict].mean(), p_true[strict].mean())
+
+
+def test_out_of_bag_fits_each_image_only_to_its_eligible_models():
+  buyer, tr, va = _setup()
+  cfg = dataclasses.replace(_CFG, val_stop=False, steps=30, out_of_bag=True)
+  only_first = np.zeros((4, 6), np.float32)
+  only_first[:, 0] = 1.0
+  got = ipprotect.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7,
+                                 member_mask=only_first)
+  first = jax.tree.map(lambda a: a[:1], tr)
+  want = ipprotect.sanitize_batch(_MODEL, first, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False),
+                                  start=0, seed=0, anchor_seed=7)
+  # (Float rounding of the masked sum, amplified by Adam's normalisation, moves pixels ~1e-4.)
+  np.testing.assert_allclose(got.images, want.images, atol=1e-3)
+  plain = ipprotect.sanitize_batch(_MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False),
+                                   start=0, seed=0, anchor_seed=7)
+  assert np.abs(plain.images - got.images).max() > 0.1
+  with pytest.raises(ValueError, match="member_mask is required"):
+    ipprotect.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7)
+  with pytest.raises(ValueError, match="member_mask must be"):
+    ipprotect.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7,
+                             member_mask=np.zeros((4, 6)))
+  # The option is off by default and then absent from fingerprints (older runs resume).
+  assert "out_of_bag" not in ipprotect.SanitizerConfig().fingerprint()
+  assert ipprotect.SanitizerConfig(out_of_bag=True).fingerprint()["out_of_bag"] is True
