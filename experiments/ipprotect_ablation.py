@@ -5,7 +5,9 @@
 Every variant is a list of flags of the main job; variants of one seed share the trained sellers
 and sample_models (``--cache_dir``), and every run directory resumes, so a killed sweep continues
 where it stopped. Writes ``ablation.md`` and ``ablation.json`` (mean +- std over seeds of utility
-MAE, Spearman, compliance on Omega_Tr / Omega_V, correlation and SSIM to the originals, images/s).
+MAE and its mean signed error (bias: sanitized - original) on the sellers, the same two on Omega_V's
+out-of-bag images (the buyer's own estimate, no seller needed), Spearman, compliance on Omega_Tr /
+Omega_V, correlation and SSIM to the originals, images/s).
 """
 
 import argparse
@@ -39,8 +41,8 @@ VARIANTS = {
     "probs, out-of-bag models only": ["--omega_tr", "10", "--out_of_bag"],
     "probs, out-of-bag models only, |Omega_Tr| 50": ["--omega_tr", "50", "--out_of_bag"],
 }
-KEYS = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "correlation_mean",
-        "correlation_max", "ssim_mean", "images_per_second")
+KEYS = ("utility_mae", "utility_bias", "utility_mae_val_oob", "utility_bias_val_oob", "rank_correlation",
+        "compliance_train", "compliance_val", "correlation_mean", "correlation_max", "ssim_mean", "images_per_second")
 
 
 def _main_module():
@@ -68,14 +70,16 @@ def main(argv=None) -> int:
       cfg, _, _ = main_mod.parse(BASE + flags + a.extra + [
           "--seed", str(seed), "--cache_dir", os.path.join(a.out, f"cache-s{seed}")])
       m = pipeline.run(cfg, os.path.join(a.out, f"{slug}-s{seed}"), progress=False)
-      results.setdefault(name, []).append({k: m[k] for k in KEYS})
-      print(name, seed, {k: round(m[k], 4) for k in KEYS}, flush=True)
+      row = {k: np.nan if m.get(k) is None else m[k] for k in KEYS}  # None: not measurable for this run.
+      results.setdefault(name, []).append(row)
+      print(name, seed, {k: round(v, 4) for k, v in row.items()}, flush=True)
   summary = {name: {k: [float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))] for k in KEYS}
              for name, rs in results.items()}
   pipeline.write_json(os.path.join(a.out, "ablation.json"), {"seeds": a.seeds, "base": BASE, "extra": a.extra,
                                                             "variants": VARIANTS, "summary": summary})
-  head = "| variant | utility MAE | Spearman | compl. Tr | compl. V | corr. mean | corr. max | SSIM | img/s |"
-  lines = [head, "|" + "---|" * 9]
+  head = ("| variant | utility MAE | bias | Omega_V out-of-bag MAE | its bias | Spearman | compl. Tr | compl. V | "
+          "corr. mean | corr. max | SSIM | img/s |")
+  lines = [head, "|" + "---|" * (len(KEYS) + 1)]
   for name, s in summary.items():
     escaped = name.replace("|", "\\|")  # A pipe would split the markdown cell.
     lines.append(f"| {escaped} | " + " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in KEYS[:-1])

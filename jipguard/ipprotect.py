@@ -58,6 +58,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -188,15 +189,21 @@ def sample_bootstraps(key: jax.Array, n: int, num_models: int) -> np.ndarray:
   return data_lib.bootstrap_indices(jax.random.split(key)[0], n, num_models)
 
 
+def in_bag(indices_MxS: np.ndarray, n: int) -> np.ndarray:
+  """``in_bag_NxM``: True where model m's bootstrap drew image i."""
+  indices_MxS = np.asarray(indices_MxS)
+  out = np.zeros((n, indices_MxS.shape[0]), bool)
+  for m, idx in enumerate(indices_MxS):
+    out[idx, m] = True
+  return out
+
+
 def out_of_bag_mask(indices_MxS: np.ndarray, n: int) -> np.ndarray:
   """``mask_NxM``: 1 where model m's bootstrap left image i out (see the module doc).
 
   Rows of images that every model was trained on are all ones (use every model).
   """
-  indices_MxS = np.asarray(indices_MxS)
-  mask = np.ones((n, indices_MxS.shape[0]), np.float32)
-  for m, idx in enumerate(indices_MxS):
-    mask[idx, m] = 0.0
+  mask = (~in_bag(indices_MxS, n)).astype(np.float32)
   mask[mask.sum(1) == 0] = 1.0
   return mask
 
@@ -306,6 +313,7 @@ class BatchResult:
   val_loss: np.ndarray      # Final L_k on Omega_V (NaN when val_stop is off).
   train_loss: np.ndarray    # Final utility loss on the last step's Omega_Tr subset.
   steps: np.ndarray         # Steps taken by each image.
+  seconds: np.ndarray | None = None  # Wall time of the image's batch / its size (when it ran, not a resume).
 
 
 def optimizer(cfg: SanitizerConfig) -> optax.GradientTransformation:
@@ -609,10 +617,15 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
       if manager is not None and i in manager.all_steps():
         restored = manager.restore(i, args=ocp.args.Composite(batch=ocp.args.StandardRestore()))
         res = BatchResult(**{k: np.asarray(v) for k, v in restored["batch"].items()})
+        if res.seconds is None:  # Saved by a version that did not time batches.
+          res = dataclasses.replace(res, seconds=np.full(len(res.images), np.nan, np.float32))
       else:
+        t0 = time.perf_counter()
         res = sanitize_batch(model, params_tr, params_v, images[start:start + batch], cfg,
                              start=start, seed=seed, anchor_seed=anchor_seed, pad_to=padded, mesh=mesh,
                              member_mask=None if member_mask is None else member_mask[start:start + batch])
+        n_b = len(res.images)
+        res = dataclasses.replace(res, seconds=np.full(n_b, (time.perf_counter() - t0) / n_b, np.float32))
         if not np.all(np.isfinite(res.images)):
           raise FloatingPointError(f"sanitized batch {i} has non-finite pixels; lower the learning rate")
         if manager is not None:

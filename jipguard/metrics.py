@@ -14,9 +14,18 @@ import numpy as np
 import scipy.stats
 
 
-def utility(logits_MxNxC: jax.Array, labels_N: jax.Array) -> np.ndarray:
-  """Eq. 1: each model's accuracy on a dataset, ``U_g(D)``, shape (M,)."""
-  return np.asarray(jnp.mean(jnp.argmax(logits_MxNxC, -1) == jnp.asarray(labels_N)[None], axis=-1))
+def utility(logits_MxNxC: jax.Array, labels_N: jax.Array, mask_MxN: np.ndarray | None = None) -> np.ndarray:
+  """Eq. 1: each model's accuracy on a dataset, ``U_g(D)``, shape (M,).
+
+  With ``mask_MxN``, model m's accuracy on the images where ``mask[m]`` is true only.
+  """
+  correct = jnp.argmax(logits_MxNxC, -1) == jnp.asarray(labels_N)[None]
+  if mask_MxN is None:
+    return np.asarray(jnp.mean(correct, axis=-1))
+  mask = jnp.asarray(mask_MxN, bool)
+  if not bool(jnp.all(jnp.any(mask, axis=-1))):
+    raise ValueError("every model needs at least one image in mask_MxN")
+  return np.asarray(jnp.sum(correct & mask, axis=-1) / jnp.sum(mask, axis=-1))
 
 
 def utility_mae(u_original_M: np.ndarray, u_sanitized_M: np.ndarray) -> float:

@@ -214,19 +214,22 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   timings["sample_models_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  mask = None
-  if cfg.sanitizer.out_of_bag:  # The same bootstraps sample_models trained Omega_Tr on.
-    boots = ipprotect.sample_bootstraps(jax.random.fold_in(key, 3), len(buyer), cfg.omega_tr + cfg.omega_v)
-    mask = ipprotect.out_of_bag_mask(boots[:cfg.omega_tr], len(buyer))
+  # The bootstraps sample_models trained Omega_Tr and Omega_V on.
+  boots = ipprotect.sample_bootstraps(jax.random.fold_in(key, 3), len(buyer), cfg.omega_tr + cfg.omega_v)
+  mask = ipprotect.out_of_bag_mask(boots[:cfg.omega_tr], len(buyer)) if cfg.sanitizer.out_of_bag else None
   result = ipprotect.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
                               cfg.sanitizer, seed=cfg.seed, anchor_seed=_anchor_seed(cfg, ckpt),
                               checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress, mesh=mesh,
                               member_mask=mask)
   timings["sanitize_s"] = time.perf_counter() - t
 
-  out = evaluate(model, seller_vars, params_tr, params_v, buyer, result, cfg.models_per_seller)
+  out = evaluate(model, seller_vars, params_tr, params_v, buyer, result, cfg.models_per_seller,
+                 val_in_bag=ipprotect.in_bag(boots[cfg.omega_tr:], len(buyer)))
   out["timings"] = timings
-  out["images_per_second"] = len(buyer) / max(timings["sanitize_s"], 1e-9)
+  # Throughput when the batches ran (recorded in the checkpoints, so a resumed run keeps it);
+  # None if some batch was restored from a checkpoint of a version that did not time it.
+  seconds = float(np.sum(result.seconds))
+  out["images_per_second"] = len(buyer) / seconds if np.isfinite(seconds) and seconds > 0 else None
   out["num_images"] = len(buyer)
   out["data_source"] = {"buyer": buyer.source, "sellers": pool.source}
   out["table_i"] = {"noise": list(noise), "resample_rate": [ipprotect.resample_rate(n) for n in noise],
@@ -244,8 +247,14 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
 
 
 def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
-             result: ipprotect.BatchResult, models_per_seller: int) -> dict[str, Any]:
-  """Every metric of the issue: utilities, MAE, compliance, risk, ranks, bounds, similarity."""
+             result: ipprotect.BatchResult, models_per_seller: int,
+             val_in_bag: np.ndarray | None = None) -> dict[str, Any]:
+  """Every metric of the issue: utilities, MAE, compliance, risk, ranks, bounds, similarity.
+
+  With ``val_in_bag`` (``N x |Omega_V|``, :func:`ipprotect.in_bag`), also the buyer's own
+  estimate of the sellers' utility error: Omega_V's utilities on the images outside each
+  model's bootstrap (``utility_mae_val_oob``, ``utility_bias_val_oob``), which need no seller.
+  """
   x, x_san = buyer.images, result.images
   lo, ls = ensemble.predict(model, seller_vars, x), ensemble.predict(model, seller_vars, x_san)
   u_o, u_s = metrics.utility(lo, buyer.labels), metrics.utility(ls, buyer.labels)
@@ -258,6 +267,7 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
       "seller_model_utility_original": u_o.tolist(),
       "seller_model_utility_sanitized": u_s.tolist(),
       "seller_compliance": per_seller(metrics.compliance(lo, ls)).tolist(),
+      "utility_bias": float(np.mean(u_s - u_o)),
       "rank_correlation": metrics.rank_correlation(per_seller(u_o), per_seller(u_s)),
   }
   for name, params in (("train", params_tr), ("val", params_v)):
@@ -266,6 +276,12 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
     out[f"compliance_{name}"] = float(comp.mean())
     out[f"risk_{name}"] = float(metrics.estimated_risk(po, ps).mean())
     out[f"utility_mae_{name}"] = metrics.utility_mae(metrics.utility(po, buyer.labels), metrics.utility(ps, buyer.labels))
+    if name == "val" and val_in_bag is not None:
+      oob = ~np.asarray(val_in_bag).T
+      if oob.any(axis=1).all():
+        vo, vs = metrics.utility(po, buyer.labels, oob), metrics.utility(ps, buyer.labels, oob)
+        out["utility_mae_val_oob"] = metrics.utility_mae(vo, vs)
+        out["utility_bias_val_oob"] = float(np.mean(vs - vo))
     if name == "val":
       out["compliance_lower_bound"] = metrics.hoeffding_lower_bound(comp, 0.95)
       out["compliance_lower_bound_confidence"] = 0.95

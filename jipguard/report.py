@@ -68,6 +68,7 @@ def write_ipprotect_report(workdir: str, cfg, m: dict[str, Any], buyer, result) 
           m["table_i"]["noise"], m["table_i"]["resample_rate"], m["table_i"]["paper_accuracy"],
           m["seller_utility_original"], m["seller_utility_sanitized"], m["seller_compliance"])))
   t = m["timings"]
+  ips = "unknown" if m["images_per_second"] is None else f"{m['images_per_second']:.1f}"
   text = f"""# IPProtect run
 
 Dataset `{cfg.dataset}`: buyer {m['num_images']} images ({m['data_source']['buyer']}),
@@ -108,8 +109,9 @@ loss, which needs ImageNet-pretrained weights this run does not have).
 ## Cost
 
 sellers {t['sellers_s']:.1f} s, sample_models {t['sample_models_s']:.1f} s, sanitize {t['sanitize_s']:.1f} s
-({m['images_per_second']:.1f} images/s; steps per image mean {m['steps_mean']:.0f}, max {m['steps_max']}).
-Times of a resumed run count only the work it redid.
+({ips} images/s; steps per image mean {m['steps_mean']:.0f}, max {m['steps_max']}).
+Times of a resumed run count only the work it redid; images/s is the sanitization's own
+throughput, from the batch times recorded in the checkpoints.
 
 ## How to read this
 

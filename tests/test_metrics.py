@@ -20,6 +20,12 @@ def test_utility_compliance_and_mae_by_hand():
   np.testing.assert_allclose(metrics.utility(san, labels), [0.5, 0.25])
   assert metrics.utility_mae([1.0, 0.5], [0.5, 0.25]) == pytest.approx(0.375)
   np.testing.assert_allclose(metrics.compliance(orig, san), [0.5, 0.75])
+  # Masked: model 0 on images 2 and 3 only, model 1 on image 0 only.
+  mask = np.array([[False, False, True, True], [True, False, False, False]])
+  np.testing.assert_allclose(metrics.utility(orig, labels, mask), [1.0, 1.0])
+  np.testing.assert_allclose(metrics.utility(san, labels, mask), [0.0, 1.0])
+  with pytest.raises(ValueError, match="at least one image"):
+    metrics.utility(orig, labels, np.zeros((2, 4), bool))
   # Logit L2 distance: a changed argmax between one-hot*5 vectors is 5*sqrt(2).
   np.testing.assert_allclose(metrics.estimated_risk(orig, san), [2 * 5 * math.sqrt(2) / 4, 5 * math.sqrt(2) / 4],
                              rtol=1e-6)
