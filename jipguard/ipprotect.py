@@ -241,8 +241,8 @@ class SanitizerConfig:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
   def fingerprint(self) -> dict[str, Any]:
-    """What must match to resume a sanitization (out_of_bag only when set: older runs resume)."""
-    return fingerprint(self, out_of_bag=False)
+    """What must match to resume a sanitization (fields added later only when set: older runs resume)."""
+    return fingerprint(self, temperature=1.0, compact=True, out_of_bag=False)
 
   def batch_of_models(self, num_train_models: int) -> int:
     b = self.model_batch or max(1, round(0.95 * num_train_models))

@@ -123,16 +123,34 @@ def write_json(path: str, obj: Any) -> None:
 
 def load_data(cfg: IPProtectConfig) -> tuple[data_lib.Dataset, data_lib.Dataset]:
   """Buyer (test split, first ``buyer_size`` of a fixed permutation) and seller pool (train)."""
-  key = jax.random.key(cfg.seed)
   test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir)
   train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir)
 
   def take(ds, n, k):
     if n is None or n >= len(ds):
       return ds
-    return ds.subset(np.sort(np.asarray(jax.random.permutation(jax.random.fold_in(key, k), len(ds)))[:n]))
+    return ds.subset(np.sort(_order(cfg, k, len(ds))[:n]))
 
-  return take(test, cfg.buyer_size, 10), take(train, cfg.seller_pool_size, 11)
+  return take(test, cfg.buyer_size, _BUYER), take(train, cfg.seller_pool_size, _SELLERS)
+
+
+_BUYER, _SELLERS = 10, 11  # Keys (folded into the seed) of the buyer's and the sellers' draws.
+
+
+def _order(cfg: IPProtectConfig, k: int, n: int) -> np.ndarray:
+  return np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(cfg.seed), k), n))
+
+
+def reference_set(cfg: IPProtectConfig, buyer_size: int) -> data_lib.Dataset | None:
+  """``buyer_size`` other test images (the next ones of the buyer's permutation), or None.
+
+  The sellers' utility on them against the buyer set is the sampling floor of the utility
+  MAE: the error of a sanitizer that returned fresh real images of the same distribution.
+  """
+  test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir)
+  if 2 * buyer_size > len(test):
+    return None
+  return test.subset(np.sort(_order(cfg, _BUYER, len(test))[buyer_size:2 * buyer_size]))
 
 
 def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
@@ -224,7 +242,8 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   timings["sanitize_s"] = time.perf_counter() - t
 
   out = evaluate(model, seller_vars, params_tr, params_v, buyer, result, cfg.models_per_seller,
-                 val_in_bag=ipprotect.in_bag(boots[cfg.omega_tr:], len(buyer)))
+                 val_in_bag=ipprotect.in_bag(boots[cfg.omega_tr:], len(buyer)),
+                 reference=reference_set(cfg, len(buyer)))
   out["timings"] = timings
   # Throughput when the batches ran (recorded in the checkpoints, so a resumed run keeps it);
   # None if some batch was restored from a checkpoint of a version that did not time it.
@@ -248,12 +267,14 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
 
 def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
              result: ipprotect.BatchResult, models_per_seller: int,
-             val_in_bag: np.ndarray | None = None) -> dict[str, Any]:
+             val_in_bag: np.ndarray | None = None, reference: data_lib.Dataset | None = None) -> dict[str, Any]:
   """Every metric of the issue: utilities, MAE, compliance, risk, ranks, bounds, similarity.
 
   With ``val_in_bag`` (``N x |Omega_V|``, :func:`ipprotect.in_bag`), also the buyer's own
   estimate of the sellers' utility error: Omega_V's utilities on the images outside each
   model's bootstrap (``utility_mae_val_oob``, ``utility_bias_val_oob``), which need no seller.
+  With ``reference`` (:func:`reference_set`), ``utility_mae_floor``: the sellers' utility MAE
+  between the buyer set and as many other real test images.
   """
   x, x_san = buyer.images, result.images
   lo, ls = ensemble.predict(model, seller_vars, x), ensemble.predict(model, seller_vars, x_san)
@@ -268,6 +289,8 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
       "seller_model_utility_sanitized": u_s.tolist(),
       "seller_compliance": per_seller(metrics.compliance(lo, ls)).tolist(),
       "utility_bias": float(np.mean(u_s - u_o)),
+      "utility_mae_floor": None if reference is None else metrics.utility_mae(
+          u_o, metrics.utility(ensemble.predict(model, seller_vars, reference.images), reference.labels)),
       "rank_correlation": metrics.rank_correlation(per_seller(u_o), per_seller(u_s)),
   }
   for name, params in (("train", params_tr), ("val", params_v)):

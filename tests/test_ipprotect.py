@@ -220,6 +220,13 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
               "images_per_second"):
     assert key in m
   assert len(m["seller_utility_original"]) == 8
+  assert 0 <= m["utility_mae_floor"] <= 1 and 0 <= m["utility_mae_val_oob"] <= 1
+  # The floor's reference images are as many other test images, none of them a buyer image.
+  buyer, _ = pipeline.load_data(cfg)
+  ref = pipeline.reference_set(cfg, len(buyer))
+  assert len(ref) == len(buyer)
+  flat = lambda d: {a.tobytes() for a in d.images}
+  assert not flat(ref) & flat(buyer)
   for name in ("config.json", "metrics.json", "report.md", "sanitized.npz", "examples.png", "sellers.png"):
     assert (tmp_path / name).exists(), name
   # sanitized.npz: sanitized images and labels only, none of them (close to) an original.
