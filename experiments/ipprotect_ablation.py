@@ -5,8 +5,8 @@
 Every variant is a list of flags of the main job; variants of one seed share the trained sellers
 and sample_models (``--cache_dir``), and every run directory resumes, so a killed sweep continues
 where it stopped. Writes ``ablation.md`` and ``ablation.json`` (mean +- std over seeds of utility
-MAE and its mean signed error (bias: sanitized - original) on the sellers, the MAE's sampling floor
-(the sellers' utility on as many other real test images), the MAE and bias on Omega_V's
+MAE and its mean signed error (bias: sanitized - original) on the sellers, the MAE of fresh real
+images (the sellers' utility on as many other test images: pure sampling error), the MAE and bias on Omega_V's
 out-of-bag images (the buyer's own estimate, no seller needed), Spearman, compliance on Omega_Tr /
 Omega_V, correlation and SSIM to the originals, images/s).
 """
@@ -42,7 +42,7 @@ VARIANTS = {
     "probs, out-of-bag models only": ["--omega_tr", "10", "--out_of_bag"],
     "probs, out-of-bag models only, |Omega_Tr| 50": ["--omega_tr", "50", "--out_of_bag"],
 }
-KEYS = ("utility_mae", "utility_bias", "utility_mae_floor", "utility_mae_val_oob", "utility_bias_val_oob", "rank_correlation",
+KEYS = ("utility_mae", "utility_bias", "utility_mae_fresh_images", "utility_mae_val_oob", "utility_bias_val_oob", "rank_correlation",
         "compliance_train", "compliance_val", "correlation_mean", "correlation_max", "ssim_mean", "images_per_second")
 
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
              for name, rs in results.items()}
   pipeline.write_json(os.path.join(a.out, "ablation.json"), {"seeds": a.seeds, "base": BASE, "extra": a.extra,
                                                             "variants": VARIANTS, "summary": summary})
-  head = ("| variant | utility MAE | bias | floor | Omega_V out-of-bag MAE | its bias | Spearman | compl. Tr | compl. V | "
+  head = ("| variant | utility MAE | bias | fresh images | Omega_V out-of-bag MAE | its bias | Spearman | compl. Tr | compl. V | "
           "corr. mean | corr. max | SSIM | img/s |")
   lines = [head, "|" + "---|" * (len(KEYS) + 1)]
   for name, s in summary.items():

@@ -144,8 +144,9 @@ def _order(cfg: IPProtectConfig, k: int, n: int) -> np.ndarray:
 def reference_set(cfg: IPProtectConfig, buyer_size: int) -> data_lib.Dataset | None:
   """``buyer_size`` other test images (the next ones of the buyer's permutation), or None.
 
-  The sellers' utility on them against the buyer set is the sampling floor of the utility
-  MAE: the error of a sanitizer that returned fresh real images of the same distribution.
+  The sellers' utility MAE between them and the buyer set is the error of a sanitizer that
+  returned fresh real images of the same distribution (pure sampling error). It is a
+  reference, not a bound: sanitized images tied to their originals can do better.
   """
   test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir)
   if 2 * buyer_size > len(test):
@@ -273,7 +274,7 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
   With ``val_in_bag`` (``N x |Omega_V|``, :func:`ipprotect.in_bag`), also the buyer's own
   estimate of the sellers' utility error: Omega_V's utilities on the images outside each
   model's bootstrap (``utility_mae_val_oob``, ``utility_bias_val_oob``), which need no seller.
-  With ``reference`` (:func:`reference_set`), ``utility_mae_floor``: the sellers' utility MAE
+  With ``reference`` (:func:`reference_set`), ``utility_mae_fresh_images``: the sellers' utility MAE
   between the buyer set and as many other real test images.
   """
   x, x_san = buyer.images, result.images
@@ -289,7 +290,7 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
       "seller_model_utility_sanitized": u_s.tolist(),
       "seller_compliance": per_seller(metrics.compliance(lo, ls)).tolist(),
       "utility_bias": float(np.mean(u_s - u_o)),
-      "utility_mae_floor": None if reference is None else metrics.utility_mae(
+      "utility_mae_fresh_images": None if reference is None else metrics.utility_mae(
           u_o, metrics.utility(ensemble.predict(model, seller_vars, reference.images), reference.labels)),
       "rank_correlation": metrics.rank_correlation(per_seller(u_o), per_seller(u_s)),
   }

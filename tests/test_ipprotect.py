@@ -220,8 +220,8 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
               "images_per_second"):
     assert key in m
   assert len(m["seller_utility_original"]) == 8
-  assert 0 <= m["utility_mae_floor"] <= 1 and 0 <= m["utility_mae_val_oob"] <= 1
-  # The floor's reference images are as many other test images, none of them a buyer image.
+  assert 0 <= m["utility_mae_fresh_images"] <= 1 and 0 <= m["utility_mae_val_oob"] <= 1
+  # The fresh-images reference: are as many other test images, none of them a buyer image.
   buyer, _ = pipeline.load_data(cfg)
   ref = pipeline.reference_set(cfg, len(buyer))
   assert len(ref) == len(buyer)
