@@ -18,6 +18,7 @@ import tempfile
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -154,6 +155,34 @@ def reference_set(cfg: IPProtectConfig, buyer_size: int) -> data_lib.Dataset | N
   return test.subset(np.sort(_order(cfg, _BUYER, len(test))[buyer_size:2 * buyer_size]))
 
 
+def run_model(cfg: IPProtectConfig, buyer: data_lib.Dataset) -> nn.Module:
+  """The run's architecture: ``cfg.model``, else an MLP for grey images and a CNN for colour."""
+  return models.get_model(cfg.model or ("mlp" if buyer.image_shape[-1] == 1 else "cnn"), buyer.num_classes)
+
+
+def _ensemble_dir(cfg: IPProtectConfig, model: nn.Module, root: str, kind: str, *parts: Any) -> str:
+  tag = hashlib.sha256(json.dumps([cfg.dataset, cfg.data_dir, repr(model), cfg.seed, *parts],
+                                  sort_keys=True, default=str).encode()).hexdigest()[:16]
+  return os.path.join(root, f"{kind}-{tag}")
+
+
+def _omega_key(cfg: IPProtectConfig) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(cfg.seed), 3)
+
+
+def sampled_models(cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Dataset, root: str,
+                   **kwargs: Any) -> ensemble.EnsembleState:
+  """The run's Omega_Tr + Omega_V (in that order), trained or restored from ``root``.
+
+  ``root`` is where :func:`run` keeps ensembles: ``cfg.cache_dir`` if set, else the run
+  directory's ``checkpoints``. ``kwargs`` go to :func:`ipprotect.sample_models`.
+  """
+  return ipprotect.sample_models(model, cfg.omega_train, _omega_key(cfg), buyer, cfg.omega_tr + cfg.omega_v,
+                                 checkpoint_dir=_ensemble_dir(cfg, model, root, "omega", cfg.buyer_size, cfg.omega_tr,
+                                                              cfg.omega_v, cfg.omega_train.fingerprint()),
+                                 **kwargs)
+
+
 def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
   """The run's anchor secret: given, or drawn once and kept in the private checkpoints."""
   if cfg.anchor_seed is not None:
@@ -198,34 +227,25 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
                              "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})
 
   buyer, pool = load_data(cfg)
-  model = models.get_model(cfg.model or ("mlp" if buyer.image_shape[-1] == 1 else "cnn"), buyer.num_classes)
+  model = run_model(cfg, buyer)
   key = jax.random.key(cfg.seed)
   noise = ipprotect.TABLE_I_NOISE[ipprotect.table_i_family(buyer.name)]
   timings = {}
 
   ens_dir = cfg.cache_dir or ckpt
 
-  def ensemble_dir(kind: str, *parts: Any) -> str:
-    tag = hashlib.sha256(json.dumps([cfg.dataset, cfg.data_dir, repr(model), cfg.seed, *parts],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(ens_dir, f"{kind}-{tag}")
-
   t = time.perf_counter()
   labels = ipprotect.seller_labels(jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller,
                                    pool.num_classes)
   sellers = ipprotect.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
                                    num_members=len(labels),
-                                   checkpoint_dir=ensemble_dir("sellers", cfg.seller_pool_size, cfg.models_per_seller,
-                                                               cfg.seller_train.fingerprint()),
+                                   checkpoint_dir=_ensemble_dir(cfg, model, ens_dir, "sellers", cfg.seller_pool_size,
+                                                                cfg.models_per_seller, cfg.seller_train.fingerprint()),
                                    desc="sellers", progress=progress, mesh=mesh)
   timings["sellers_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  omega = ipprotect.sample_models(model, cfg.omega_train, jax.random.fold_in(key, 3), buyer,
-                                  cfg.omega_tr + cfg.omega_v,
-                                  checkpoint_dir=ensemble_dir("omega", cfg.buyer_size, cfg.omega_tr, cfg.omega_v,
-                                                              cfg.omega_train.fingerprint()),
-                                  desc="sample_models", progress=progress, mesh=mesh)
+  omega = sampled_models(cfg, model, buyer, ens_dir, desc="sample_models", progress=progress, mesh=mesh)
   # Host copies (small): evaluation runs locally; the sanitizer places them on the mesh.
   omega_vars, seller_vars = distributed.to_host((omega.variables, sellers.variables))
   params_tr = jax.tree.map(lambda a: a[:cfg.omega_tr], omega_vars)
@@ -234,7 +254,7 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
 
   t = time.perf_counter()
   # The bootstraps sample_models trained Omega_Tr and Omega_V on.
-  boots = ipprotect.sample_bootstraps(jax.random.fold_in(key, 3), len(buyer), cfg.omega_tr + cfg.omega_v)
+  boots = ipprotect.sample_bootstraps(_omega_key(cfg), len(buyer), cfg.omega_tr + cfg.omega_v)
   mask = ipprotect.out_of_bag_mask(boots[:cfg.omega_tr], len(buyer)) if cfg.sanitizer.out_of_bag else None
   result = ipprotect.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
                               cfg.sanitizer, seed=cfg.seed, anchor_seed=_anchor_seed(cfg, ckpt),

@@ -347,3 +347,19 @@ def test_out_of_bag_fits_each_image_only_to_its_eligible_models():
   # The option is off by default and then absent from fingerprints (older runs resume).
   assert "out_of_bag" not in ipprotect.SanitizerConfig().fingerprint()
   assert ipprotect.SanitizerConfig(out_of_bag=True).fingerprint()["out_of_bag"] is True
+
+
+def test_saturation_diagnostic_restores_the_runs_sampled_models(tmp_path, capsys):
+  import importlib.util
+  import re
+  spec = importlib.util.spec_from_file_location(
+      "saturation", os.path.join(os.path.dirname(__file__), "..", "experiments", "ipprotect_saturation.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  flags = ["--preset", "smoke", "--cache_dir", str(tmp_path)]
+  assert mod.main(flags) == 0
+  first = capsys.readouterr().out
+  # One ensemble, where pipeline.run keeps a run's sampled models with this --cache_dir.
+  assert [d.split("-")[0] for d in os.listdir(tmp_path)] == ["omega"]
+  found = re.findall(r"noise (\d\.\d+) \(> 0.999: (\d\.\d+)\)", first)
+  assert len(found) == 2 and all(0 <= float(v) <= 1 for pair in found for v in pair)
