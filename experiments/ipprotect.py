@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from jipguard import distributed, pipeline, sharding
+from jipguard import distributed, ipprotect, pipeline, sharding
 
 
 def _mesh_shape(text: str) -> tuple[int, int]:
@@ -53,12 +53,14 @@ def _parser() -> argparse.ArgumentParser:
   add("data_batch", int, "B_D: images optimised together")
   add("lr", float, "Adam step size on the pixels")
   add("temperature", float, "with --loss probs: compare softmax(logits / temperature)")
+  add("margin", float, "with --loss margin: the logit margin each sampled model's class must win by")
   add("input_noise", float, "robust option: sigma of Gaussian noise on x~ per step")
   add("hidden_dropout", float, "robust option: dropout of the sampled models' hidden units")
   add("seed", int, "seed of everything but the anchors")
   add("anchor_seed", int, "64-bit anchor secret (default: drawn once, kept in checkpoints/)")
-  p.add_argument("--loss", choices=["logits", "probs", "kl"],
-                 help="L: L2 of logits (paper), L2 of softmax probabilities, or KL of the softmax outputs")
+  p.add_argument("--loss", choices=list(ipprotect.LOSSES),
+                 help="L: L2 of logits (paper), L2 of softmax probabilities, KL of the softmax outputs, or the "
+                      "hinge on the logit margin of each model's class on the original (Carlini-Wagner)")
   add("weight_decay", float, "L2 coefficient of the platform's training (sellers and sample_models)")
   p.add_argument("--no_val_stop", action="store_true", help="run T steps; Omega_V unused by the optimisation")
   p.add_argument("--out_of_bag", action="store_true",
@@ -80,7 +82,7 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
   san = {k: getattr(a, src) for k, src in (("lam", "lam"), ("tau", "tau"), ("zeta", "zeta"), ("steps", "steps"),
                                            ("model_batch", "model_batch"), ("data_batch", "data_batch"),
                                            ("learning_rate", "lr"), ("loss", "loss"), ("temperature", "temperature"),
-                                           ("input_noise", "input_noise"),
+                                           ("margin", "margin"), ("input_noise", "input_noise"),
                                            ("hidden_dropout", "hidden_dropout")) if getattr(a, src) is not None}
   if a.no_val_stop:
     san["val_stop"] = False

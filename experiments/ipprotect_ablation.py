@@ -41,6 +41,9 @@ VARIANTS = {
     "probs, weight decay 1e-2 (sellers and sample_models)": ["--omega_tr", "10", "--weight_decay", "1e-2"],
     "probs, out-of-bag models only": ["--omega_tr", "10", "--out_of_bag"],
     "probs, out-of-bag models only, |Omega_Tr| 50": ["--omega_tr", "50", "--out_of_bag"],
+    "margin 1, lr 0.1": ["--omega_tr", "10", "--loss", "margin"],
+    "margin 5, lr 0.1": ["--omega_tr", "10", "--loss", "margin", "--margin", "5"],
+    "margin 1, lr 0.1, |Omega_Tr| 50": ["--omega_tr", "50", "--loss", "margin"],
 }
 KEYS = ("utility_mae", "utility_bias", "utility_mae_fresh_images", "utility_mae_val_oob", "utility_bias_val_oob", "rank_correlation",
         "compliance_train", "compliance_val", "correlation_mean", "correlation_max", "ssim_mean", "images_per_second")

@@ -358,11 +358,16 @@ def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log=print,
     raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
   os.makedirs(out, exist_ok=True)
   study_path = os.path.join(out, "study.json")
+  # The preset's content, not only its name: a finished point of an older preset is not reused.
+  resolved = {d: pipeline.config_to_json(pipeline.preset(cfg.ipprotect_preset, d)) for d in cfg.datasets}
   if os.path.exists(study_path):
     with open(study_path) as f:
-      ensemble.check_same_config(_fingerprint(json.load(f)["config"]), _fingerprint(_json(cfg)), out)
+      saved = json.load(f)
+    ensemble.check_same_config({**_fingerprint(saved["config"]), "ipprotect_configs": saved.get("ipprotect_configs")},
+                               {**_fingerprint(_json(cfg)), "ipprotect_configs": resolved}, out)
   import jipguard
-  pipeline.write_json(study_path, {"config": _json(cfg), "jipguard_version": jipguard.__version__,
+  pipeline.write_json(study_path, {"config": _json(cfg), "ipprotect_configs": resolved,
+                                   "jipguard_version": jipguard.__version__,
                                    "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})
   t0 = time.perf_counter()
   points = []

@@ -208,6 +208,9 @@ def out_of_bag_mask(indices_MxS: np.ndarray, n: int) -> np.ndarray:
   return mask
 
 
+LOSSES = ("logits", "probs", "kl", "margin")
+
+
 @dataclasses.dataclass(frozen=True)
 class SanitizerConfig:
   """Parameters of the sanitizer (Table II and the robust options). See the module doc."""
@@ -219,8 +222,9 @@ class SanitizerConfig:
   model_batch: int | None = None  # B: models per step; None = round(0.95 |Omega_Tr|).
   data_batch: int = 5000          # B_D: images optimised together.
   learning_rate: float = 0.01     # Adam step size on the pixels.
-  loss: str = "logits"            # L on "logits" (paper), softmax "probs", or "kl" (distillation).
+  loss: str = "logits"            # L on "logits" (paper), softmax "probs", "kl" (distillation) or "margin".
   temperature: float = 1.0        # "probs" / "kl": compare softmax(logits / temperature).
+  margin: float = 1.0             # "margin": the logit margin kappa each model's class must win by.
   input_noise: float = 0.0        # Robust option: sigma of Gaussian noise on x~.
   hidden_dropout: float = 0.0     # Robust option: dropout of sampled models' hidden units.
   val_stop: bool = True           # Use Omega_V's stopping rule (False: T steps, no Omega_V).
@@ -230,8 +234,8 @@ class SanitizerConfig:
   out_of_bag: bool = False        # Fit each image only to the Omega_Tr models that did not train on it.
 
   def __post_init__(self):
-    if self.loss not in ("logits", "probs", "kl"):
-      raise ValueError(f"loss must be 'logits', 'probs' or 'kl', got {self.loss!r}")
+    if self.loss not in LOSSES:
+      raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {self.loss!r}")
     for name in ("steps", "data_batch", "val_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -239,10 +243,12 @@ class SanitizerConfig:
       raise ValueError("lam, tau, input_noise must be >= 0 and hidden_dropout in [0, 1)")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
+    if self.margin < 0:
+      raise ValueError(f"margin must be >= 0, got {self.margin}")
 
   def fingerprint(self) -> dict[str, Any]:
     """What must match to resume a sanitization (fields added later only when set: older runs resume)."""
-    return fingerprint(self, temperature=1.0, compact=True, out_of_bag=False)
+    return fingerprint(self, temperature=1.0, margin=1.0, compact=True, out_of_bag=False)
 
   def batch_of_models(self, num_train_models: int) -> int:
     b = self.model_batch or max(1, round(0.95 * num_train_models))
@@ -251,12 +257,22 @@ class SanitizerConfig:
     return b
 
 
-def _distance(a: jax.Array, b: jax.Array, kind: str, temperature: float = 1.0) -> jax.Array:
+def _distance(a: jax.Array, b: jax.Array, kind: str, temperature: float = 1.0, margin: float = 1.0
+              ) -> jax.Array:
   """L(a, b) between output vectors (last axis), ``b`` the target.
 
   ``logits``: L2 of the logits; ``probs``: L2 of softmax(logits / temperature);
-  ``kl``: KL(softmax(b / T) || softmax(a / T)), the distillation loss.
+  ``kl``: KL(softmax(b / T) || softmax(a / T)), the distillation loss;
+  ``margin``: the hinge max(max_{j != c} a_j - a_c + margin, 0) towards the target's class
+  c = argmax b (Carlini-Wagner): zero once the model predicts c by the margin, and its
+  gradient does not vanish where the model is saturated on a wrong class (where "probs" is
+  stuck, README).
   """
+  if kind == "margin":
+    c = jnp.argmax(b, axis=-1)
+    is_c = jax.nn.one_hot(c, a.shape[-1], dtype=bool)
+    a_c = jnp.sum(jnp.where(is_c, a, 0.0), axis=-1)
+    return jax.nn.relu(jnp.max(jnp.where(is_c, -jnp.inf, a), axis=-1) - a_c + margin)
   if kind == "kl":
     log_p, log_q = jax.nn.log_softmax(b / temperature), jax.nn.log_softmax(a / temperature)
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
@@ -299,7 +315,7 @@ def image_objective(x_tilde: jax.Array, target_MxC: jax.Array, anchor: jax.Array
         params, member_keys)
   else:
     logits_MxC = ensemble.apply(model, params, x_in[None], unroll=ensemble.unroll_members(params))[:, 0]
-  per_model = _distance(logits_MxC, target_MxC, cfg.loss, cfg.temperature)
+  per_model = _distance(logits_MxC, target_MxC, cfg.loss, cfg.temperature, cfg.margin)
   utility = jnp.sum(weights_M * per_model) / jnp.sum(weights_M)
   security = cfg.lam * jnp.maximum(rms_distance(x_tilde, anchor) - cfg.tau, 0.0)
   return utility + security, (utility, security)
@@ -348,7 +364,7 @@ def _val_loss(model, cfg, params_v, x, targets_v_BxVxC):
   if params_v is None:
     return jnp.full(x.shape[:1], jnp.nan)
   logits = jnp.swapaxes(ensemble.apply(model, params_v, x, unroll=ensemble.unroll_members(params_v)), 0, 1)
-  return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss, cfg.temperature), axis=1)
+  return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss, cfg.temperature, cfg.margin), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))

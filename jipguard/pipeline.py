@@ -58,14 +58,14 @@ def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfi
         dataset=dataset, buyer_size=24, seller_pool_size=1024, models_per_seller=2,
         seller_train=TrainConfig(epochs=1, batch_size=64), omega_train=TrainConfig(epochs=5, batch_size=16),
         omega_tr=6, omega_v=3,
-        sanitizer=SanitizerConfig(steps=40, data_batch=16, val_every=10, min_steps=20, loss="probs",
+        sanitizer=SanitizerConfig(steps=40, data_batch=16, val_every=10, min_steps=20, loss="margin",
                                   learning_rate=0.1, zeta=0.01, tau=table2["tau"]))
   if name == "default":
     return IPProtectConfig(
         dataset=dataset, buyer_size=300, models_per_seller=4,
         seller_train=TrainConfig(epochs=3, batch_size=128), omega_train=TrainConfig(epochs=30, batch_size=32),
         omega_tr=100, omega_v=table2["omega_v"],
-        sanitizer=SanitizerConfig(steps=300, data_batch=300, loss="probs", learning_rate=0.1, zeta=0.01,
+        sanitizer=SanitizerConfig(steps=300, data_batch=300, loss="margin", learning_rate=0.1, zeta=0.01,
                                   tau=table2["tau"], lam=0.1))
   if name == "paper":
     return IPProtectConfig(
@@ -183,6 +183,21 @@ def sampled_models(cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Datas
                                  **kwargs)
 
 
+def seller_models(cfg: IPProtectConfig, model: nn.Module, pool: data_lib.Dataset, root: str,
+                  **kwargs: Any) -> ensemble.EnsembleState:
+  """The run's sellers (Table I label noise, ``cfg.models_per_seller`` models each), trained or
+  restored from ``root`` (as :func:`sampled_models`); ``kwargs`` go to :func:`ipprotect.train_models`."""
+  key = jax.random.key(cfg.seed)
+  noise = ipprotect.TABLE_I_NOISE[ipprotect.table_i_family(pool.name)]
+  labels = ipprotect.seller_labels(jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller,
+                                   pool.num_classes)
+  return ipprotect.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
+                                num_members=len(labels),
+                                checkpoint_dir=_ensemble_dir(cfg, model, root, "sellers", cfg.seller_pool_size,
+                                                             cfg.models_per_seller, cfg.seller_train.fingerprint()),
+                                desc="sellers", **kwargs)
+
+
 def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
   """The run's anchor secret: given, or drawn once and kept in the private checkpoints."""
   if cfg.anchor_seed is not None:
@@ -228,20 +243,13 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
 
   buyer, pool = load_data(cfg)
   model = run_model(cfg, buyer)
-  key = jax.random.key(cfg.seed)
   noise = ipprotect.TABLE_I_NOISE[ipprotect.table_i_family(buyer.name)]
   timings = {}
 
   ens_dir = cfg.cache_dir or ckpt
 
   t = time.perf_counter()
-  labels = ipprotect.seller_labels(jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller,
-                                   pool.num_classes)
-  sellers = ipprotect.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
-                                   num_members=len(labels),
-                                   checkpoint_dir=_ensemble_dir(cfg, model, ens_dir, "sellers", cfg.seller_pool_size,
-                                                                cfg.models_per_seller, cfg.seller_train.fingerprint()),
-                                   desc="sellers", progress=progress, mesh=mesh)
+  sellers = seller_models(cfg, model, pool, ens_dir, progress=progress, mesh=mesh)
   timings["sellers_s"] = time.perf_counter() - t
 
   t = time.perf_counter()

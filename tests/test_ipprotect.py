@@ -283,6 +283,39 @@ def test_kl_loss_is_distillation_kl():
   np.testing.assert_allclose(ipprotect._distance(b, b, "kl"), 0.0, atol=1e-6)
 
 
+def test_margin_loss_is_the_cw_hinge_and_keeps_its_gradient_where_probs_saturates():
+  target = jnp.array([0.0, 3.0, 1.0])  # Class 1.
+  dist = lambda a, kind, **kw: ipprotect._distance(jnp.asarray(a), target, kind, **kw)
+  assert float(dist([0.0, 5.0, 1.0], "margin")) == 0.0                         # Wins by 4 >= 1.
+  assert float(dist([0.0, 5.0, 4.5], "margin")) == pytest.approx(0.5)          # Wins by 0.5 < 1.
+  assert float(dist([3.0, 1.0, 0.0], "margin", margin=2.0)) == pytest.approx(4.0)
+  # Saturated on a wrong class: the probability loss has no gradient left, the margin loss does.
+  saturated = jnp.array([60.0, 0.0, 0.0])
+  g_probs = jax.grad(lambda a: ipprotect._distance(a, target, "probs"))(saturated)
+  g_margin = jax.grad(lambda a: ipprotect._distance(a, target, "margin"))(saturated)
+  assert float(jnp.abs(g_probs).max()) < 1e-12
+  np.testing.assert_allclose(g_margin, [1.0, -1.0, 0.0])
+
+
+def test_margin_loss_makes_every_training_model_predict_its_class_on_the_original():
+  buyer, tr, _ = _setup()
+  cfg = dataclasses.replace(_CFG, loss="margin", margin=2.0, val_stop=False, steps=60)
+  out = ipprotect.sanitize_batch(_MODEL, tr, None, buyer.images[:8], cfg, start=0, seed=0, anchor_seed=7)
+  want = np.asarray(ensemble.apply(_MODEL, tr, buyer.images[:8]).argmax(-1))
+  got = np.asarray(ensemble.apply(_MODEL, tr, out.images))
+  start = ipprotect.starting_points(buyer.image_shape, 0, 8, seed=0, anchor_seed=7)[0]
+  assert (np.asarray(ensemble.apply(_MODEL, tr, start).argmax(-1)) == want).mean() < 0.5  # Noise: mostly wrong.
+  np.testing.assert_array_equal(got.argmax(-1), want)
+  # ... by the margin (up to the last step's size), with the images still far from the originals.
+  top2 = np.sort(got, -1)[..., -2:]
+  assert np.all(top2[..., 1] - top2[..., 0] > 1.5)
+  assert np.all(np.asarray(jax.vmap(ipprotect.rms_distance)(out.images, buyer.images[:8])) > 0.5)
+  assert "margin" not in ipprotect.SanitizerConfig().fingerprint()
+  assert ipprotect.SanitizerConfig(loss="margin", margin=2.0).fingerprint()["margin"] == 2.0
+  with pytest.raises(ValueError, match="margin must be >= 0"):
+    ipprotect.SanitizerConfig(margin=-1.0)
+
+
 def test_weight_decay_is_coupled_l2_and_kills_unused_weights():
   # A weight whose data gradient is always zero (an always-black pixel) decays to ~0 under the
   # coupled L2 (torch Adam's weight_decay) within ~|w| / lr steps, and stays put without it.
@@ -356,10 +389,17 @@ def test_saturation_diagnostic_restores_the_runs_sampled_models(tmp_path, capsys
       "saturation", os.path.join(os.path.dirname(__file__), "..", "experiments", "ipprotect_saturation.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  flags = ["--preset", "smoke", "--cache_dir", str(tmp_path)]
+  flags = ["--preset", "smoke", "--cache_dir", str(tmp_path), "--images", "8", "--checkpoints", "40", "5"]
   assert mod.main(flags) == 0
   first = capsys.readouterr().out
-  # One ensemble, where pipeline.run keeps a run's sampled models with this --cache_dir.
-  assert [d.split("-")[0] for d in os.listdir(tmp_path)] == ["omega"]
+  # The two ensembles, where pipeline.run keeps a run's models with this --cache_dir.
+  assert sorted(d.split("-")[0] for d in os.listdir(tmp_path)) == ["omega", "sellers"]
   found = re.findall(r"noise (\d\.\d+) \(> 0.999: (\d\.\d+)\)", first)
   assert len(found) == 2 and all(0 <= float(v) <= 1 for pair in found for v in pair)
+  # The trajectory, in step order; the smoke preset's margin loss fits every Omega_Tr model.
+  steps = re.findall(r"step (\d+): compliance Omega_Tr (\d\.\d+), stuck (\d\.\d+)", first)
+  assert [s[0] for s in steps] == ["5", "40"]
+  assert float(steps[-1][1]) == 1.0 and float(steps[-1][2]) == 0.0
+  # Rerun: the same, from the restored ensembles.
+  assert mod.main(flags) == 0
+  assert capsys.readouterr().out == first

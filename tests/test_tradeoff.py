@@ -116,5 +116,11 @@ def test_a_finished_sweep_resumes_without_recomputing(study, monkeypatch):
   assert mod.run_study(more_seeds, out, progress=False, log=lambda *_: None, report_only=True)["points"] == partial["points"]
   with pytest.raises(ValueError, match="dx_size"):
     mod.run_study(dataclasses.replace(cfg, dx_size=100), out, progress=False)
+  # A study made with another content of the same IPProtect preset name is refused, not mixed.
+  real_preset = mod.pipeline.preset
+  monkeypatch.setattr(mod.pipeline, "preset", lambda name, dataset: dataclasses.replace(
+      real_preset(name, dataset), sanitizer=dataclasses.replace(real_preset(name, dataset).sanitizer, loss="probs")))
+  with pytest.raises(ValueError, match="ipprotect_configs"):
+    mod.run_study(cfg, out, progress=False)
   with pytest.raises(ValueError, match="unknown methods"):
     mod.run_study(dataclasses.replace(cfg, methods=("ipprotect", "pca")), out, progress=False)
