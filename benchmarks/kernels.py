@@ -553,7 +553,7 @@ def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None
           tr_mods, v_mods, _nchw(buyer.images), _nchw(np.asarray(x0)), _nchw(np.asarray(anchors)), variant=variant,
           steps=cfg.steps, model_batch=cfg.batch_of_models(size.members), val_every=cfg.val_every,
           min_steps=cfg.min_steps, zeta=cfg.zeta, lr=cfg.learning_rate, lam=cfg.lam, tau=cfg.tau, loss=cfg.loss,
-          temperature=cfg.temperature, generator=gen)
+          temperature=cfg.temperature, margin=cfg.margin, generator=gen)
       torch_out[variant] = torch_sync((x.cpu().numpy().transpose(0, 2, 3, 1), taken.cpu().numpy()))
 
     timings[variant] = harness.time_calls(torch_run, 1 if repeats > 1 else repeats, budget_s)

@@ -247,8 +247,18 @@ def train_epoch(trainer: EnsembleTrainerLike, images_NxCxHxW: torch.Tensor, labe
 # ----------------------------------------------------------------- IPProtect sanitize step
 
 
-def _distance(a: torch.Tensor, b: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-  """``ipprotect._distance``: L2 over the last axis, of logits or of softmax(logits / T)."""
+def _distance(a: torch.Tensor, b: torch.Tensor, kind: str, temperature: float = 1.0, margin: float = 1.0
+              ) -> torch.Tensor:
+  """``ipprotect._distance``: L2 over the last axis, of logits or of softmax(logits / T), or the
+  hinge on the logit margin of b's class in a."""
+  if kind == "margin":
+    is_c = F.one_hot(b.argmax(-1), a.shape[-1]).bool()
+    a_c = torch.where(is_c, a, torch.zeros_like(a)).sum(-1)
+    other = torch.where(is_c, torch.full_like(a, -torch.inf), a).amax(-1)
+    return torch.clamp(other - a_c + margin, min=0.0)
+  if kind == "kl":
+    log_p, log_q = F.log_softmax(b / temperature, dim=-1), F.log_softmax(a / temperature, dim=-1)
+    return torch.sum(log_p.exp() * (log_p - log_q), dim=-1)
   if kind == "probs":
     a, b = F.softmax(a / temperature, dim=-1), F.softmax(b / temperature, dim=-1)
   return torch.sqrt(torch.sum(torch.square(a - b), dim=-1) + 1e-12)
@@ -266,12 +276,12 @@ class Sanitizer:
 
   def __init__(self, modules: Sequence[nn.Module], x_BxCxHxW: torch.Tensor, anchors_BxCxHxW: torch.Tensor,
                targets_BxMxC: torch.Tensor, *, variant: str, lr: float, lam: float, tau: float,
-               loss: str = "logits", temperature: float = 1.0):
+               loss: str = "logits", temperature: float = 1.0, margin: float = 1.0):
     self.modules = [m.eval().requires_grad_(False) for m in modules]
     self.x = x_BxCxHxW.clone().requires_grad_(True)
     self.anchors, self.targets = anchors_BxCxHxW, targets_BxMxC
     self.opt = torch.optim.Adam([self.x], lr=lr)
-    self.lam, self.tau, self.loss, self.temperature = lam, tau, loss, temperature
+    self.lam, self.tau, self.loss, self.temperature, self.margin = lam, tau, loss, temperature, margin
     if variant == "func":
       params, buffers = torch.func.stack_module_state(self.modules)
       base = copy.deepcopy(self.modules[0]).to("meta")
@@ -293,7 +303,7 @@ class Sanitizer:
   def step(self, weights_BxM: torch.Tensor) -> torch.Tensor:
     """One Adam step of every image; returns each image's utility loss before it."""
     self.opt.zero_grad(set_to_none=True)
-    per_model_BxM = _distance(self._logits(self.x), self.targets, self.loss, self.temperature)
+    per_model_BxM = _distance(self._logits(self.x), self.targets, self.loss, self.temperature, self.margin)
     utility_B = (weights_BxM * per_model_BxM).sum(1) / weights_BxM.sum(1)
     rms_B = torch.sqrt(torch.square(self.x - self.anchors).flatten(1).mean(1))
     total = (utility_B + self.lam * torch.clamp(rms_B - self.tau, min=0.0)).sum()
@@ -305,7 +315,8 @@ class Sanitizer:
 def sanitize_dataset(tr_modules: Sequence[nn.Module], v_modules: Sequence[nn.Module], images_BxCxHxW: torch.Tensor,
                      x0_BxCxHxW: torch.Tensor, anchors_BxCxHxW: torch.Tensor, *, variant: str, steps: int,
                      model_batch: int, val_every: int, min_steps: int, zeta: float, lr: float, lam: float,
-                     tau: float, loss: str, temperature: float = 1.0, generator: torch.Generator | None = None
+                     tau: float, loss: str, temperature: float = 1.0, margin: float = 1.0,
+                     generator: torch.Generator | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
   """The paper's Algorithm 1 on one batch of images, in PyTorch, as jipguard defines it.
 
@@ -324,7 +335,7 @@ def sanitize_dataset(tr_modules: Sequence[nn.Module], v_modules: Sequence[nn.Mod
   for m in v_modules:
     m.requires_grad_(False)
   san = Sanitizer(tr_modules, x0_BxCxHxW, anchors_BxCxHxW, targets, variant=variant, lr=lr, lam=lam, tau=tau,
-                  loss=loss, temperature=temperature)
+                  loss=loss, temperature=temperature, margin=margin)
   b, dev = images_BxCxHxW.shape[0], images_BxCxHxW.device
   active = torch.ones(b, dtype=torch.bool, device=dev)
   prev = torch.full((b,), float("inf"), device=dev)
@@ -339,7 +350,7 @@ def sanitize_dataset(tr_modules: Sequence[nn.Module], v_modules: Sequence[nn.Mod
     if t % val_every == 0:
       with torch.no_grad():
         logits_v = torch.stack([m(san.x) for m in v_modules], dim=1)
-        val = _distance(logits_v, targets_v, loss, temperature).mean(1)
+        val = _distance(logits_v, targets_v, loss, temperature, margin).mean(1)
       active &= ~((val - prev).abs() < zeta) | (t < min_steps)
       prev = val
       if not bool(active.any()):
