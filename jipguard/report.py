@@ -56,6 +56,14 @@ def seller_plot(m: dict[str, Any], path: str) -> None:
   save_figure(fig, path)
 
 
+def _loss_detail(s) -> str:
+  if s.loss == "margin":
+    return f" (kappa = {s.margin})"
+  if s.loss in ("probs", "kl") and s.temperature != 1.0:
+    return f" (temperature {s.temperature})"
+  return ""
+
+
 def write_ipprotect_report(workdir: str, cfg, m: dict[str, Any], buyer, result) -> None:
   """report.md, examples.png and sellers.png of an IPProtect run."""
   image_grid(buyer.images, result.images, os.path.join(workdir, "examples.png"),
@@ -74,7 +82,7 @@ def write_ipprotect_report(workdir: str, cfg, m: dict[str, Any], buyer, result) 
 Dataset `{cfg.dataset}`: buyer {m['num_images']} images ({m['data_source']['buyer']}),
 sellers trained on {m['data_source']['sellers']}. Model `{cfg.model or 'default'}`,
 |Omega_Tr| = {cfg.omega_tr}, |Omega_V| = {cfg.omega_v}, lambda = {s.lam}, tau = {s.tau}, zeta = {s.zeta},
-T = {s.steps}, B = {s.model_batch or 'round(0.95 |Omega_Tr|)'}, B_D = {s.data_batch}, loss = {s.loss},
+T = {s.steps}, B = {s.model_batch or 'round(0.95 |Omega_Tr|)'}, B_D = {s.data_batch}, loss = {s.loss}{_loss_detail(s)},
 lr = {s.learning_rate}, input noise = {s.input_noise}, hidden dropout = {s.hidden_dropout},
 stopping rule {'on' if s.val_stop else 'off (no Omega_V in the optimisation)'}, seed {cfg.seed}.
 

@@ -229,6 +229,7 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   assert not flat(ref) & flat(buyer)
   for name in ("config.json", "metrics.json", "report.md", "sanitized.npz", "examples.png", "sellers.png"):
     assert (tmp_path / name).exists(), name
+  assert "loss = margin (kappa = 1.0)" in (tmp_path / "report.md").read_text()  # The smoke preset's loss.
   # sanitized.npz: sanitized images and labels only, none of them (close to) an original.
   buyer, _ = pipeline.load_data(cfg)
   with np.load(tmp_path / "sanitized.npz") as f:
@@ -271,6 +272,10 @@ def test_experiment_flags_override_the_preset():
   assert pipeline.config_from_json(json.loads(json.dumps(pipeline.config_to_json(cfg)))) == cfg
   given = dataclasses.replace(cfg, anchor_seed=123456789)
   assert "123456789" not in json.dumps(pipeline.config_to_json(given))
+  cfg, _, _ = mod.parse(["--margin", "3"])
+  assert cfg.sanitizer.loss == "margin" and cfg.sanitizer.margin == 3.0  # The default preset's loss.
+  cfg, _, _ = mod.parse(["--loss", "probs", "--temperature", "2"])
+  assert cfg.sanitizer.loss == "probs" and cfg.sanitizer.temperature == 2.0
 
 
 def test_kl_loss_is_distillation_kl():
