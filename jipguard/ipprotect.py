@@ -15,7 +15,12 @@ Interpretations of the paper (documented in README too):
 * **L** is the L2 distance between the two logit vectors, ``||f(x~) - f(x)||_2`` (not
   squared), averaged over the step's model subset. ``loss="probs"`` compares softmax
   probabilities instead, ``loss="kl"`` takes KL(target || f(x~)) of the softmax outputs
-  (ablation options).
+  (ablation options). ``loss="margin"`` (the main job's default preset, not the paper's L)
+  is the hinge max(max_{j != c} f_j(x~) - f_c(x~) + margin, 0) with c = argmax f(x): each
+  model must keep its decision on x, by a logit margin. The probability loss has no
+  gradient where a model is saturated on a wrong class, and on larger buyer sets most
+  images reach such a point within 50 steps and stay there (README, Ablation); the hinge's
+  gradient there is +-1 on the two logits.
 * **D** is the per-pixel RMS distance ``||x~ - x_N||_2 / sqrt(d)``: the paper's
   tau = 1.3-1.65 only makes sense on a per-pixel scale (an N(0, 1) anchor is at RMS
   distance ~1.4 from another N(0, 1) draw, and ~1.1 from a [0, 1] Fashion-MNIST image).
