@@ -21,29 +21,32 @@ import numpy as np
 
 from jipguard import pipeline
 
-# Common scale: 200 buyer images, 8 sellers x 4 models, |Omega_V| = 10.
+# Common scale: 200 buyer images, 8 sellers x 4 models, |Omega_V| = 10. Every variant names its loss
+# (the preset's default changed from probs to margin; a variant must not change with it).
 BASE = ["--buyer_size", "200", "--steps", "500", "--quiet"]
 VARIANTS = {
     "paper reading (logits, lr 0.01, zeta 0.5)": ["--omega_tr", "10", "--loss", "logits", "--lr", "0.01",
                                                   "--zeta", "0.5"],
     "logits, lr 0.1": ["--omega_tr", "10", "--loss", "logits", "--lr", "0.1", "--zeta", "0.5"],
-    "probs, lr 0.1": ["--omega_tr", "10"],
-    "probs, temperature 4": ["--omega_tr", "10", "--temperature", "4"],
-    "probs, no stopping rule (T=500)": ["--omega_tr", "10", "--no_val_stop"],
-    "probs + input noise 1.0": ["--omega_tr", "10", "--input_noise", "1.0"],
-    "probs + hidden dropout 0.5": ["--omega_tr", "10", "--hidden_dropout", "0.5"],
-    "probs + noise 1.0 + dropout 0.5": ["--omega_tr", "10", "--input_noise", "1.0", "--hidden_dropout", "0.5"],
-    "probs, lambda 1, tau 0.8": ["--omega_tr", "10", "--lam", "1.0", "--tau", "0.8"],
-    "probs, |Omega_Tr| 50": ["--omega_tr", "50"],
+    "probs, lr 0.1": ["--loss", "probs", "--omega_tr", "10"],
+    "probs, temperature 4": ["--loss", "probs", "--omega_tr", "10", "--temperature", "4"],
+    "probs, no stopping rule (T=500)": ["--loss", "probs", "--omega_tr", "10", "--no_val_stop"],
+    "probs + input noise 1.0": ["--loss", "probs", "--omega_tr", "10", "--input_noise", "1.0"],
+    "probs + hidden dropout 0.5": ["--loss", "probs", "--omega_tr", "10", "--hidden_dropout", "0.5"],
+    "probs + noise 1.0 + dropout 0.5": ["--loss", "probs", "--omega_tr", "10", "--input_noise", "1.0", "--hidden_dropout", "0.5"],
+    "probs, lambda 1, tau 0.8": ["--loss", "probs", "--omega_tr", "10", "--lam", "1.0", "--tau", "0.8"],
+    "probs, |Omega_Tr| 50": ["--loss", "probs", "--omega_tr", "50"],
     "logits (paper), |Omega_Tr| 50": ["--omega_tr", "50", "--loss", "logits", "--lr", "0.01", "--zeta", "0.5"],
     "kl, lr 0.1": ["--omega_tr", "10", "--loss", "kl"],
-    "probs, weight decay 1e-3 (sellers and sample_models)": ["--omega_tr", "10", "--weight_decay", "1e-3"],
-    "probs, weight decay 1e-2 (sellers and sample_models)": ["--omega_tr", "10", "--weight_decay", "1e-2"],
-    "probs, out-of-bag models only": ["--omega_tr", "10", "--out_of_bag"],
-    "probs, out-of-bag models only, |Omega_Tr| 50": ["--omega_tr", "50", "--out_of_bag"],
+    "probs, weight decay 1e-3 (sellers and sample_models)": ["--loss", "probs", "--omega_tr", "10", "--weight_decay", "1e-3"],
+    "probs, weight decay 1e-2 (sellers and sample_models)": ["--loss", "probs", "--omega_tr", "10", "--weight_decay", "1e-2"],
+    "probs, out-of-bag models only": ["--loss", "probs", "--omega_tr", "10", "--out_of_bag"],
+    "probs, out-of-bag models only, |Omega_Tr| 50": ["--loss", "probs", "--omega_tr", "50", "--out_of_bag"],
     "margin 1, lr 0.1": ["--omega_tr", "10", "--loss", "margin"],
     "margin 5, lr 0.1": ["--omega_tr", "10", "--loss", "margin", "--margin", "5"],
     "margin 1, lr 0.1, |Omega_Tr| 50": ["--omega_tr", "50", "--loss", "margin"],
+    "margin 1, sample_models 5 epochs": ["--omega_tr", "10", "--loss", "margin", "--omega_epochs", "5"],
+    "margin 1, sample_models 10 epochs": ["--omega_tr", "10", "--loss", "margin", "--omega_epochs", "10"],
 }
 KEYS = ("utility_mae", "utility_bias", "utility_mae_fresh_images", "utility_mae_val_oob", "utility_bias_val_oob", "rank_correlation",
         "compliance_train", "compliance_val", "correlation_mean", "correlation_max", "ssim_mean", "images_per_second")

@@ -408,3 +408,18 @@ def test_saturation_diagnostic_restores_the_runs_sampled_models(tmp_path, capsys
   # Rerun: the same, from the restored ensembles.
   assert mod.main(flags) == 0
   assert capsys.readouterr().out == first
+
+
+def test_every_ablation_variant_parses_and_names_its_loss():
+  # A variant that left the loss to the preset would silently change when the preset does
+  # (it did: the default went from probs to margin).
+  import importlib.util
+  here = os.path.dirname(__file__)
+  spec = importlib.util.spec_from_file_location("ablation", os.path.join(here, "..", "experiments", "ipprotect_ablation.py"))
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  main = ablation._main_module()
+  for name, flags in ablation.VARIANTS.items():
+    assert "--loss" in flags, name
+    cfg, _, _ = main.parse(ablation.BASE + flags)
+    assert name.split(" ")[0].split(",")[0] in (cfg.sanitizer.loss, "paper"), name
