@@ -11,7 +11,8 @@ run's sellers and Omega_Tr / Omega_V (trained if absent, with ``--cache_dir`` as
    median norm of the probability loss's gradient at the noise, taken towards the buyer images'
    targets.
 2. The sanitizer with the run's loss and parameters, run without the stopping rule on the first
-   ``--images`` buyer images to each of ``--checkpoints`` steps (the same keys as the run): the
+   ``--images`` buyer images to each of ``--checkpoints`` steps (a fresh run each; the run's starting
+   noise and step keys, anchors from a fixed public seed instead of the run's secret): the
    fraction of (Omega_Tr model, image) pairs that predict the model's class on the original
    (compliance), the fraction of images fewer than half of Omega_Tr agree on ("stuck"), Omega_Tr's
    mean largest softmax probability on them, and the sellers' accuracy on them vs on the originals;
