@@ -234,6 +234,9 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
   if busy > 0.25 * (machine["cores"] or 1):
     lines += ["", f"**Not a quiet machine** (1-min load average {busy:.2f} on {machine['cores']} cores at the "
               "start): these timings are not fit to report; torch's OpenMP threads slow down most under contention."]
+  notes = [f"- {r['kernel']} {r['size']}: {r['summary']}" for r in rows if r.get("summary")]
+  if notes:
+    lines += ["", "Notes:", "", *notes]
   lines += [
       "",
       "Times are medians of the timed repeats after one warm-up run (JAX's warm-up compiles;",

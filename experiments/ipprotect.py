@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
   add("tau", float, "radius of the ball around the anchor (per-pixel RMS)")
   add("zeta", float, "stop an image when its Omega_V loss changes less than this")
   add("steps", int, "T: at most this many steps per image")
+  add("val_every", int, "check the stopping rule every this many steps")
+  add("min_steps", int, "never stop an image before this step")
   add("model_batch", int, "B: models per step (default 0.95 |Omega_Tr|)")
   add("data_batch", int, "B_D: images optimised together")
   add("lr", float, "Adam step size on the pixels")
@@ -80,6 +82,7 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
   top = {k: getattr(a, k) for k in ("data_dir", "model", "buyer_size", "seller_pool_size", "models_per_seller",
                                     "omega_tr", "omega_v", "seed", "anchor_seed", "cache_dir") if getattr(a, k) is not None}
   san = {k: getattr(a, src) for k, src in (("lam", "lam"), ("tau", "tau"), ("zeta", "zeta"), ("steps", "steps"),
+                                           ("val_every", "val_every"), ("min_steps", "min_steps"),
                                            ("model_batch", "model_batch"), ("data_batch", "data_batch"),
                                            ("learning_rate", "lr"), ("loss", "loss"), ("temperature", "temperature"),
                                            ("margin", "margin"), ("input_noise", "input_noise"),

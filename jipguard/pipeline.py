@@ -66,7 +66,7 @@ def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfi
         seller_train=TrainConfig(epochs=3, batch_size=128), omega_train=TrainConfig(epochs=30, batch_size=32),
         omega_tr=100, omega_v=table2["omega_v"],
         sanitizer=SanitizerConfig(steps=300, data_batch=300, loss="margin", learning_rate=0.1, zeta=0.01,
-                                  tau=table2["tau"], lam=0.1))
+                                  val_every=10, min_steps=50, tau=table2["tau"], lam=0.1))
   if name == "paper":
     return IPProtectConfig(
         dataset=dataset, models_per_seller=10, omega_tr=100, omega_v=table2["omega_v"],

@@ -102,3 +102,20 @@ def test_torch_reference_loss_equals_the_sanitizers(loss):
   want = ipprotect._distance(jnp.asarray(a), jnp.asarray(b), loss, 2.0, 1.5)
   got = torch_reference._distance(torch.from_numpy(a), torch.from_numpy(b), loss, 2.0, 1.5)
   np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_sanitize_dataset_row_times_torch_at_the_same_and_at_the_reference_schedule(tmp_path):
+  """The row runs torch with the preset's stopping schedule and again with REFERENCE_SCHEDULE."""
+  size = kernels.DatasetSize(6, 3, 48, steps=120, sellers=2)
+  row = kernels.sanitize_dataset_row(size, repeats=1)
+  schedule = kernels._dataset_problem(size)[-1]
+  assert (schedule.val_every, schedule.min_steps) != tuple(kernels.REFERENCE_SCHEDULE.values())
+  assert row["torch_reference_schedule"] == kernels.REFERENCE_SCHEDULE
+  # Every image runs at least min_steps under each schedule, and stops on a check step.
+  assert row["steps_mean_torch_reference_schedule"] >= kernels.REFERENCE_SCHEDULE["min_steps"]
+  assert schedule.min_steps <= row["steps_mean_jax"] < kernels.REFERENCE_SCHEDULE["min_steps"]
+  assert row["ratio_reference_schedule"] == pytest.approx(row["jax_s"] / row["torch_reference_schedule_s"])
+  for q in (row["quality_jax"], row["quality_torch"], row["quality_torch_reference_schedule"]):
+    assert set(q) == {"mae_omega_v", "compliance_omega_v", "mae_sellers", "compliance_sellers"}
+  harness.write(tmp_path, [row], harness.machine_info(["benchmarks/run.py"]) | {"loadavg_end": [0, 0, 0]})
+  assert "at the reference schedule" in (tmp_path / "results.md").read_text()
