@@ -471,6 +471,9 @@ def starting_points(image_shape: Sequence[int], start: int, count: int, *, seed:
   return x0, anchors, image_keys(jax.random.fold_in(root, 1), start, count)
 
 
+_COMPACT_AT = 2  # Compaction shrinks the batch once at most 1 / _COMPACT_AT of its slots are active.
+
+
 def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
                    cfg: SanitizerConfig, *, start: int, seed: int, anchor_seed: int,
                    pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -558,9 +561,9 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
     if not alive.any():
       break
     bucket = len(alive)
-    # Stop spending on converged images: once at most a quarter of the slots are active,
+    # Stop spending on converged images: once at most 1 / _COMPACT_AT of the slots are active,
     # continue with the active ones only, in a batch of the next power of two.
-    if cfg.compact and alive.sum() * 4 <= bucket:
+    if cfg.compact and alive.sum() * _COMPACT_AT <= bucket:
       write_back(slots)
       new_bucket = max(shards, int(2 ** np.ceil(np.log2(max(alive.sum(), 1)))))
       new_bucket = -(-new_bucket // shards) * shards
