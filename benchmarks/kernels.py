@@ -583,16 +583,16 @@ def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None
     timed_torch(best, REFERENCE_SCHEDULE, "reference")
     q_ref = _quality(model, buyer, torch_out["reference"][0], judges)
     err_ref, passed_ref = same_quality(q_ref)
-    ref_s = timings["reference"].median_s
+    ref_s, ref_steps = timings["reference"].median_s, float(torch_out["reference"][1].mean())
     extra = dict(torch_reference_schedule=REFERENCE_SCHEDULE, torch_reference_schedule_s=ref_s,
                  ratio_reference_schedule=jax_t.median_s / ref_s, quality_torch_reference_schedule=q_ref,
-                 steps_mean_torch_reference_schedule=float(torch_out["reference"][1].mean()),
+                 steps_mean_torch_reference_schedule=ref_steps,
                  check_reference_schedule_passed=passed_ref, check_reference_schedule_max_err=err_ref)
     extra["summary"] = (
         f"JAX and torch stop images every {schedule['val_every']} steps from step {schedule['min_steps']} "
         f"(mean steps JAX {steps_jax.mean():.1f}, torch {steps_torch.mean():.1f}). Torch {best} at the reference "
         f"schedule (every {REFERENCE_SCHEDULE['val_every']} from {REFERENCE_SCHEDULE['min_steps']}): "
-        f"{ref_s:.3g} s, mean steps {torch_out['reference'][1].mean():.1f}, JAX / it = "
+        f"{ref_s:.3g} s, mean steps {ref_steps:.1f}, JAX / it = "
         f"{extra['ratio_reference_schedule']:.3g}; seller MAE JAX {q_jax['mae_sellers']:.3f}, torch "
         f"{q_torch['mae_sellers']:.3f}, torch reference schedule {q_ref['mae_sellers']:.3f} "
         f"(same quality: {'yes' if passed_ref else 'NO'}).")

@@ -111,7 +111,7 @@ def test_sanitize_dataset_row_times_torch_at_the_same_and_at_the_reference_sched
   schedule = kernels._dataset_problem(size)[-1]
   assert (schedule.val_every, schedule.min_steps) != tuple(kernels.REFERENCE_SCHEDULE.values())
   assert row["torch_reference_schedule"] == kernels.REFERENCE_SCHEDULE
-  # Every image runs at least min_steps under each schedule, and stops on a check step.
+  # Every image runs at least min_steps under each schedule.
   assert row["steps_mean_torch_reference_schedule"] >= kernels.REFERENCE_SCHEDULE["min_steps"]
   assert schedule.min_steps <= row["steps_mean_jax"] < kernels.REFERENCE_SCHEDULE["min_steps"]
   assert row["ratio_reference_schedule"] == pytest.approx(row["jax_s"] / row["torch_reference_schedule_s"])

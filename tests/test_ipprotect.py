@@ -276,6 +276,10 @@ def test_experiment_flags_override_the_preset():
   assert cfg.sanitizer.loss == "margin" and cfg.sanitizer.margin == 3.0  # The default preset's loss.
   cfg, _, _ = mod.parse(["--loss", "probs", "--temperature", "2"])
   assert cfg.sanitizer.loss == "probs" and cfg.sanitizer.temperature == 2.0
+  cfg, _, _ = mod.parse([])
+  assert (cfg.sanitizer.val_every, cfg.sanitizer.min_steps) == (10, 50)  # The default preset's schedule.
+  cfg, _, _ = mod.parse(["--val_every", "25", "--min_steps", "75"])
+  assert (cfg.sanitizer.val_every, cfg.sanitizer.min_steps) == (25, 75)
 
 
 def test_kl_loss_is_distillation_kl():
