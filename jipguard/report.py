@@ -84,7 +84,7 @@ sellers trained on {m['data_source']['sellers']}. Model `{cfg.model or 'default'
 |Omega_Tr| = {cfg.omega_tr}, |Omega_V| = {cfg.omega_v}, lambda = {s.lam}, tau = {s.tau}, zeta = {s.zeta},
 T = {s.steps}, B = {s.model_batch or 'round(0.95 |Omega_Tr|)'}, B_D = {s.data_batch}, loss = {s.loss}{_loss_detail(s)},
 lr = {s.learning_rate}, input noise = {s.input_noise}, hidden dropout = {s.hidden_dropout},
-stopping rule {'on' if s.val_stop else 'off (no Omega_V in the optimisation)'}, seed {cfg.seed}.
+stopping rule {f'on (every {s.val_every} steps from step {s.min_steps})' if s.val_stop else 'off (no Omega_V in the optimisation)'}, seed {cfg.seed}.
 
 ## Utility preservation (lower MAE is better)
 

@@ -230,6 +230,7 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   for name in ("config.json", "metrics.json", "report.md", "sanitized.npz", "examples.png", "sellers.png"):
     assert (tmp_path / name).exists(), name
   assert "loss = margin (kappa = 1.0)" in (tmp_path / "report.md").read_text()  # The smoke preset's loss.
+  assert "stopping rule on (every 10 steps from step 20)" in (tmp_path / "report.md").read_text()  # smoke's schedule.
   # sanitized.npz: sanitized images and labels only, none of them (close to) an original.
   buyer, _ = pipeline.load_data(cfg)
   with np.load(tmp_path / "sanitized.npz") as f:
