@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jipguard import ensemble, metrics
+from jipguard import ensemble, metrics, models
 
 # --------------------------------------------------------------------------------------------
 # VGG up to conv5_1 (Def. 2).
@@ -381,7 +381,7 @@ class ZooCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
     del train  # No dropout or batch norm.
     for width in (32, 64):
-      x = nn.max_pool(nn.relu(nn.Conv(width, (3, 3))(x)), (2, 2), strides=(2, 2))
+      x = nn.max_pool(nn.relu(models.Conv(width, (3, 3))(x)), (2, 2), strides=(2, 2))
     if features:
       return x
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))

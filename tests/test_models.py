@@ -1,5 +1,6 @@
 """Tests for the papers' architectures."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -52,3 +53,66 @@ def test_cnn_dropout_depends_on_key():
 def test_unknown_model():
   with pytest.raises(ValueError, match="unknown model 'vgg'"):
     models.get_model("vgg", 10)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize(
+    "kernel,padding",
+    [((3, 3), "SAME"), ((5, 5), "SAME"), ((1, 1), "SAME"), ((3, 3), "VALID"), ((2, 4), "SAME"),
+     ((3, 3), ((2, 0), (1, 3)))],
+)
+def test_conv_hook_equals_lax_forward_and_gradients(kernel, padding):
+  """The models' convolution: XLA's forward, and both gradients, to float32 rounding."""
+  x = jax.random.normal(jax.random.key(0), (3, 9, 7, 4))
+  w = jax.random.normal(jax.random.key(1), (*kernel, 4, 5))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC)
+  new = lambda x, w: models.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC)
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)) * jnp.arange(5.0)[None, None, None, :])
+  assert jnp.array_equal(new(x, w), ref(x, w))
+  for got, want in zip(jax.grad(loss(new), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
+
+
+def test_conv_hook_takes_the_fast_kernel_gradient_only_where_it_applies():
+  """Stride 1 takes the product-form kernel gradient on CPU; stride 2 stays XLA's convolution."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+
+  def jaxpr(strides):
+    conv = lambda w: models.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=_NHWC)
+    return str(jax.make_jaxpr(conv)(w))
+
+  assert ("custom_vjp" in jaxpr((1, 1))) == (jax.default_backend() == "cpu")
+  assert "custom_vjp" not in jaxpr((2, 2))
+  w2 = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+  ref = jax.grad(lambda w: jnp.sum(jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=_NHWC)
+                                   * w2[0, 0, 0, 0]))(w)
+  got = jax.grad(lambda w: jnp.sum(models.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=_NHWC)
+                                   * w2[0, 0, 0, 0]))(w)
+  assert jnp.allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet8"])
+def test_conv_models_gradients_equal_plain_flax_convolutions(name, monkeypatch):
+  """The hook changes no parameter name and no gradient beyond float32 rounding."""
+  x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+  y = jnp.arange(4) % 10
+  model = models.get_model(name, 10)
+  variables = model.init(jax.random.key(1), x)
+
+  def grads():
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                              rngs={"dropout": jax.random.key(3)})
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
+    return jax.grad(loss)(variables["params"])
+
+  fast = grads()
+  monkeypatch.setattr(models, "Conv", nn.Conv)
+  plain_variables = model.init(jax.random.key(1), x)
+  assert jax.tree.structure(plain_variables) == jax.tree.structure(variables)
+  plain = grads()
+  for got, want in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
+    assert float(jnp.max(jnp.abs(got - want))) <= 1e-4 * float(jnp.max(jnp.abs(want))) + 1e-7
