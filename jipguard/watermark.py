@@ -99,7 +99,11 @@ def lct(images_NxHxWx3: jax.Array, k_deg: jax.Array, transform: jax.Array | None
   images = jnp.asarray(images_NxHxWx3, jnp.float32)
   _check_rgb(images)
   g = lct_matrix(k_deg, transform)
-  return jnp.clip(jnp.einsum("...c,dc->...d", images, g), 0.0, 1.0)
+  # ``images @ g.T`` written out per channel: XLA:CPU fuses it with the clip into one
+  # elementwise loop, where the 3x3 matmul ran as a separate dot (marking 40 signatures x 100
+  # MNIST images: 17 ms vs 33 ms; the grid search's marking + MLP forward 54 ms vs 80 ms).
+  channels = [sum(images[..., c] * g[d, c] for c in range(3)) for d in range(3)]
+  return jnp.clip(jnp.stack(channels, axis=-1), 0.0, 1.0)
 
 
 def user_transform(key: jax.Array, max_condition: float = 20.0) -> jax.Array:
