@@ -112,6 +112,16 @@ conv_fast_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
+def conv_layer(fast_kernel_grad: bool) -> Callable[..., nn.Module]:
+  """:data:`Conv`, or plain ``nn.Conv`` where forward-mode autodiff is needed.
+
+  ``jax.custom_vjp`` functions support reverse mode only: ``jax.jvp`` / ``jax.jacfwd`` through
+  a model built with :data:`Conv` raise ``TypeError: can't apply forward-mode autodiff (jvp)
+  to a custom_vjp function``. The conv models take ``fast_kernel_grad=False`` for that.
+  """
+  return Conv if fast_kernel_grad else nn.Conv
+
+
 class MLP(nn.Module):
   """IPProtect's MNIST / Fashion-MNIST network: a 3-layer ReLU DNN.
 
@@ -154,6 +164,8 @@ class CNN(nn.Module):
     dense: Width of the hidden dense layer.
     conv_dropout: Dropout after each conv block.
     dense_dropout: Dropout before the output layer.
+    fast_kernel_grad: Convolutions with the CPU kernel gradient of :func:`conv_general_dilated`
+      (False: plain ``nn.Conv``, for forward-mode autodiff; see :func:`conv_layer`).
   """
 
   num_classes: int = 10
@@ -161,13 +173,14 @@ class CNN(nn.Module):
   dense: int = 512
   conv_dropout: float = 0.25
   dense_dropout: float = 0.5
+  fast_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
     for width in self.widths:
       for _ in range(2):
-        x = nn.relu(norm()(Conv(width, (3, 3), use_bias=False)(x)))
+        x = nn.relu(norm()(conv_layer(self.fast_kernel_grad)(width, (3, 3), use_bias=False)(x)))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
       x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
@@ -181,16 +194,18 @@ class ResidualBlock(nn.Module):
 
   width: int
   strides: int = 1
+  fast_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    y = Conv(self.width, (3, 3), (self.strides, self.strides), use_bias=False)(x)
+    conv = conv_layer(self.fast_kernel_grad)
+    y = conv(self.width, (3, 3), (self.strides, self.strides), use_bias=False)(x)
     y = nn.relu(norm()(y))
-    y = Conv(self.width, (3, 3), use_bias=False)(y)
+    y = conv(self.width, (3, 3), use_bias=False)(y)
     y = norm(scale_init=nn.initializers.zeros)(y)
     if x.shape[-1] != self.width or self.strides != 1:
-      x = Conv(self.width, (1, 1), (self.strides, self.strides), use_bias=False)(x)
+      x = conv(self.width, (1, 1), (self.strides, self.strides), use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
@@ -206,20 +221,22 @@ class ResNet(nn.Module):
     num_classes: Number of output logits.
     stage_sizes: Blocks per stage.
     widths: Channels per stage.
+    fast_kernel_grad: As in :class:`CNN`.
   """
 
   num_classes: int = 10
   stage_sizes: Sequence[int] = (1, 1, 1)
   widths: Sequence[int] = (16, 32, 64)
+  fast_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = Conv(self.widths[0], (3, 3), use_bias=False)(x)
+    x = conv_layer(self.fast_kernel_grad)(self.widths[0], (3, 3), use_bias=False)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = ResidualBlock(width, strides)(x, train=train)
+        x = ResidualBlock(width, strides, self.fast_kernel_grad)(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 
