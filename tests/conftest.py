@@ -7,6 +7,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Experiments run in-process by the tests keep their compiled programs in memory only.
+os.environ["JIPGUARD_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
 

@@ -41,3 +41,44 @@ def test_two_processes_equal_one(tmp_path):
     if k != "process_count":
       np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
   assert len(set(a["steps"].tolist())) > 1  # The per-image stopping rule ran across hosts too.
+
+
+_CACHE_CHILD = """
+import sys, jax, jax.numpy as jnp
+from jipguard import distributed
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if "cache_hits" in event else None)
+print(distributed.enable_compilation_cache(sys.argv[1], min_compile_time_s=0.0))
+f = jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)
+print(float(f(jnp.arange(12.0).reshape(3, 4)).sum()))
+print(len(hits))
+"""
+
+
+def test_compilation_cache_is_reused_by_the_next_process(tmp_path):
+  """A second process finds the first one's compiled program on disk and computes the same."""
+  cache = tmp_path / "xla"
+  env = {k: v for k, v in _env(1).items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JIPGUARD_COMPILATION_CACHE")}
+  runs = [subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(cache)], env=env, capture_output=True, text=True,
+                         check=True).stdout.split() for _ in range(2)]
+  assert runs[0][0] == runs[1][0] == str(cache)
+  assert runs[0][1] == runs[1][1]  # Same value from the cached program.
+  assert int(runs[0][2]) == 0 and int(runs[1][2]) >= 1
+  assert any(cache.iterdir())
+
+
+def test_compilation_cache_flag_and_precedence(monkeypatch, tmp_path):
+  import argparse
+
+  from jipguard import distributed
+
+  parser = argparse.ArgumentParser()
+  distributed.add_flags(parser)
+  assert parser.parse_args([]).compilation_cache == "off"  # conftest keeps the tests' cache off.
+  assert distributed.enable_compilation_cache("off") is None
+  monkeypatch.delenv("JIPGUARD_COMPILATION_CACHE")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert distributed.default_compilation_cache() == str(tmp_path / "jipguard" / "xla")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+  assert distributed.enable_compilation_cache(tmp_path / "ours") == str(tmp_path / "jax")
+  assert not (tmp_path / "ours").exists()
