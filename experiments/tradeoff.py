@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from jipguard import data as data_lib
-from jipguard import ensemble, exposure, ipprotect, metrics, models, pipeline
+from jipguard import distributed, ensemble, exposure, ipprotect, metrics, models, pipeline
 
 METHODS = ("ipprotect", "identity", "random", "instahide", "dp_merf")
 HMEAN_METHODS = ("ipprotect", "dp_merf", "instahide")  # Table III's rows; Identity / Random are the two ends.
@@ -404,7 +404,7 @@ def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log=print,
   return t
 
 
-def parse(argv=None) -> tuple[StudyConfig, str, bool]:
+def parse(argv=None) -> tuple[StudyConfig, str, bool, bool, str]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="default", choices=["smoke", "default", "paper"])
   p.add_argument("--dataset", nargs="+", help="datasets (default: the embedded fashion_mnist_subset)")
@@ -423,6 +423,7 @@ def parse(argv=None) -> tuple[StudyConfig, str, bool]:
   p.add_argument("--vgg_size", type=int)
   p.add_argument("--report_only", action="store_true", help="only tabulate the points already finished")
   p.add_argument("--quiet", action="store_true")
+  distributed.add_compilation_cache_flag(p)
   a = p.parse_args(argv)
   cfg = preset(a.preset)
   over = {k: getattr(a, k) for k in ("data_dir", "buyer_size", "seller_pool_size", "dx_size", "vgg_weights",
@@ -438,11 +439,12 @@ def parse(argv=None) -> tuple[StudyConfig, str, bool]:
   cfg = dataclasses.replace(cfg, params=params, **over)
   if a.n_jobs:
     cfg = dataclasses.replace(cfg, zoo=dataclasses.replace(cfg.zoo, n_jobs=a.n_jobs))
-  return cfg, a.out or os.path.join("runs", f"tradeoff-{a.preset}"), a.quiet, a.report_only
+  return cfg, a.out or os.path.join("runs", f"tradeoff-{a.preset}"), a.quiet, a.report_only, a.compilation_cache
 
 
 def main(argv=None) -> int:
-  cfg, out, quiet, report_only = parse(argv)
+  cfg, out, quiet, report_only, compilation_cache = parse(argv)
+  distributed.enable_compilation_cache(compilation_cache)  # Before any compilation.
   t = run_study(cfg, out, progress=not quiet, report_only=report_only)
   print(table3_markdown(t))
   print(f"study directory: {out} (table3.md, table3.json, fig2*.png, points/); {t['wall_s']:.0f} s")

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jipguard import __version__, data, ensemble, report
+from jipguard import __version__, data, distributed, ensemble, report
 from jipguard import pipeline
 from jipguard import watermark as wm
 
@@ -491,6 +491,8 @@ def parse(argv=None):
   q.add_argument("--grid_step", type=float, default=1.0)
   q.add_argument("--gradient", action="store_true", help="refine with gradient search")
   q.add_argument("--plot", help="write the loss-vs-signature plot here (PNG)")
+  for q in sub.choices.values():
+    distributed.add_compilation_cache_flag(q)
   a = p.parse_args(argv)
   if a.cmd in ("multiuser", "sweep", "defences") and a.workdir is None:
     tag = {"multiuser": f"multiuser-{a.lct}" if a.cmd == "multiuser" else "", "sweep": f"sweep-{getattr(a, 'vary', '')}",
@@ -501,6 +503,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
   a = parse(argv)
+  distributed.enable_compilation_cache(a.compilation_cache)  # Before any compilation.
   if a.cmd == "mark":
     return cmd_mark(a)
   if a.cmd == "verify":

@@ -47,6 +47,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--coordinator_address", help="host:port of process 0")
   g.add_argument("--num_processes", type=int, help="number of processes in the job")
   g.add_argument("--process_id", type=int, help="this process's rank, 0..num_processes-1")
+  add_compilation_cache_flag(parser)
+
+
+def add_compilation_cache_flag(parser: argparse.ArgumentParser) -> None:
+  """``--compilation_cache`` (see :func:`enable_compilation_cache`), for every experiment."""
   parser.add_argument("--compilation_cache", default=default_compilation_cache(),
                       help="directory of JAX's persistent compilation cache, or 'off' (default: "
                            "$JIPGUARD_COMPILATION_CACHE, else $XDG_CACHE_HOME/jipguard/xla or ~/.cache/jipguard/xla; "
