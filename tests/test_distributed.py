@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from experiment_modules import load_experiment
+
 _WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
 
@@ -85,19 +87,9 @@ def test_compilation_cache_flag_and_precedence(monkeypatch, tmp_path):
 
 
 def test_every_experiment_takes_the_compilation_cache_flag(tmp_path):
-  import importlib.util
-
-  def load(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"{name}_cache_flag", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # Dataclasses look their module up there.
-    spec.loader.exec_module(mod)
-    return mod
-
   where = str(tmp_path / "c")
-  assert load("tradeoff").parse(["--compilation_cache", where])[-1] == where
-  watermark = load("watermark")
+  assert load_experiment("tradeoff").parse(["--compilation_cache", where])[-1] == where
+  watermark = load_experiment("watermark")
   for cmd in (["multiuser"], ["sweep", "--vary", sorted(watermark.SWEEPS)[0]], ["defences"]):
     assert watermark.parse([*cmd, "--compilation_cache", where]).compilation_cache == where
-  assert load("ipprotect")._parser().parse_args(["--compilation_cache", where]).compilation_cache == where
+  assert load_experiment("ipprotect")._parser().parse_args(["--compilation_cache", where]).compilation_cache == where

@@ -1,23 +1,14 @@
 """Tests for the IP exposure metrics: VGG loader and layer mapping, stand-ins, the zoo G, the harmonic mean."""
 
 import functools
-import importlib.util
 import math
-import os
 
 import jax
 import numpy as np
 import pytest
 
+from experiment_modules import load_script
 from jipguard import data, exposure
-
-
-def _script(name):
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +49,7 @@ def test_torchvision_state_dict_converts_and_loader_maps_every_layer(tmp_path):
   net = _torch_vgg("vgg16")
   pth, out = str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg16.npz")
   torch.save(net.state_dict(), pth)
-  _script("convert_vgg_weights").main(["--torch", pth, "--arch", "vgg16", "--out", out])
+  load_script("convert_vgg_weights").main(["--torch", pth, "--arch", "vgg16", "--out", out])
   w = exposure.load_vgg_weights(out)
   assert (w.arch, w.preprocessing) == ("vgg16", "torch")
   assert list(w.params) == exposure.vgg_layer_names("vgg16")
@@ -101,7 +92,7 @@ def test_state_dict_layer_mapping_without_torch(arch, last_index):
       sd[f"features.{index}.bias"] = (0.1 * rng.standard_normal(width)).astype(np.float32)
       index, c = index + 2, width
     index += 1
-  params = _script("convert_vgg_weights").convert_torch_state_dict(sd, arch)
+  params = load_script("convert_vgg_weights").convert_torch_state_dict(sd, arch)
   assert list(params) == exposure.vgg_layer_names(arch)
   x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
   ours = np.asarray(exposure.VGGFeatures(arch).apply({"params": params}, x))
@@ -111,7 +102,7 @@ def test_state_dict_layer_mapping_without_torch(arch, last_index):
 
 
 def test_converter_rejects_batch_norm_and_wrong_shapes():
-  conv = _script("convert_vgg_weights")
+  conv = load_script("convert_vgg_weights")
   with pytest.raises(ValueError, match="batch-norm"):
     conv.convert_torch_state_dict({"features.1.running_mean": np.zeros(64)}, "vgg16")
   sd = {"features.0.weight": np.zeros((64, 1, 3, 3)), "features.0.bias": np.zeros(64)}
@@ -130,7 +121,7 @@ def test_keras_h5_converts(tmp_path):
       g = f.create_group(layer).create_group(layer)
       g["kernel:0"], g["bias:0"] = params[name]["kernel"], params[name]["bias"]
   out = str(tmp_path / "k.npz")
-  _script("convert_vgg_weights").main(["--keras", path, "--out", out])
+  load_script("convert_vgg_weights").main(["--keras", path, "--out", out])
   w = exposure.load_vgg_weights(out)
   assert w.preprocessing == "caffe"
   for name in params:

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiment_modules import load_experiment
 from jipguard import data, ensemble, ipprotect, models, pipeline
 
 _MODEL = models.MLP(num_classes=10, hidden=(32,))
@@ -259,11 +260,7 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
 
 
 def test_experiment_flags_override_the_preset():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "ipprotect_main", os.path.join(os.path.dirname(__file__), "..", "experiments", "ipprotect.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_experiment("ipprotect", "ipprotect_main")
   cfg, workdir, _ = mod.parse(["--omega_tr", "10", "--lam", "0.5", "--no_val_stop", "--preset", "paper",
                                "--seller_epochs", "2"])
   assert cfg.omega_tr == 10 and cfg.sanitizer.lam == 0.5 and not cfg.sanitizer.val_stop
@@ -393,12 +390,8 @@ def test_out_of_bag_fits_each_image_only_to_its_eligible_models():
 
 
 def test_saturation_diagnostic_restores_the_runs_sampled_models(tmp_path, capsys):
-  import importlib.util
   import re
-  spec = importlib.util.spec_from_file_location(
-      "saturation", os.path.join(os.path.dirname(__file__), "..", "experiments", "ipprotect_saturation.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_experiment("ipprotect_saturation", "saturation")
   flags = ["--preset", "smoke", "--cache_dir", str(tmp_path), "--images", "8", "--checkpoints", "40", "5"]
   assert mod.main(flags) == 0
   first = capsys.readouterr().out
@@ -418,11 +411,7 @@ def test_saturation_diagnostic_restores_the_runs_sampled_models(tmp_path, capsys
 def test_every_ablation_variant_parses_and_names_its_loss():
   # A variant that left the loss to the preset would silently change when the preset does
   # (it did: the default went from probs to margin).
-  import importlib.util
-  here = os.path.dirname(__file__)
-  spec = importlib.util.spec_from_file_location("ablation", os.path.join(here, "..", "experiments", "ipprotect_ablation.py"))
-  ablation = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(ablation)
+  ablation = load_experiment("ipprotect_ablation", "ablation")
   main = ablation._main_module()
   for name, flags in ablation.VARIANTS.items():
     assert "--loss" in flags, name

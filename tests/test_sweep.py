@@ -1,17 +1,13 @@
 """The sweep runner: grid expansion, array tasks, finished configs skipped, failures logged."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("sweep", os.path.join(_ROOT, "experiments", "sweep.py"))
-sweep = importlib.util.module_from_spec(_spec)
-sys.modules["sweep"] = sweep  # dataclasses look their module up.
-_spec.loader.exec_module(sweep)
+from experiment_modules import load_experiment
+
+sweep = load_experiment("sweep", "sweep")
 
 # A stand-in experiment: records each run, fails for --omega_tr 13, writes metrics.json last.
 _FAKE = '''

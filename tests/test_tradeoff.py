@@ -1,25 +1,19 @@
 """The trade-off study end to end at ``--preset smoke``: points, resume, Table III, figures."""
 
 import functools
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
+from experiment_modules import load_experiment
 from jipguard import exposure
 
 
 @functools.cache
 def _tradeoff():
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "tradeoff.py")
-  spec = importlib.util.spec_from_file_location("tradeoff_experiment", path)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod  # Dataclasses look their module up there.
-  spec.loader.exec_module(mod)
-  return mod
+  return load_experiment("tradeoff")
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiment_modules import load_experiment
 from jipguard import data, sharding
 from jipguard import watermark as wm
 
@@ -212,12 +213,7 @@ def test_benchmark_kernel_matches_torch_reference():
 
 
 def test_cli_mark_and_verify(trained, tmp_path, capsys):
-  import importlib.util
-  import pathlib
-  spec = importlib.util.spec_from_file_location(
-      "wm_cli", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "watermark.py")
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_experiment("watermark", "wm_cli")
   wm.save_model(str(tmp_path / "model"), "mlp", 10, (28, 28, 3), trained["variables"])
   model, v, meta = wm.load_model(str(tmp_path / "model"))
   assert meta["image_shape"] == [28, 28, 3]
