@@ -125,7 +125,7 @@ class VGGFeatures(nn.Module):
     names = vgg_layer_names(self.arch, self.layer)
     for name in names:
       if name.endswith("_1") and name != "conv1_1":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = models.max_pool(x)
       x = nn.Conv(VGG_WIDTHS[int(name[4]) - 1], (3, 3), padding="SAME", name=name)(x)
       if name != names[-1] or self.relu:
         x = nn.relu(x)
@@ -381,7 +381,7 @@ class ZooCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
     del train  # No dropout or batch norm.
     for width in (32, 64):
-      x = nn.max_pool(nn.relu(models.Conv(width, (3, 3))(x)), (2, 2), strides=(2, 2))
+      x = models.max_pool(nn.relu(models.Conv(width, (3, 3))(x)))
     if features:
       return x
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))

@@ -30,6 +30,39 @@ from jax import lax
 import jax.numpy as jnp
 
 
+def _windows(x_BxHxWxC: jax.Array, size: int) -> jax.Array:
+  """``(B, H/s, s, W/s, s, C)`` view of the non-overlapping windows (trailing rows / columns dropped)."""
+  b, h, w, c = x_BxHxWxC.shape
+  x = x_BxHxWxC[:, : h // size * size, : w // size * size]
+  return x.reshape(b, h // size, size, w // size, size, c)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def max_pool(x_BxHxWxC: jax.Array, size: int = 2) -> jax.Array:
+  """Non-overlapping ``size`` x ``size`` max pooling, with an elementwise gradient.
+
+  The forward is ``nn.max_pool(x, (s, s), strides=(s, s))`` (XLA's reduce-window; a
+  trailing row or column that does not fill a window is dropped, as with VALID padding).
+  The derivative is a custom JVP on the windows (``x == max`` as a mask), whose transpose
+  is elementwise, instead of XLA's select-and-scatter, which on XLA:CPU took 10x longer
+  (CIFAR CNN, B=128: 68 ms vs 7 ms for the 32x32x32 pooling, ~20% of a member's training
+  step). A reshape-and-max forward would give the same gradient but ran the CNN's forward
+  20% slower (XLA:CPU fuses it worse than the reduce-window). Where a window's maximum is
+  tied, the derivative is split evenly over the tied entries (select-and-scatter gives it
+  all to the first one); after a ReLU the common tie is at zero, where both are zero.
+  """
+  return nn.max_pool(x_BxHxWxC, (size, size), strides=(size, size))
+
+
+@max_pool.defjvp
+def _max_pool_jvp(size, primals, tangents):
+  (x,), (t,) = primals, tangents
+  y = max_pool(x, size)
+  hit = (_windows(x, size) == y[:, :, None, :, None, :]).astype(t.dtype)
+  share = hit / jnp.sum(hit, axis=(2, 4), keepdims=True)
+  return y, jnp.sum(_windows(t, size) * share, axis=(2, 4))
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding,
                          lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers=None, feature_group_count: int = 1, precision=None,
@@ -181,7 +214,7 @@ class CNN(nn.Module):
     for width in self.widths:
       for _ in range(2):
         x = nn.relu(norm()(conv_layer(self.fast_kernel_grad)(width, (3, 3), use_bias=False)(x)))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x)
       x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.dense)(x))

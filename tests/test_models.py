@@ -1,5 +1,6 @@
 """Tests for the papers' architectures."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -118,3 +119,22 @@ def test_conv_models_gradients_equal_plain_flax_convolutions(name):
   if jax.default_backend() == "cpu":
     with pytest.raises(TypeError, match="forward-mode"):
       jax.jvp(lambda x: fast_model.apply(variables, x), (x,), (jnp.ones_like(x),))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 4)])  # (7, 9): a trailing row / column dropped.
+def test_max_pool_equals_flax_forward_and_gradient(shape):
+  x = jax.random.normal(jax.random.key(0), shape)  # Continuous: no tied maxima.
+  flax_pool = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))
+  assert models.max_pool(x).shape == flax_pool(x).shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  assert jnp.array_equal(models.max_pool(x), flax_pool(x))
+  cotangent = jax.random.normal(jax.random.key(1), flax_pool(x).shape)
+  grad = lambda pool: jax.grad(lambda a: jnp.sum(pool(a) * cotangent))(x)
+  assert jnp.array_equal(grad(models.max_pool), grad(flax_pool))
+  tangent = jax.random.normal(jax.random.key(2), x.shape)  # Forward mode works too (a custom JVP).
+  assert jnp.array_equal(jax.jvp(models.max_pool, (x,), (tangent,))[1], jax.jvp(flax_pool, (x,), (tangent,))[1])
+
+
+def test_max_pool_splits_the_gradient_of_tied_maxima():
+  x = jnp.array([[1.0, 1.0], [0.0, -1.0]]).reshape(1, 2, 2, 1)
+  grad = jax.grad(lambda a: models.max_pool(a).sum())(x)
+  assert jnp.array_equal(grad[0, :, :, 0], jnp.array([[0.5, 0.5], [0.0, 0.0]]))
