@@ -169,6 +169,7 @@ def machine_info(command: Sequence[str]) -> dict[str, Any]:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "loadavg": list(os.getloadavg()),
       "command": " ".join(["python", *command]),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 
@@ -258,7 +259,8 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
       f"- date: {machine['date']}",
       f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in machine['loadavg'])}; "
       f"at end (includes this run): {', '.join(f'{x:.2f}' for x in machine.get('loadavg_end', []))}",
-      f"- command: `{machine['command']}`",
+      f"- command: `{machine['command']}`"
+      + (f" with `XLA_FLAGS={machine['xla_flags']}`" if machine.get("xla_flags") else ""),
       "",
   ]
   return "\n".join(lines)
