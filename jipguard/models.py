@@ -45,11 +45,12 @@ def max_pool(x_BxHxWxC: jax.Array, size: int = 2) -> jax.Array:
   trailing row or column that does not fill a window is dropped, as with VALID padding).
   The derivative is a custom JVP on the windows (``x == max`` as a mask), whose transpose
   is elementwise, instead of XLA's select-and-scatter, which on XLA:CPU took 10x longer
-  (CIFAR CNN, B=128: 68 ms vs 7 ms for the 32x32x32 pooling, ~20% of a member's training
-  step). A reshape-and-max forward would give the same gradient but ran the CNN's forward
-  20% slower (XLA:CPU fuses it worse than the reduce-window). Where a window's maximum is
-  tied, the derivative is split evenly over the tied entries (select-and-scatter gives it
-  all to the first one); after a ReLU the common tie is at zero, where both are zero.
+  (CIFAR CNN, B=128, the 32x32x32 pooling after a ReLU: 76 ms vs 8 ms, where select-and-
+  scatter was ~20% of a member's training step). A reshape-and-max forward gives the same
+  gradient without a custom rule, but ran the CNN's B=1,000 forward in 416 ms instead of
+  341 ms (``benchmarks/README.md``). Where a window's maximum is tied, the derivative is
+  split evenly over the tied entries (select-and-scatter gives it all to the first one);
+  after a ReLU the common tie is at zero, where both are zero.
   """
   return nn.max_pool(x_BxHxWxC, (size, size), strides=(size, size))
 
