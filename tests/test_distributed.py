@@ -93,3 +93,19 @@ def test_every_experiment_takes_the_compilation_cache_flag(tmp_path):
   for cmd in (["multiuser"], ["sweep", "--vary", sorted(watermark.SWEEPS)[0]], ["defences"]):
     assert watermark.parse([*cmd, "--compilation_cache", where]).compilation_cache == where
   assert load_experiment("ipprotect")._parser().parse_args(["--compilation_cache", where]).compilation_cache == where
+
+
+def test_compilation_cache_shared_by_concurrent_processes(tmp_path):
+  """Array jobs sharing one cache: processes compiling and writing the same program at once all
+  succeed with the same value, and a later process reads the entry they left."""
+  cache = tmp_path / "xla"
+  env = {k: v for k, v in _env(1).items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JIPGUARD_COMPILATION_CACHE")}
+  child = [sys.executable, "-c", _CACHE_CHILD, str(cache)]
+  procs = [subprocess.Popen(child, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(4)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  values = {out.split()[1] for out, _ in outs}
+  later = subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout.split()
+  assert values == {later[1]}
+  assert int(later[2]) >= 1  # A cache hit on what the concurrent writers left.
