@@ -75,7 +75,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   :func:`conv_fast_kernel_grad`: the same forward and input gradient, and the kernel
   gradient as kh x kw matrix products instead of XLA:CPU's weight-gradient convolution,
   which runs at 6-25 GFLOP/s on this 2-core machine (3.5x slower than the product form
-  for the CIFAR CNN's 32->32 layer, B=128). Every other case, and every other backend,
+  for the CIFAR CNN's 32->32 layer, B=128). That slowness is YNNPACK's, which this jaxlib
+  uses for convolutions by default: with ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``
+  XLA's own weight gradient is as fast, but other kernels got slower (``benchmarks/README.md``,
+  "XLA:CPU's YNNPACK"). Every other case, and every other backend,
   is ``lax.conv_general_dilated`` unchanged. The forward values are bitwise the same;
   the kernel gradient agrees to float32 rounding (a different summation order).
   """
