@@ -79,6 +79,32 @@ def test_step_loop_equals_scan_epoch():
   assert not ensemble.has_convolutions(_trainer().init(keys, x))
 
 
+def test_member_major_epoch_equals_step_major(monkeypatch):
+  """Groups of members through the whole epoch (CPU's cache-sized passes) train what all
+  members at every step train; the automatic group is the largest divisor of M that fits."""
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(6, 256, 128)
+  model = models.MLP(num_classes=10, dropout=0.2)  # Per-member dropout keys matter.
+  fit = lambda per_pass: ensemble.EnsembleTrainer(model, _SGD, batch_size=32, members_per_pass=per_pass).fit(
+      keys, x, y, indices=indices, epochs=2, progress=False)
+  step_major = fit(0)
+  state = step_major.state
+  per_member = sum(a.nbytes for a in jax.tree.leaves((state.params, state.opt_state))) / 6
+  assert ensemble.members_per_pass(state) is None  # Small members: all at every step.
+  monkeypatch.setattr(ensemble, "_PASS_BYTES", 4.5 * per_member)
+  assert ensemble.members_per_pass(state) == 3  # 4 fit, 3 divides 6.
+  assert ensemble.members_per_pass(state, sharding.make_mesh(8, 1)) is None
+  for per_pass in (1, 2, None):
+    member_major = fit(per_pass)
+    _assert_trees_close(step_major.state, member_major.state, atol=2e-5)
+    np.testing.assert_allclose(step_major.history[-1]["loss"], member_major.history[-1]["loss"], rtol=1e-5)
+  with pytest.raises(ValueError, match="must divide the number of members"):
+    fit(4)
+  with pytest.raises(ValueError, match="members_per_pass"):
+    ensemble.EnsembleTrainer(_MLP, _SGD, batch_size=32, mesh=sharding.make_mesh(8, 1), members_per_pass=2)
+
+
 @pytest.mark.parametrize("m,model,mesh_shape", [(8, _CNN, (8, 1)), (6, _MLP, (8, 1)), (3, _CNN, (2, 4))],
                          ids=["cnn-step-loop", "mlp-scan-padded", "cnn-member2-data4"])
 def test_sharded_equals_unsharded(m, model, mesh_shape):
