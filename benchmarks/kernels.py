@@ -433,7 +433,9 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
   variables = jax.device_put(state.variables)
   args = [jax.device_put(a) for a in (targets, anchors, weights)]
   keys = jax.random.split(jax.random.key(1), size.images)
-  step = functools.partial(ipprotect.sanitize_step_jit, model=model, cfg=cfg)
+  # The members per pass `ipprotect.sanitize_batch` uses (groups of members on CPU).
+  per_pass = ensemble.members_per_pass(state.params)
+  step = functools.partial(ipprotect.sanitize_step_jit, model=model, cfg=cfg, members_per_pass=per_pass)
 
   # Equivalence: from the same start, every side's per-image utility losses agree at each of
   # `check_steps` + 1 steps (the last one measures the pixels after `check_steps` updates).
@@ -464,7 +466,8 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
              for name, impl in sanitizers.items()}
   return harness.make_row(
       "sanitize_step", size.label, size.flops, jax_t, compile_clock.seconds, timings["func"], timings["loop"],
-      members=size.members, images=size.images, check_max_rel_err=err, check_passed=err < CHECK_RTOL,
+      members=size.members, images=size.images, members_per_pass=per_pass, check_max_rel_err=err,
+      check_passed=err < CHECK_RTOL,
       check=f"per-image utility losses of {check_steps + 1} steps from the same start")
 
 

@@ -13,7 +13,6 @@ Omega_V, correlation and SSIM to the originals, images/s).
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 

@@ -424,7 +424,7 @@ def dp_merf_train_generator(key: jax.Array, embedding_FxC: np.ndarray, frequenci
                                             code_dim=config.code_dim, learning_rate=config.learning_rate)
     chunk = np.asarray(chunk)[:config.steps - start]
     if not np.all(np.isfinite(chunk)):
-      raise FloatingPointError(f"DP-MERF generator loss became non-finite by step {start + steps}")
+      raise FloatingPointError(f"DP-MERF generator loss became non-finite by step {start + len(chunk)}")
     losses.append(chunk)
   return GeneratorFit(params, generator, config, np.concatenate(losses))
 

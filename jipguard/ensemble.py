@@ -253,22 +253,27 @@ train_step = jax.jit(_train_step, static_argnames=("model", "tx", "unroll_member
                      donate_argnums=(0,))
 
 
-# Bytes of parameters + batch statistics + optimiser state per member-major pass on CPU (a
-# quarter of this machine's 32 MiB L3). M=100 MLPs 784-256-256-10 (3.2 MB each with Adam),
-# one epoch of N=10,000 at B=128 on 2 cores: all members per step 12.8 s; 25 per pass 11.9 s,
-# 5: 10.8 s, 2: 10.1 s, 1: 10.7 s (benchmarks/README.md, "Member-major epochs").
+# Bytes of member state per pass on CPU (a quarter of this machine's 32 MiB L3). On 2 cores,
+# one training epoch of M=100 MLPs 784-256-256-10 (3.2 MB each with Adam's moments), N=10,000,
+# B=128: all members per step 12.8 s; 25 per pass 11.9 s, 5: 10.8 s, 2: 10.1 s, 1: 10.7 s.
+# One sanitize step of those 100 MLPs (1.1 MB each) on 256 images: all at once 268 ms; 25 per
+# pass 224 ms, 10: 192 ms, 5: 188 ms (benchmarks/README.md, "Members per pass").
 _PASS_BYTES = 8 << 20
 
 
-def members_per_pass(state: EnsembleState, mesh: jax.sharding.Mesh | None = None) -> int | None:
-  """The automatic ``members_per_pass`` of :func:`train_epoch`: None (all members per step)
-  unless the ensemble is unsharded on CPU and its state exceeds ``_PASS_BYTES``; then the
-  largest divisor G of M whose G members' state fits in it (at least 1)."""
-  if mesh is not None or jax.default_backend() != "cpu":
+def members_per_pass(tree: EnsembleState | PyTree, mesh: jax.sharding.Mesh | None = None) -> int | None:
+  """How many members of an ensemble (``tree``: its state or parameters, leading member axis)
+  a CPU program should take at a time (:func:`train_epoch`, ``ipprotect.sanitize_step``).
+
+  None (all members at once) on other backends, with a ``mesh``, for conv models (unrolled
+  instead, :func:`unroll_members`) and when all members fit in ``_PASS_BYTES``; otherwise
+  the largest divisor G of M whose G members fit in it (at least 1).
+  """
+  if mesh is not None or jax.default_backend() != "cpu" or has_convolutions(tree):
     return None
-  leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
+  leaves = [leaf for leaf in jax.tree.leaves(tree) if leaf.ndim]
   m = leaves[0].shape[0]
-  per_member = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves if leaf.ndim) / m
+  per_member = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) / m
   g = max(1, int(_PASS_BYTES // per_member))
   if g >= m:
     return None

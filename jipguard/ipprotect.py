@@ -309,21 +309,38 @@ def image_objective(x_tilde: jax.Array, target_MxC: jax.Array, anchor: jax.Array
   Returns:
     ``(total, (utility, security))``.
   """
+  x_in, member_keys = _objective_inputs(x_tilde, key, weights_M.shape[0], cfg)
+  utility = _utility_sum(x_in, target_MxC, weights_M, member_keys, params, model=model, cfg=cfg) / jnp.sum(weights_M)
+  security = _security(x_tilde, anchor, cfg)
+  return utility + security, (utility, security)
+
+
+def _objective_inputs(x_tilde: jax.Array, key: jax.Array, num_members: int, cfg: SanitizerConfig
+                      ) -> tuple[jax.Array, jax.Array | None]:
+  """The models' input (x~ plus the robust input noise) and per-member dropout keys (or None)."""
   noise_key, drop_key = jax.random.split(key)
   x_in = x_tilde
   if cfg.input_noise > 0:
     x_in = x_in + cfg.input_noise * jax.random.normal(noise_key, x_in.shape)
-  if cfg.hidden_dropout > 0:
+  member_keys = jax.random.split(drop_key, num_members) if cfg.hidden_dropout > 0 else None
+  return x_in, member_keys
+
+
+def _utility_sum(x_in: jax.Array, target_MxC: jax.Array, weights_M: jax.Array, member_keys: jax.Array | None,
+                 params: Any, *, model: nn.Module, cfg: SanitizerConfig) -> jax.Array:
+  """sum_m w_m L(f_m(x_in), target_m) over the members of ``params`` (one image; not normalised)."""
+  if member_keys is not None:
     dropped = model.clone(dropout=cfg.hidden_dropout)
-    member_keys = jax.random.split(drop_key, weights_M.shape[0])
     logits_MxC = jax.vmap(lambda v, k: dropped.apply(v, x_in[None], train=True, rngs={"dropout": k})[0])(
         params, member_keys)
   else:
     logits_MxC = ensemble.apply(model, params, x_in[None], unroll=ensemble.unroll_members(params))[:, 0]
-  per_model = _distance(logits_MxC, target_MxC, cfg.loss, cfg.temperature, cfg.margin)
-  utility = jnp.sum(weights_M * per_model) / jnp.sum(weights_M)
-  security = cfg.lam * jnp.maximum(rms_distance(x_tilde, anchor) - cfg.tau, 0.0)
-  return utility + security, (utility, security)
+  return jnp.sum(weights_M * _distance(logits_MxC, target_MxC, cfg.loss, cfg.temperature, cfg.margin))
+
+
+def _security(x_tilde: jax.Array, anchor: jax.Array, cfg: SanitizerConfig) -> jax.Array:
+  """The hinge lambda max(D(x~, x_N) - tau, 0) of Eq. 9."""
+  return cfg.lam * jnp.maximum(rms_distance(x_tilde, anchor) - cfg.tau, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,24 +361,64 @@ def optimizer(cfg: SanitizerConfig) -> optax.GradientTransformation:
 
 def sanitize_step(params_tr: Any, x_BxHxWxC: jax.Array, opt_state: Any, targets_BxMxC: jax.Array,
                   anchors: jax.Array, weights_BxM: jax.Array, keys_B: jax.Array, *, model: nn.Module,
-                  cfg: SanitizerConfig) -> tuple[jax.Array, Any, jax.Array]:
+                  cfg: SanitizerConfig, members_per_pass: int | None = None) -> tuple[jax.Array, Any, jax.Array]:
   """One step of Algorithm 1 for a batch of images (the sanitizer's hot kernel).
 
   Every image's Eq. 9 under its own model subset (``weights_BxM``), its gradient with
   respect to the pixels only, and the optimiser update.
 
+  ``members_per_pass`` G (a divisor of M; None: all M at once) sums the utility and its
+  gradient over groups of G members in a ``lax.scan``: the same sum, but each group's
+  weights and activations stay in the CPU's cache (``ensemble.members_per_pass``; for 100
+  MLPs 784-256-256-10 and 256 images, G=5 runs the step 1.4x faster on 2 cores).
+
   Returns:
     ``(x, opt_state, utility_B)``: the updated images and optimiser state, and each
     image's utility loss before the update.
   """
-  objective = functools.partial(image_objective, model=model, cfg=cfg)
-  grad_fn = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))
-  (_, (util, _)), grads = grad_fn(x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, params_tr)
+  m = weights_BxM.shape[1]
+  if members_per_pass is None or members_per_pass >= m:
+    objective = functools.partial(image_objective, model=model, cfg=cfg)
+    grad_fn = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))
+    (_, (util, _)), grads = grad_fn(x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, params_tr)
+  else:
+    util, grads = _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B,
+                                         model=model, cfg=cfg, members_per_pass=members_per_pass)
   updates, opt_state = optimizer(cfg).update(grads, opt_state, x_BxHxWxC)
   return optax.apply_updates(x_BxHxWxC, updates), opt_state, util
 
 
-sanitize_step_jit = jax.jit(sanitize_step, static_argnames=("model", "cfg"))
+def _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, *, model, cfg,
+                           members_per_pass):
+  """:func:`image_objective`'s utility and the gradient of its total, summed over member groups."""
+  b, m = weights_BxM.shape
+  if m % members_per_pass:
+    raise ValueError(f"members_per_pass={members_per_pass} must divide |Omega_Tr| ({m})")
+  groups = m // members_per_pass
+  x_in, member_keys = jax.vmap(lambda x, k: _objective_inputs(x, k, m, cfg))(x_BxHxWxC, keys_B)
+  norm_B = jnp.sum(weights_BxM, axis=1)
+  # Per-image (B, M, ...) -> (groups, B, G, ...); per-member (M, ...) -> (groups, G, ...).
+  per_image = lambda a: jnp.moveaxis(a.reshape(b, groups, members_per_pass, *a.shape[2:]), 1, 0)
+  per_member = lambda a: a.reshape(groups, members_per_pass, *a.shape[1:])
+
+  def utility(x, target, weights, keys, params, norm):
+    return _utility_sum(x, target, weights, keys, params, model=model, cfg=cfg) / norm
+
+  value_and_grad = jax.vmap(jax.value_and_grad(utility), in_axes=(0, 0, 0, 0, None, 0))
+
+  def body(carry, group):
+    params, targets, weights, keys = group
+    util, grads = value_and_grad(x_in, targets, weights, keys, params, norm_B)
+    return (carry[0] + util, carry[1] + grads), None
+
+  xs = (jax.tree.map(per_member, params_tr), per_image(targets_BxMxC), per_image(weights_BxM),
+        jax.tree.map(per_image, member_keys))
+  (util, grads), _ = jax.lax.scan(body, (jnp.zeros_like(norm_B), jnp.zeros_like(x_in)), xs)
+  # d x_in / d x~ is the identity (the noise does not depend on x~).
+  return util, grads + jax.vmap(jax.grad(functools.partial(_security, cfg=cfg)))(x_BxHxWxC, anchors)
+
+
+sanitize_step_jit = jax.jit(sanitize_step, static_argnames=("model", "cfg", "members_per_pass"))
 
 
 def _val_loss(model, cfg, params_v, x, targets_v_BxVxC):
@@ -381,8 +438,9 @@ def _start(params_tr, params_v, x_BxHxWxC, x0, *, model, cfg):
   return targets, targets_v, optimizer(cfg).init(x0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg", "model_batch", "treedef"))
-def _run_steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, model_batch, treedef):
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "model_batch", "treedef", "members_per_pass"))
+def _run_steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, model_batch, treedef,
+               members_per_pass=None):
   """Steps t..t_end-1 of every active image (one jitted while loop).
 
   ``slots`` holds per-image arrays with a leading image axis: ``x``, ``mu`` / ``nu``
@@ -408,7 +466,7 @@ def _run_steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, mode
       weights = weights * s["mask"]
       weights = jnp.where(jnp.sum(weights, axis=1, keepdims=True) > 0, weights, s["mask"])
     new_x, new_opt, util = sanitize_step(params_tr, s["x"], opt_state, s["targets"], s["anchors"], weights,
-                                         obj_keys, model=model, cfg=cfg)
+                                         obj_keys, model=model, cfg=cfg, members_per_pass=members_per_pass)
     active = s["active"]
     keep = lambda new, old: jnp.where(active.reshape(-1, *[1] * (new.ndim - 1)), new, old)
     new_shared, new_per_image = _split_leaves(jax.tree.leaves(new_opt))
@@ -536,7 +594,7 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
            "steps": jnp.zeros((b,), jnp.int32), "last_train": jnp.full((b,), jnp.nan), "targets": targets,
            "targets_v": targets_v, "anchors": anchors, "keys": step_keys, **extra}
   run = functools.partial(_run_steps, params_tr, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
-                          treedef=treedef)
+                          treedef=treedef, members_per_pass=ensemble.members_per_pass(params_tr, mesh))
 
   # Host-side results, filled as images finish (compaction) and at the end.
   out_x = np.zeros((b, *shape), np.float32)

@@ -104,6 +104,47 @@ def test_sharded_sanitize_equals_single_device(mesh_shape):
                              mesh=sharding.make_mesh(4, 2))  # |Omega_Tr| = 6 members on 4 shards.
 
 
+@pytest.mark.parametrize("robust", [False, True], ids=["plain", "noise-dropout"])
+def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
+  """Summing Eq. 9 over groups of members (CPU's cache-sized passes) gives the objective's
+  own gradient and utility, per image and with the robust options' randomness; a whole
+  sanitization with the automatic groups forced small takes the same steps to the same images."""
+  buyer, tr, va = _setup()
+  cfg = dataclasses.replace(_CFG, input_noise=0.1 * robust, hidden_dropout=0.2 * robust, tau=0.5)  # Hinge active.
+  x = jnp.asarray(buyer.images[:4])
+  targets = jnp.swapaxes(ensemble.apply(_MODEL, tr, x), 0, 1)
+  anchors = jax.random.normal(jax.random.key(1), x.shape)
+  weights = jnp.asarray(np.random.default_rng(0).random((4, 6)) < 0.7, jnp.float32).at[:, 0].set(1)
+  keys = jax.random.split(jax.random.key(2), 4)
+  objective = functools.partial(ipprotect.image_objective, model=_MODEL, cfg=cfg)
+  (_, (util, _)), grads = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))(
+      x + 0.3, targets, anchors, weights, keys, tr)
+  assert float(jnp.min(jnp.abs(grads).sum((1, 2, 3)))) > 0
+  opt = ipprotect.optimizer(cfg).init(x)
+  whole = ipprotect.sanitize_step(tr, x + 0.3, opt, targets, anchors, weights, keys, model=_MODEL, cfg=cfg)
+  for per_pass in (1, 2, 3):
+    got_util, got_grads = ipprotect._grouped_utility_grads(tr, x + 0.3, targets, anchors, weights, keys,
+                                                           model=_MODEL, cfg=cfg, members_per_pass=per_pass)
+    np.testing.assert_allclose(got_util, util, rtol=1e-5)
+    np.testing.assert_allclose(got_grads, grads, rtol=1e-4, atol=1e-7)
+    step = ipprotect.sanitize_step(tr, x + 0.3, opt, targets, anchors, weights, keys, model=_MODEL, cfg=cfg,
+                                   members_per_pass=per_pass)
+    np.testing.assert_allclose(step[2], whole[2], rtol=1e-5)
+  with pytest.raises(ValueError, match="must divide"):
+    ipprotect.sanitize_step(tr, x, opt, targets, anchors, weights, keys, model=_MODEL, cfg=cfg, members_per_pass=4)
+  if robust:
+    return
+  run = lambda: ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
+  assert ensemble.members_per_pass(tr) is None
+  whole = run()
+  monkeypatch.setattr(ensemble, "_PASS_BYTES", 2.5 * sum(a[0].nbytes for a in jax.tree.leaves(tr)))
+  assert ensemble.members_per_pass(tr) == 2
+  grouped = run()
+  np.testing.assert_array_equal(grouped.steps, whole.steps)
+  np.testing.assert_allclose(grouped.images, whole.images, atol=1e-4)
+  np.testing.assert_allclose(grouped.val_loss, whole.val_loss, atol=1e-5)
+
+
 def test_compaction_drops_stopped_images_and_changes_nothing():
   """With 16 images of which most stop early, the loop continues on a smaller batch."""
   buyer, tr, va = _setup()
