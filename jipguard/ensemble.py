@@ -253,12 +253,13 @@ train_step = jax.jit(_train_step, static_argnames=("model", "tx", "unroll_member
                      donate_argnums=(0,))
 
 
-# Bytes of member state per pass on CPU (a quarter of this machine's 32 MiB L3). On 2 cores,
-# one training epoch of M=100 MLPs 784-256-256-10 (3.2 MB each with Adam's moments), N=10,000,
-# B=128: all members per step 12.8 s; 25 per pass 11.9 s, 5: 10.8 s, 2: 10.1 s, 1: 10.7 s.
-# One sanitize step of those 100 MLPs (1.1 MB each) on 256 images: all at once 268 ms; 25 per
-# pass 224 ms, 10: 192 ms, 5: 188 ms (benchmarks/README.md, "Members per pass").
-_PASS_BYTES = 8 << 20
+# Bytes of member state per pass on CPU (about a third of this machine's 32 MiB L3). On 2
+# cores, one training epoch of M=100 MLPs 784-256-256-10 (3.2 MB each with Adam's moments),
+# N=10,000, B=128: all members per step 12.8 s; 25 per pass 11.9 s, 5: 10.8 s, 2: 10.1 s,
+# 1: 10.7 s. One sanitize step of 256 images through those 100 MLPs (1.1 MB each): all at
+# once 268 ms; 20 per pass 222 ms, 10: 199 ms, 5: 193 ms, 4: 197 ms; through 10 of them: all
+# at once 19.6 ms, 5 per pass 21.1 ms (benchmarks/README.md, "Members per pass").
+_PASS_BYTES = 12 << 20
 
 
 def members_per_pass(tree: EnsembleState | PyTree, mesh: jax.sharding.Mesh | None = None) -> int | None:
