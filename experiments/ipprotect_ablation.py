@@ -12,7 +12,6 @@ Omega_V, correlation and SSIM to the originals, images/s).
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -51,14 +50,6 @@ KEYS = ("utility_mae", "utility_bias", "utility_mae_fresh_images", "utility_mae_
         "compliance_train", "compliance_val", "correlation_mean", "correlation_max", "ssim_mean", "images_per_second")
 
 
-def _main_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipprotect.py")
-  spec = importlib.util.spec_from_file_location("ipprotect_main", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="runs/ablation")
@@ -66,14 +57,13 @@ def main(argv=None) -> int:
   p.add_argument("--only", nargs="*", help="substrings of variant names to run")
   p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
   a = p.parse_args(argv)
-  main_mod = _main_module()
   results = {}
   for name, flags in VARIANTS.items():
     if a.only and not any(s in name for s in a.only):
       continue
     for seed in a.seeds:
       slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-      cfg, _, _ = main_mod.parse(BASE + flags + a.extra + [
+      cfg, _, _ = pipeline.config_from_flags(BASE + flags + a.extra + [
           "--seed", str(seed), "--cache_dir", os.path.join(a.out, f"cache-s{seed}")])
       m = pipeline.run(cfg, os.path.join(a.out, f"{slug}-s{seed}"), progress=False)
       row = {k: np.nan if m.get(k) is None else m[k] for k in KEYS}  # None: not measurable for this run.

@@ -21,7 +21,6 @@ run's sellers and Omega_Tr / Omega_V (trained if absent, with ``--cache_dir`` as
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 
@@ -35,14 +34,6 @@ _TEMPERATURES = (1.0, 4.0)
 _NOISE_IMAGES = 500
 
 
-def _main_module():
-  spec = importlib.util.spec_from_file_location(
-      "ipprotect_main", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipprotect.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(add_help=False)
   p.add_argument("--images", type=int, default=300, help="buyer images the trajectory follows")
@@ -50,7 +41,7 @@ def main(argv=None) -> int:
   own, rest = p.parse_known_args(argv)
   if own.images < 1 or min(own.checkpoints) < 1:
     raise ValueError("--images and --checkpoints must be >= 1")
-  cfg, workdir, _ = _main_module().parse(rest)
+  cfg, workdir, _ = pipeline.config_from_flags(rest)
   buyer, pool = pipeline.load_data(cfg)
   model = pipeline.run_model(cfg, buyer)
   root = cfg.cache_dir or os.path.join(workdir, "checkpoints")

@@ -453,8 +453,7 @@ def test_every_ablation_variant_parses_and_names_its_loss():
   # A variant that left the loss to the preset would silently change when the preset does
   # (it did: the default went from probs to margin).
   ablation = load_experiment("ipprotect_ablation", "ablation")
-  main = ablation._main_module()
   for name, flags in ablation.VARIANTS.items():
     assert "--loss" in flags, name
-    cfg, _, _ = main.parse(ablation.BASE + flags)
+    cfg, _, _ = pipeline.config_from_flags(ablation.BASE + flags)
     assert name.split(" ")[0].split(",")[0] in (cfg.sanitizer.loss, "paper"), name
