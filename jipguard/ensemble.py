@@ -259,7 +259,7 @@ train_step = jax.jit(_train_step, static_argnames=("model", "tx", "unroll_member
 # 1: 10.7 s. One sanitize step of 256 images through those 100 MLPs (1.1 MB each): all at
 # once 268 ms; 20 per pass 222 ms, 10: 199 ms, 5: 193 ms, 4: 197 ms; through 10 of them: all
 # at once 19.6 ms, 5 per pass 21.1 ms (benchmarks/README.md, "Members per pass").
-_PASS_BYTES = 12 << 20
+CPU_PASS_BYTES = 12 << 20
 
 
 def members_per_pass(tree: EnsembleState | PyTree, mesh: jax.sharding.Mesh | None = None) -> int | None:
@@ -267,7 +267,7 @@ def members_per_pass(tree: EnsembleState | PyTree, mesh: jax.sharding.Mesh | Non
   a CPU program should take at a time (:func:`train_epoch`, ``ipprotect.sanitize_step``).
 
   None (all members at once) on other backends, with a ``mesh``, for conv models (unrolled
-  instead, :func:`unroll_members`) and when all members fit in ``_PASS_BYTES``; otherwise
+  instead, :func:`unroll_members`) and when all members fit in ``CPU_PASS_BYTES``; otherwise
   the largest divisor G of M whose G members fit in it (at least 1).
   """
   if mesh is not None or jax.default_backend() != "cpu" or has_convolutions(tree):
@@ -275,7 +275,7 @@ def members_per_pass(tree: EnsembleState | PyTree, mesh: jax.sharding.Mesh | Non
   leaves = [leaf for leaf in jax.tree.leaves(tree) if leaf.ndim]
   m = leaves[0].shape[0]
   per_member = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) / m
-  g = max(1, int(_PASS_BYTES // per_member))
+  g = max(1, int(CPU_PASS_BYTES // per_member))
   if g >= m:
     return None
   while m % g:

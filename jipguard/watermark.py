@@ -542,9 +542,22 @@ def _signature_losses(model, variables, images, labels, signatures, wm, *, sig_c
   return fn(variables, images, labels, signatures, wm)
 
 
+def default_chunk(variables: PyTree, image_shape: tuple[int, ...]) -> int:
+  """Watermarked images per forward pass of :func:`signature_losses`: 4,096, except for
+  models without convolutions on CPU, whose marked batch is capped at
+  ``ensemble.CPU_PASS_BYTES`` so that it stays in cache for the first layer's product. On 2
+  cores, MLP 2352-256-256-10, 360 signatures x 100 images: 0.373 s with 4,096 images per
+  pass, 0.321 s with 1,024; x 1,000 images: 3.55 s vs 3.25 s. The CIFAR CNN (whose
+  activations exceed any cache) ran 36 x 100 in 1.28 s with 4,096 and 1.36 s with 1,024."""
+  if jax.default_backend() != "cpu" or any(leaf.ndim == 4 for leaf in jax.tree.leaves(variables)):
+    return 4096
+  per_image = 4 * int(np.prod(image_shape))
+  return int(min(4096, max(1, ensemble.CPU_PASS_BYTES // per_image)))
+
+
 def signature_losses(model: nn.Module, variables: PyTree, images: jax.Array, labels: jax.Array,
                      signatures: jax.Array, *, watermark: Watermark | None = None,
-                     mesh: jax.sharding.Mesh | None = None, chunk: int = 4096) -> np.ndarray:
+                     mesh: jax.sharding.Mesh | None = None, chunk: int | None = None) -> np.ndarray:
   """The loss matrix of Eq. 6: cross-entropy of every image watermarked with every signature.
 
   One jitted program (compiled once per shapes and model): the images of a chunk marked
@@ -561,7 +574,7 @@ def signature_losses(model: nn.Module, variables: PyTree, images: jax.Array, lab
     signatures: Candidate signatures ``(K,)`` (degrees for LCT).
     watermark: The watermark family (default: LCT with T_YIQ).
     mesh: Optional ``sharding.make_mesh`` mesh.
-    chunk: Images per forward pass and device.
+    chunk: Images per forward pass and device; default :func:`default_chunk`.
 
   Returns:
     ``losses_KxN`` (numpy float32).
@@ -594,6 +607,9 @@ def signature_losses(model: nn.Module, variables: PyTree, images: jax.Array, lab
   shards = sharding.num_member_shards(mesh)
   k_pad = -(-k // shards) * shards
   sigs = jnp.pad(signatures, (0, k_pad - k), mode="edge")
+  chunk = default_chunk(variables, images.shape[1:]) if chunk is None else chunk
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
   img_chunk = min(n, chunk)
   sig_chunk = max(1, min(k_pad // shards, chunk // img_chunk))
   if mesh is not None:

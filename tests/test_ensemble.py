@@ -92,7 +92,7 @@ def test_member_major_epoch_equals_step_major(monkeypatch):
   state = step_major.state
   per_member = sum(a.nbytes for a in jax.tree.leaves((state.params, state.opt_state))) / 6
   assert ensemble.members_per_pass(state) is None  # Small members: all at every step.
-  monkeypatch.setattr(ensemble, "_PASS_BYTES", 4.5 * per_member)
+  monkeypatch.setattr(ensemble, "CPU_PASS_BYTES", 4.5 * per_member)
   assert ensemble.members_per_pass(state) == 3  # 4 fit, 3 divides 6.
   assert ensemble.members_per_pass(state, sharding.make_mesh(8, 1)) is None
   for per_pass in (1, 2, None):

@@ -137,7 +137,7 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
   run = lambda: ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
   assert ensemble.members_per_pass(tr) is None
   whole = run()
-  monkeypatch.setattr(ensemble, "_PASS_BYTES", 2.5 * sum(a[0].nbytes for a in jax.tree.leaves(tr)))
+  monkeypatch.setattr(ensemble, "CPU_PASS_BYTES", 2.5 * sum(a[0].nbytes for a in jax.tree.leaves(tr)))
   assert ensemble.members_per_pass(tr) == 2
   grouped = run()
   np.testing.assert_array_equal(grouped.steps, whole.steps)

@@ -163,6 +163,21 @@ def test_jitted_equals_loop_and_sharded(trained):
   np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
 
 
+def test_default_chunk_keeps_dense_models_marked_batch_in_cache(trained):
+  """CPU, no convolutions: as many marked images as fit ensemble.CPU_PASS_BYTES; conv models 4,096."""
+  from jipguard import ensemble, models
+  model, v = trained["model"], trained["variables"]
+  assert not any(leaf.ndim == 4 for leaf in jax.tree.leaves(v))
+  assert wm.default_chunk(v, (28, 28, 3)) == ensemble.CPU_PASS_BYTES // (4 * 28 * 28 * 3) < 4096
+  assert wm.default_chunk(v, (2, 2, 3)) == 4096
+  cnn = models.CNN(num_classes=10, widths=(4, 8), dense=16)
+  cnn_v = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 8, 8, 3)), train=False))(jax.random.key(0))
+  assert wm.default_chunk(cnn_v, (28, 28, 3)) == 4096
+  x, y = trained["user_x"][:4], trained["user_y"][:4]
+  with pytest.raises(ValueError, match="chunk must be >= 1"):
+    wm.signature_losses(model, v, x, y, GRID[:3], chunk=0)
+
+
 def test_no_retrace(trained):
   model, v = trained["model"], trained["variables"]
   x, y = trained["user_x"][:10], trained["user_y"][:10]
