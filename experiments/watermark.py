@@ -103,8 +103,9 @@ def loss_plot(path: str, curves: list[tuple[str, np.ndarray, np.ndarray, float]]
 # ------------------------------------------------------------------------ multi-user
 
 
-def verify_users(model, variables, x, y, users, transforms, sigs, chunk=4096) -> np.ndarray:
-  """Mean loss per user and signature, ``U x K``: one call when all users share T_YIQ."""
+def verify_users(model, variables, x, y, users, transforms, sigs, chunk=None) -> np.ndarray:
+  """Mean loss per user and signature, ``U x K``: one call when all users share T_YIQ
+  (``chunk``: ``watermark.signature_losses``'s, default ``watermark.default_chunk``)."""
   if transforms is None:
     flat = users.reshape(-1)
     l = wm.signature_losses(model, variables, x[flat], y[flat], sigs, chunk=chunk)
