@@ -16,8 +16,9 @@ An ensemble is an :class:`EnsembleState` whose leaves carry a leading member axi
 
 One epoch of all members is one jitted program (``lax.scan`` over steps, ``vmap`` over
 members), compiled once per shape; on CPU, large members run member-major (groups of
-members through the whole epoch, :func:`members_per_pass`), which keeps their state in cache. The member axis can be sharded over a device mesh
-(``sharding.make_mesh``); results equal the unsharded run up to float tolerance.
+members through the whole epoch, :func:`members_per_pass`), which keeps their state in
+cache. The member axis can be sharded over a device mesh (``sharding.make_mesh``);
+results equal the unsharded run up to float tolerance.
 
 Key derivation (so that a member trained alone equals the same member trained in an
 ensemble, and a resumed run equals an uninterrupted one): member ``m`` with key ``k``
