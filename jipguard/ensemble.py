@@ -232,17 +232,22 @@ def _train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, *, model
   if members_per_pass is None or members_per_pass >= m:
     state, (loss_M, acc_M) = run(state, batch_idx, batch_y, dropout_keys)
   else:
-    if m % members_per_pass:
-      raise ValueError(f"members_per_pass={members_per_pass} must divide the number of members ({m})")
-    groups = m // members_per_pass
-    to_groups = lambda a: a.reshape(groups, members_per_pass, *a.shape[1:])
-    per_step_to_groups = lambda a: jnp.moveaxis(a.reshape(a.shape[0], groups, members_per_pass, *a.shape[2:]), 1, 0)
+    group = functools.partial(group_members, members_per_pass=members_per_pass)
     state, (loss_M, acc_M) = jax.lax.map(
         lambda args: run(*args),
-        (jax.tree.map(to_groups, state), per_step_to_groups(batch_idx), per_step_to_groups(batch_y),
-         to_groups(dropout_keys)))
+        (jax.tree.map(group, state), group(batch_idx, axis=1), group(batch_y, axis=1), group(dropout_keys)))
     state, loss_M, acc_M = jax.tree.map(lambda a: a.reshape(m, *a.shape[2:]), (state, loss_M, acc_M))
   return state, {"loss": loss_M, "train_accuracy": acc_M}
+
+
+def group_members(a: jax.Array, members_per_pass: int, axis: int = 0) -> jax.Array:
+  """Member axis ``axis`` of ``a`` (M) split into M / G groups of G = ``members_per_pass``,
+  the group axis moved to the front: ``(M / G, ..., G, ...)``, for a loop over groups."""
+  m = a.shape[axis]
+  if m % members_per_pass:
+    raise ValueError(f"members_per_pass={members_per_pass} must divide the number of members ({m})")
+  a = a.reshape(*a.shape[:axis], m // members_per_pass, members_per_pass, *a.shape[axis + 1:])
+  return jnp.moveaxis(a, axis, 0)
 
 
 train_epoch = jax.jit(

@@ -391,15 +391,12 @@ def sanitize_step(params_tr: Any, x_BxHxWxC: jax.Array, opt_state: Any, targets_
 def _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, *, model, cfg,
                            members_per_pass):
   """:func:`image_objective`'s utility and the gradient of its total, summed over member groups."""
-  b, m = weights_BxM.shape
-  if m % members_per_pass:
-    raise ValueError(f"members_per_pass={members_per_pass} must divide |Omega_Tr| ({m})")
-  groups = m // members_per_pass
+  m = weights_BxM.shape[1]
   x_in, member_keys = jax.vmap(lambda x, k: _objective_inputs(x, k, m, cfg))(x_BxHxWxC, keys_B)
   norm_B = jnp.sum(weights_BxM, axis=1)
   # Per-image (B, M, ...) -> (groups, B, G, ...); per-member (M, ...) -> (groups, G, ...).
-  per_image = lambda a: jnp.moveaxis(a.reshape(b, groups, members_per_pass, *a.shape[2:]), 1, 0)
-  per_member = lambda a: a.reshape(groups, members_per_pass, *a.shape[1:])
+  per_image = functools.partial(ensemble.group_members, members_per_pass=members_per_pass, axis=1)
+  per_member = functools.partial(ensemble.group_members, members_per_pass=members_per_pass)
 
   def utility(x, target, weights, keys, params, norm):
     return _utility_sum(x, target, weights, keys, params, model=model, cfg=cfg) / norm
