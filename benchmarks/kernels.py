@@ -433,9 +433,13 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
   variables = jax.device_put(state.variables)
   args = [jax.device_put(a) for a in (targets, anchors, weights)]
   keys = jax.random.split(jax.random.key(1), size.images)
-  # The members per pass `ipprotect.sanitize_batch` uses (groups of members on CPU).
+  # What `ipprotect.sanitize_batch` gives the step: on CPU, groups of members (and for the
+  # MLP, their input layer laid out once for one product per group, made before the loop).
   per_pass = ensemble.members_per_pass(state.params)
-  step = functools.partial(ipprotect.sanitize_step_jit, model=model, cfg=cfg, members_per_pass=per_pass)
+  shared = ensemble.shared_input_members(model, variables)
+  members = variables if shared is None else jax.block_until_ready(shared)
+  step = functools.partial(ipprotect.sanitize_step_jit, model=model, cfg=cfg,
+                           members_per_pass=per_pass if shared is None else None)
 
   # Equivalence: from the same start, every side's per-image utility losses agree at each of
   # `check_steps` + 1 steps (the last one measures the pixels after `check_steps` updates).
@@ -444,7 +448,7 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
   x, opt = jnp.asarray(x0), ipprotect.optimizer(cfg).init(jnp.asarray(x0))
   utils = []
   for _ in range(check_steps + 1):
-    x, opt, util = step(variables, x, opt, args[0], args[1], args[2], keys)
+    x, opt, util = step(members, x, opt, args[0], args[1], args[2], keys)
     utils.append(np.asarray(util))
   ref = np.stack(utils)
   sanitizers = _torch_sanitizers(size, state, x0, anchors, targets)
@@ -457,7 +461,7 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
   carry = {"x": x, "opt": opt}
 
   def jax_step():
-    carry["x"], carry["opt"], util = step(variables, carry["x"], carry["opt"], *args, keys)
+    carry["x"], carry["opt"], util = step(members, carry["x"], carry["opt"], *args, keys)
     jax.block_until_ready((carry["x"], util))
 
   with harness.jax_compile_seconds() as compile_clock:
@@ -466,7 +470,8 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
              for name, impl in sanitizers.items()}
   return harness.make_row(
       "sanitize_step", size.label, size.flops, jax_t, compile_clock.seconds, timings["func"], timings["loop"],
-      members=size.members, images=size.images, members_per_pass=per_pass, check_max_rel_err=err,
+      members=size.members, images=size.images, members_per_pass=per_pass, shared_input=shared is not None,
+      check_max_rel_err=err,
       check_passed=err < CHECK_RTOL,
       check=f"per-image utility losses of {check_steps + 1} steps from the same start")
 

@@ -297,6 +297,15 @@ def get_model(name: str, num_classes: int) -> nn.Module:
   return MODELS[name](num_classes=num_classes)
 
 
+def input_layer(model: nn.Module) -> str | None:
+  """The name of the Dense layer that ``model`` applies first, to its flattened input
+  (``MLP``: ``Dense_0``), or None for architectures that start otherwise.
+
+  Members of an ensemble that see the same input can compute this layer for all of them as
+  one matrix product (``ensemble.SharedInputMembers``)."""
+  return "Dense_0" if isinstance(model, MLP) else None
+
+
 def param_count(model: nn.Module, image_shape: Sequence[int]) -> int:
   """Number of trainable parameters of ``model`` on images of ``image_shape`` (HWC)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))

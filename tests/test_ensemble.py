@@ -158,6 +158,55 @@ def test_apply_predict_and_apply_each_agree():
   np.testing.assert_allclose(each[1], logits[1, ::-1], atol=1e-5)
 
 
+def test_shared_input_members_give_the_plain_logits_and_input_gradient():
+  """Groups of members whose input layer is one product (the sanitize step on CPU): the same
+  logits and the same gradient to the shared input as the vmapped members, with and without
+  dropout after that layer; the input layer's bias is kept."""
+  train, test = _digits()
+  model = models.MLP(num_classes=10, dropout=0.3)
+  variables = _trainer(model).init(jax.random.split(jax.random.key(0), 6), train.images).variables
+  # Trained-looking biases: a dropped bias would not be caught by init's zeros.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, a: a + 0.5 if "bias" in jax.tree_util.keystr(path) else a, variables)
+  x = jnp.asarray(test.images[:5])
+  cot = jax.random.normal(jax.random.key(1), (6, 5, 10))
+  keys = jax.random.split(jax.random.key(2), 6)
+
+  def plain(x, keys):
+    if keys is None:
+      return ensemble.apply(model, variables, x)
+    return jax.vmap(lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k}))(variables, keys)
+
+  def shared(x, keys, members_per_pass):
+    members = ensemble.share_input(model, variables, members_per_pass)
+    fn = ((lambda v: model.apply(v, x, train=False)) if keys is None
+          else (lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k})))
+    g = members.members_per_pass
+    args = () if keys is None else (keys.reshape(-1, g, *keys.shape[1:]),)
+    per_group = [ensemble.map_shared_input(fn, jax.tree.map(lambda a, i=i: a[i], members), x,
+                                           *[a[i] for a in args]) for i in range(6 // g)]
+    return jnp.concatenate(per_group)
+
+  for k in (None, keys):
+    want_grad = jax.grad(lambda x: jnp.sum(plain(x, k) * cot))(x)
+    for per_pass in (1, 2, None):
+      got = shared(x, k, per_pass)
+      np.testing.assert_allclose(got, plain(x, k), rtol=1e-5, atol=1e-5)
+      got_grad = jax.grad(lambda x: jnp.sum(shared(x, k, per_pass) * cot))(x)
+      np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(want_grad).sum()) > 0
+  members = ensemble.share_input(model, variables, 2)
+  assert members.forward.shape == (3, 64, 2 * 256) and members.backward.shape == (3, 2 * 256, 64)
+  assert "kernel" not in members.variables["params"]["Dense_0"]
+  assert (ensemble.shared_input_members(model, variables) is not None) == (jax.default_backend() == "cpu")
+  assert ensemble.shared_input_members(model, variables, sharding.make_mesh(8, 1)) is None
+  assert ensemble.shared_input_members(_CNN, variables) is None
+  with pytest.raises(ValueError, match="must divide"):
+    ensemble.share_input(model, variables, 4)
+  with pytest.raises(ValueError, match="Dense layer"):
+    ensemble.share_input(_CNN, variables)
+
+
 def test_unrolled_apply_equals_vmapped_for_conv_models():
   x = jnp.asarray(np.random.default_rng(0).random((6, 8, 8, 1), np.float32))
   state = _trainer(_CNN).init(jax.random.split(jax.random.key(0), 3), x)

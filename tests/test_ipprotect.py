@@ -106,9 +106,10 @@ def test_sharded_sanitize_equals_single_device(mesh_shape):
 
 @pytest.mark.parametrize("robust", [False, True], ids=["plain", "noise-dropout"])
 def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
-  """Summing Eq. 9 over groups of members (CPU's cache-sized passes) gives the objective's
-  own gradient and utility, per image and with the robust options' randomness; a whole
-  sanitization with the automatic groups forced small takes the same steps to the same images."""
+  """Summing Eq. 9 over groups of members (CPU's cache-sized passes), with their input
+  layer as one product or not, gives the objective's own gradient and utility, per image and
+  with the robust options' randomness; a whole sanitization with the automatic groups forced
+  small takes the same steps to the same images."""
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, input_noise=0.1 * robust, hidden_dropout=0.2 * robust, tau=0.5)  # Hinge active.
   x = jnp.asarray(buyer.images[:4])
@@ -130,8 +131,19 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
     step = ipprotect.sanitize_step(tr, x + 0.3, opt, targets, anchors, weights, keys, model=_MODEL, cfg=cfg,
                                    members_per_pass=per_pass)
     np.testing.assert_allclose(step[2], whole[2], rtol=1e-5)
+  for per_pass in (1, 2, None):  # Groups whose input layer is one product (sanitize_batch on CPU).
+    shared = ensemble.share_input(_MODEL, tr, per_pass)
+    got_util, got_grads = ipprotect._grouped_utility_grads(shared, x + 0.3, targets, anchors, weights, keys,
+                                                           model=_MODEL, cfg=cfg,
+                                                           members_per_pass=shared.members_per_pass)
+    np.testing.assert_allclose(got_util, util, rtol=1e-5)
+    np.testing.assert_allclose(got_grads, grads, rtol=1e-4, atol=1e-7)
+    step = ipprotect.sanitize_step(shared, x + 0.3, opt, targets, anchors, weights, keys, model=_MODEL, cfg=cfg)
+    np.testing.assert_allclose(step[2], whole[2], rtol=1e-5)
   with pytest.raises(ValueError, match="must divide"):
     ipprotect.sanitize_step(tr, x, opt, targets, anchors, weights, keys, model=_MODEL, cfg=cfg, members_per_pass=4)
+  with pytest.raises(ValueError, match="already grouped"):
+    ipprotect.sanitize_step(shared, x, opt, targets, anchors, weights, keys, model=_MODEL, cfg=cfg, members_per_pass=2)
   if robust:
     return
   run = lambda: ipprotect.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
@@ -140,9 +152,12 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
   monkeypatch.setattr(ensemble, "CPU_PASS_BYTES", 2.5 * sum(a[0].nbytes for a in jax.tree.leaves(tr)))
   assert ensemble.members_per_pass(tr) == 2
   grouped = run()
-  np.testing.assert_array_equal(grouped.steps, whole.steps)
-  np.testing.assert_allclose(grouped.images, whole.images, atol=1e-4)
-  np.testing.assert_allclose(grouped.val_loss, whole.val_loss, atol=1e-5)
+  monkeypatch.setattr(ensemble, "shared_input_members", lambda *args: None)  # Plain variables in groups.
+  plain_groups = run()
+  for got in (grouped, plain_groups):
+    np.testing.assert_array_equal(got.steps, whole.steps)
+    np.testing.assert_allclose(got.images, whole.images, atol=1e-4)
+    np.testing.assert_allclose(got.val_loss, whole.val_loss, atol=1e-5)
 
 
 def test_compaction_drops_stopped_images_and_changes_nothing():
