@@ -411,8 +411,11 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
 def config_from_flags(argv: list[str] | None = None, *, description: str | None = None
                       ) -> tuple[IPProtectConfig, str, bool]:
   """``(config, run directory, quiet)`` from :func:`flag_parser`'s flags: the preset, then the flags set."""
-  a = flag_parser(description).parse_args(argv)
+  return config_from_args(flag_parser(description).parse_args(argv))
 
+
+def config_from_args(a: argparse.Namespace) -> tuple[IPProtectConfig, str, bool]:
+  """:func:`config_from_flags` for flags already parsed by :func:`flag_parser`."""
   cfg = preset(a.preset, a.dataset)
   top = {k: getattr(a, k) for k in ("data_dir", "model", "buyer_size", "seller_pool_size", "models_per_seller",
                                     "omega_tr", "omega_v", "seed", "anchor_seed", "cache_dir") if getattr(a, k) is not None}
