@@ -433,13 +433,11 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
   variables = jax.device_put(state.variables)
   args = [jax.device_put(a) for a in (targets, anchors, weights)]
   keys = jax.random.split(jax.random.key(1), size.images)
-  # What `ipprotect.sanitize_batch` gives the step: on CPU, groups of members (and for the
-  # MLP, their input layer laid out once for one product per group, made before the loop).
-  per_pass = ensemble.members_per_pass(state.params)
-  shared = ensemble.shared_input_members(model, variables)
-  members = variables if shared is None else jax.block_until_ready(shared)
-  step = functools.partial(ipprotect.sanitize_step_jit, model=model, cfg=cfg,
-                           members_per_pass=per_pass if shared is None else None)
+  # What `ipprotect.sanitize_batch` gives the step, made before the timed loop as it is there.
+  members, step_per_pass = jax.block_until_ready(ipprotect.step_members(model, variables))
+  shared = isinstance(members, ensemble.SharedInputMembers)
+  per_pass = members.members_per_pass if shared else step_per_pass
+  step = functools.partial(ipprotect.sanitize_step_jit, model=model, cfg=cfg, members_per_pass=step_per_pass)
 
   # Equivalence: from the same start, every side's per-image utility losses agree at each of
   # `check_steps` + 1 steps (the last one measures the pixels after `check_steps` updates).
@@ -470,7 +468,7 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
              for name, impl in sanitizers.items()}
   return harness.make_row(
       "sanitize_step", size.label, size.flops, jax_t, compile_clock.seconds, timings["func"], timings["loop"],
-      members=size.members, images=size.images, members_per_pass=per_pass, shared_input=shared is not None,
+      members=size.members, images=size.images, members_per_pass=per_pass, shared_input=shared,
       check_max_rel_err=err,
       check_passed=err < CHECK_RTOL,
       check=f"per-image utility losses of {check_steps + 1} steps from the same start")

@@ -387,19 +387,18 @@ def sanitize_step(params_tr: Any, x_BxHxWxC: jax.Array, opt_state: Any, targets_
     ``(x, opt_state, utility_B)``: the updated images and optimiser state, and each
     image's utility loss before the update.
   """
-  m = weights_BxM.shape[1]
-  if isinstance(params_tr, ensemble.SharedInputMembers):
+  shared = isinstance(params_tr, ensemble.SharedInputMembers)
+  if shared:
     if members_per_pass is not None:
       raise ValueError("members_per_pass must be None with SharedInputMembers (they are already grouped)")
+    members_per_pass = params_tr.members_per_pass
+  if shared or (members_per_pass is not None and members_per_pass < weights_BxM.shape[1]):
     util, grads = _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B,
-                                         model=model, cfg=cfg, members_per_pass=params_tr.members_per_pass)
-  elif members_per_pass is None or members_per_pass >= m:
+                                         model=model, cfg=cfg, members_per_pass=members_per_pass)
+  else:
     objective = functools.partial(image_objective, model=model, cfg=cfg)
     grad_fn = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))
     (_, (util, _)), grads = grad_fn(x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, params_tr)
-  else:
-    util, grads = _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B,
-                                         model=model, cfg=cfg, members_per_pass=members_per_pass)
   updates, opt_state = optimizer(cfg).update(grads, opt_state, x_BxHxWxC)
   return optax.apply_updates(x_BxHxWxC, updates), opt_state, util
 
@@ -432,6 +431,19 @@ def _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights
   (util, grads), _ = jax.lax.scan(body, (jnp.zeros_like(norm_B), jnp.zeros_like(x_in)), xs)
   # d x_in / d x~ is the identity (the noise does not depend on x~).
   return util, grads + jax.vmap(jax.grad(functools.partial(_security, cfg=cfg)))(x_BxHxWxC, anchors)
+
+
+def step_members(model: nn.Module, params_tr: Any, mesh: jax.sharding.Mesh | None = None
+                 ) -> tuple[Any, int | None]:
+  """``(params_tr, members_per_pass)`` as :func:`sanitize_batch` passes them to
+  :func:`sanitize_step`: on CPU, ``ensemble.SharedInputMembers`` (groups of members with
+  their input layer laid out once, before the loop: the step's own layout copies would
+  repeat at every step, XLA does not hoist them) or the plain variables in groups of
+  ``ensemble.members_per_pass``; elsewhere the plain variables, all members at once."""
+  shared = ensemble.shared_input_members(model, params_tr, mesh)
+  if shared is None:
+    return params_tr, ensemble.members_per_pass(params_tr, mesh)
+  return shared, None
 
 
 sanitize_step_jit = jax.jit(sanitize_step, static_argnames=("model", "cfg", "members_per_pass"))
@@ -609,13 +621,7 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
   slots = {"x": x0, "opt": per_image, "active": active, "prev_val": jnp.full((b,), jnp.inf),
            "steps": jnp.zeros((b,), jnp.int32), "last_train": jnp.full((b,), jnp.nan), "targets": targets,
            "targets_v": targets_v, "anchors": anchors, "keys": step_keys, **extra}
-  # On CPU: groups of members with their input layer laid out once (the step's own layout
-  # copies would repeat at every step; XLA does not hoist them out of the loop).
-  shared_members = ensemble.shared_input_members(model, params_tr, mesh)
-  if shared_members is None:
-    members, per_pass = params_tr, ensemble.members_per_pass(params_tr, mesh)
-  else:
-    members, per_pass = shared_members, None
+  members, per_pass = step_members(model, params_tr, mesh)
   run = functools.partial(_run_steps, members, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
                           treedef=treedef, members_per_pass=per_pass)
 
