@@ -381,7 +381,7 @@ class ZooCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False, features: bool = False) -> jax.Array:
     del train  # No dropout or batch norm.
     for width in (32, 64):
-      x = models.max_pool(nn.relu(models.Conv(width, (3, 3))(x)))
+      x = models.max_pool(nn.relu(nn.Conv(width, (3, 3))(x)))
     if features:
       return x
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))

@@ -26,7 +26,6 @@ import functools
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 
@@ -62,101 +61,6 @@ def _max_pool_jvp(size, primals, tangents):
   hit = (_windows(x, size) == y[:, :, None, :, None, :]).astype(t.dtype)
   share = hit / jnp.sum(hit, axis=(2, 4), keepdims=True)
   return y, jnp.sum(_windows(t, size) * share, axis=(2, 4))
-
-
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding,
-                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                         dimension_numbers=None, feature_group_count: int = 1, precision=None,
-                         **kwargs) -> jax.Array:
-  """``lax.conv_general_dilated`` with a faster kernel gradient on XLA:CPU (``nn.Conv``'s hook).
-
-  The models' convolutions call this instead of ``lax.conv_general_dilated``. On the CPU
-  backend, a stride-1, undilated, ungrouped NHWC / HWIO convolution is
-  :func:`conv_fast_kernel_grad`: the same forward and input gradient, and the kernel
-  gradient as kh x kw matrix products instead of XLA:CPU's weight-gradient convolution,
-  which runs at 6-25 GFLOP/s on this 2-core machine (3.5x slower than the product form
-  for the CIFAR CNN's 32->32 layer, B=128). That slowness is YNNPACK's, which this jaxlib
-  uses for convolutions by default: with ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``
-  XLA's own weight gradient is as fast, but other kernels got slower (``benchmarks/README.md``,
-  "XLA:CPU's YNNPACK"). Every other case, and every other backend,
-  is ``lax.conv_general_dilated`` unchanged. The forward values are bitwise the same;
-  the kernel gradient agrees to float32 rounding (a different summation order).
-  """
-  plain = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
-                            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                            precision=precision, **kwargs)
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  ones = (None, (1, 1), [1, 1])
-  if (jax.default_backend() != "cpu" or lhs.ndim != 4 or tuple(window_strides) != (1, 1)
-      or lhs_dilation not in ones or rhs_dilation not in ones or feature_group_count != 1 or kwargs
-      or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
-    return plain()
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-  return conv_fast_kernel_grad(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding), precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_fast_kernel_grad(x_BxHxWxC: jax.Array, w_KHxKWxCxD: jax.Array,
-                          padding: tuple[tuple[int, int], tuple[int, int]], precision=None) -> jax.Array:
-  """Stride-1 NHWC / HWIO convolution whose kernel gradient is kh x kw matrix products.
-
-  Forward and input gradient are XLA's. The kernel gradient
-  ``dw[i, j] = sum_{b,h,w} x_pad[b, h+i, w+j] dy[b, h, w]^T`` is computed on the padded
-  input flattened to rows ``(b, h, w)``: shifting a row index by ``i * W_pad + j`` is
-  the (i, j) tap for every valid output position at once (dy is zero-padded to the same
-  grid, so the rows that wrap into the next image row or image meet zeros). Each tap is one
-  ``(C x rows) @ (rows x D)`` product on a contiguous slice, looped with ``lax.map`` so
-  the kh x kw products run one after another, each on all cores.
-  """
-  return _conv_nhwc(x_BxHxWxC, w_KHxKWxCxD, padding, precision)
-
-
-def _conv_nhwc(x, w, padding, precision):
-  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  precision=precision)
-
-
-def _conv_fwd(x, w, padding, precision):
-  return _conv_nhwc(x, w, padding, precision), (x, w)
-
-
-def _conv_bwd(padding, precision, residuals, dy_BxHoxWoxD):
-  x, w = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv_nhwc(x, w, padding, precision), x)
-  (dx,) = input_vjp(dy_BxHoxWoxD)
-  kh, kw, c, d = w.shape
-  b, ho, wo, _ = dy_BxHoxWoxD.shape
-  x_pad = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  hp, wp = x_pad.shape[1:3]
-  rows = b * hp * wp
-  x_rows = x_pad.reshape(rows, c)
-  # dy on the padded grid (top-left aligned), so row r of dy meets row r + shift of x.
-  dy_rows = jnp.pad(dy_BxHoxWoxD, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(rows, d)
-  n = rows - ((kh - 1) * wp + kw - 1)
-  dy_rows = dy_rows[:n]
-  shifts = jnp.array([i * wp + j for i in range(kh) for j in range(kw)], jnp.int32)
-  tap = lambda s: lax.dot_general(lax.dynamic_slice_in_dim(x_rows, s, n), dy_rows, (((0,), (0,)), ((), ())),
-                                  precision=precision)
-  dw = lax.map(tap, shifts).reshape(kh, kw, c, d)
-  return dx, dw.astype(w.dtype)
-
-
-conv_fast_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
-
-# ``nn.Conv`` (same parameters, same names) with the kernel gradient above on CPU.
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
-
-
-def conv_layer(fast_kernel_grad: bool) -> Callable[..., nn.Module]:
-  """:data:`Conv`, or plain ``nn.Conv`` where forward-mode autodiff is needed.
-
-  ``jax.custom_vjp`` functions support reverse mode only: ``jax.jvp`` / ``jax.jacfwd`` through
-  a model built with :data:`Conv` raise ``TypeError: can't apply forward-mode autodiff (jvp)
-  to a custom_vjp function``. The conv models take ``fast_kernel_grad=False`` for that.
-  """
-  return Conv if fast_kernel_grad else nn.Conv
 
 
 class MLP(nn.Module):
@@ -201,8 +105,6 @@ class CNN(nn.Module):
     dense: Width of the hidden dense layer.
     conv_dropout: Dropout after each conv block.
     dense_dropout: Dropout before the output layer.
-    fast_kernel_grad: Convolutions with the CPU kernel gradient of :func:`conv_general_dilated`
-      (False: plain ``nn.Conv``, for forward-mode autodiff; see :func:`conv_layer`).
   """
 
   num_classes: int = 10
@@ -210,14 +112,13 @@ class CNN(nn.Module):
   dense: int = 512
   conv_dropout: float = 0.25
   dense_dropout: float = 0.5
-  fast_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
     for width in self.widths:
       for _ in range(2):
-        x = nn.relu(norm()(conv_layer(self.fast_kernel_grad)(width, (3, 3), use_bias=False)(x)))
+        x = nn.relu(norm()(nn.Conv(width, (3, 3), use_bias=False)(x)))
       x = max_pool(x)
       x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
@@ -231,12 +132,11 @@ class ResidualBlock(nn.Module):
 
   width: int
   strides: int = 1
-  fast_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    conv = conv_layer(self.fast_kernel_grad)
+    conv = nn.Conv
     y = conv(self.width, (3, 3), (self.strides, self.strides), use_bias=False)(x)
     y = nn.relu(norm()(y))
     y = conv(self.width, (3, 3), use_bias=False)(y)
@@ -258,22 +158,20 @@ class ResNet(nn.Module):
     num_classes: Number of output logits.
     stage_sizes: Blocks per stage.
     widths: Channels per stage.
-    fast_kernel_grad: As in :class:`CNN`.
   """
 
   num_classes: int = 10
   stage_sizes: Sequence[int] = (1, 1, 1)
   widths: Sequence[int] = (16, 32, 64)
-  fast_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = conv_layer(self.fast_kernel_grad)(self.widths[0], (3, 3), use_bias=False)(x)
+    x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = ResidualBlock(width, strides, self.fast_kernel_grad)(x, train=train)
+        x = ResidualBlock(width, strides)(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 

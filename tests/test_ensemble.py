@@ -1,6 +1,7 @@
 """Tests for stacked ensembles: one program equals N programs, sharding, resume, accuracy."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,42 @@ def test_step_loop_equals_scan_epoch():
   np.testing.assert_allclose(a.history[-1]["loss"], b.history[-1]["loss"], rtol=1e-5)
   assert _trainer(_CNN).scan is None and ensemble.has_convolutions(a.state)
   assert not ensemble.has_convolutions(_trainer().init(keys, x))
+
+
+def _ynn_convolutions(hlo: str) -> list[str]:
+  """The fused computations with a convolution that compiled HLO text runs as YNNPACK fusions."""
+  bodies = dict(re.findall(r"\n(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+  return [c for c in re.findall(r"%ynn_fusion\S* = [^\n]*calls=(%[\w.\-]+)", hlo) if " convolution(" in bodies.get(c, "")]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+def test_conv_training_on_cpu_takes_eigen_convolutions_and_trains_the_same(monkeypatch):
+  """Conv models' training steps on CPU compile with ``CPU_CONV_TRAINING_OPTIONS`` (Eigen's
+  convolutions, not YNNPACK's), MLPs with XLA's defaults; the options change no trained
+  value beyond float rounding."""
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(2, 256, 128)
+  cnn = _trainer(_CNN, tx=_SGD)
+  assert ensemble.conv_training_options(cnn.init(keys, x).params) == ensemble.CPU_CONV_TRAINING_OPTIONS
+  assert ensemble.conv_training_options(_trainer().init(keys, x).params) is None
+  state = cnn.init(keys, x)
+  batch_idx, batch_y, dropout_keys = ensemble.epoch_batches(indices, jnp.asarray(y)[indices], keys, 0, batch_size=32)
+  step_args = (state, jnp.asarray(x), batch_idx[0], batch_y[0], dropout_keys, jnp.int32(0))
+  static = dict(model=_CNN, tx=_SGD, unroll_members=True)
+  default_hlo = ensemble.train_step.lower(*step_args, **static).compile().as_text()
+  hlo = ensemble._train_step_conv_cpu.lower(*step_args, **static).compile().as_text()
+  assert _ynn_convolutions(default_hlo)  # This XLA's default, which the options turn off.
+  assert " convolution(" in hlo and not _ynn_convolutions(hlo)
+  compiled = ensemble._train_step_conv_cpu._cache_size(), ensemble.train_step._cache_size()
+  with_options = cnn.fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  assert ensemble._train_step_conv_cpu._cache_size() > compiled[0]
+  assert ensemble.train_step._cache_size() == compiled[1]
+  monkeypatch.setattr(ensemble, "_xla_takes_conv_training_options", lambda: False)
+  defaults = _trainer(_CNN, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  assert ensemble.train_step._cache_size() > compiled[1]
+  _assert_trees_close(with_options.state, defaults.state, atol=2e-5)
+  np.testing.assert_allclose(with_options.history[-1]["loss"], defaults.history[-1]["loss"], rtol=1e-5)
 
 
 def test_member_major_epoch_equals_step_major(monkeypatch):
