@@ -250,50 +250,53 @@ def group_members(a: jax.Array, members_per_pass: int, axis: int = 0) -> jax.Arr
   return jnp.moveaxis(a, axis, 0)
 
 
-# XLA:CPU options for the training programs of conv models: YNNPACK keeps the dots and the
-# reductions (pooling), Eigen gets the convolutions. This jaxlib sends convolutions to
-# YNNPACK by default, whose weight-gradient convolutions run at 6-25 GFLOP/s on 2 cores
-# and whose forward and input gradient ran at half Eigen's speed in isolation (CIFAR CNN
-# 32->32 layer, B=128: forward 32 vs 16 ms, forward + both gradients 420 vs 77 ms). One
-# member's CNN training step (B=128): 399 ms by default, 266 ms with these options; 8
-# unrolled members 2.86 s vs 2.07 s. Without ``REDUCE`` the max pooling leaves YNNPACK
-# (311 ms); with ``ELTWISE`` added, 303 ms (``benchmarks/README.md``, "Eigen convolutions
-# for training").
-CPU_CONV_TRAINING_OPTIONS = {
+# XLA:CPU options for the programs of conv models that differentiate through them (training,
+# IPProtect's sanitize step): YNNPACK keeps the dots and the reductions (pooling), Eigen gets
+# the convolutions. This jaxlib sends convolutions to YNNPACK by default, whose
+# weight-gradient convolutions run at 6-25 GFLOP/s on 2 cores and whose forward and input
+# gradient ran at half Eigen's speed in isolation (CIFAR CNN 32->32 layer, B=128: forward 32
+# vs 16 ms, forward + both gradients 420 vs 77 ms). One member's CNN training step (B=128):
+# 399 ms by default, 266 ms with these options; 8 unrolled members 2.86 s vs 2.07 s; the
+# sanitize step of 8 CNNs on 64 images 661 vs 573 ms. Without ``REDUCE`` the max pooling
+# leaves YNNPACK (311 ms); with ``ELTWISE`` added, 303 ms (``benchmarks/README.md``, "Eigen
+# convolutions for training").
+CPU_CONV_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.cache
-def _xla_takes_conv_training_options() -> bool:
-  """Whether this XLA:CPU knows :data:`CPU_CONV_TRAINING_OPTIONS` (an experimental flag)."""
+def _xla_takes_conv_options() -> bool:
+  """Whether this XLA:CPU knows :data:`CPU_CONV_OPTIONS` (an experimental flag)."""
   try:
-    jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(compiler_options=CPU_CONV_TRAINING_OPTIONS)
+    jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(compiler_options=CPU_CONV_OPTIONS)
   except jax.errors.JaxRuntimeError:
     return False
   return True
 
 
-def conv_training_options(variables: PyTree) -> dict[str, str] | None:
-  """The XLA compiler options of the training programs for members ``variables``:
-  :data:`CPU_CONV_TRAINING_OPTIONS` for conv models on the CPU backend (when this XLA
-  knows them), None (XLA's defaults) otherwise. They change which library runs a
+def conv_compiler_options(variables: PyTree) -> dict[str, str] | None:
+  """The XLA compiler options of the training and sanitizing programs for members
+  ``variables``: :data:`CPU_CONV_OPTIONS` for conv models on the CPU backend (when this
+  XLA knows them), None (XLA's defaults) otherwise. They change which library runs a
   convolution, not what it computes (tested)."""
-  if unroll_members(variables) and _xla_takes_conv_training_options():
-    return dict(CPU_CONV_TRAINING_OPTIONS)
+  if unroll_members(variables) and _xla_takes_conv_options():
+    return dict(CPU_CONV_OPTIONS)
   return None
 
 
-def _jit_training(fn, static_argnames):
-  """``fn`` jitted with XLA's defaults and with :data:`CPU_CONV_TRAINING_OPTIONS`."""
-  jit = functools.partial(jax.jit, fn, static_argnames=static_argnames, donate_argnums=(0,))
-  return jit(), jit(compiler_options=CPU_CONV_TRAINING_OPTIONS)
+def jit_conv_variants(fn: Callable[..., Any], **jit_kwargs: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """``fn`` jitted with XLA's defaults and with :data:`CPU_CONV_OPTIONS` (``jit_kwargs``
+  for both); callers take the second where :func:`conv_compiler_options` says so."""
+  return jax.jit(fn, **jit_kwargs), jax.jit(fn, compiler_options=CPU_CONV_OPTIONS, **jit_kwargs)
 
 
-train_epoch, _train_epoch_conv_cpu = _jit_training(
-    _train_epoch, ("model", "tx", "batch_size", "batch_sharding", "members_per_pass"))
+train_epoch, _train_epoch_conv_cpu = jit_conv_variants(
+    _train_epoch, static_argnames=("model", "tx", "batch_size", "batch_sharding", "members_per_pass"),
+    donate_argnums=(0,))
 train_epoch.__doc__ = """Jitted :func:`_train_epoch`: ``(state, images, indices_MxS, labels_MxS, keys_M, epoch)``."""
 epoch_batches = jax.jit(_epoch_batches, static_argnames=("batch_size",))
-train_step, _train_step_conv_cpu = _jit_training(_train_step, ("model", "tx", "unroll_members", "batch_sharding"))
+train_step, _train_step_conv_cpu = jit_conv_variants(
+    _train_step, static_argnames=("model", "tx", "unroll_members", "batch_sharding"), donate_argnums=(0,))
 
 
 # Bytes of member state per pass on CPU (about a third of this machine's 32 MiB L3). On 2
@@ -521,14 +524,14 @@ class EnsembleTrainer:
     weight gradients inside a loop body (the scan) miss the fast convolution kernels, and
     vmapped convolutions become grouped ones: for the CIFAR CNN (M=2, B=128) a step took
     ~83 s in the scan, ~9 s as a vmapped step and ~2 s unrolled (PyTorch: ~0.9 s). Conv
-    models' programs on CPU compile with :func:`conv_training_options` (Eigen's convolutions
+    models' programs on CPU compile with :func:`conv_compiler_options` (Eigen's convolutions
     instead of YNNPACK's): M=8, B=128, a 16.7 s epoch of 8 steps instead of 20.8 s (PyTorch
     13.5-13.8 s; ``benchmarks/README.md``).
     """
     scan = self.scan
     if scan is None:
       scan = not unroll_members(state.params)
-    conv_cpu = conv_training_options(state.params) is not None
+    conv_cpu = conv_compiler_options(state.params) is not None
     epoch = jnp.int32(epoch)
     if scan:
       per_pass = self.members_per_pass

@@ -88,17 +88,17 @@ def _ynn_convolutions(hlo: str) -> list[str]:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
 def test_conv_training_on_cpu_takes_eigen_convolutions_and_trains_the_same(monkeypatch):
-  """Conv models' training steps on CPU compile with ``CPU_CONV_TRAINING_OPTIONS`` (Eigen's
+  """Conv models' training steps on CPU compile with ``CPU_CONV_OPTIONS`` (Eigen's
   convolutions, not YNNPACK's), MLPs with XLA's defaults; the options change no trained
   value beyond float rounding."""
-  if not ensemble._xla_takes_conv_training_options():
+  if not ensemble._xla_takes_conv_options():
     pytest.skip("this XLA:CPU does not know --xla_cpu_experimental_ynn_fusion_type's values")
   train, _ = _digits()
   x, y = train.images[:256], train.labels[:256]
   keys, indices = _member_inputs(2, 256, 128)
   cnn = _trainer(_CNN, tx=_SGD)
-  assert ensemble.conv_training_options(cnn.init(keys, x).params) == ensemble.CPU_CONV_TRAINING_OPTIONS
-  assert ensemble.conv_training_options(_trainer().init(keys, x).params) is None
+  assert ensemble.conv_compiler_options(cnn.init(keys, x).params) == ensemble.CPU_CONV_OPTIONS
+  assert ensemble.conv_compiler_options(_trainer().init(keys, x).params) is None
   state = cnn.init(keys, x)
   batch_idx, batch_y, dropout_keys = ensemble.epoch_batches(indices, jnp.asarray(y)[indices], keys, 0, batch_size=32)
   step_args = (state, jnp.asarray(x), batch_idx[0], batch_y[0], dropout_keys, jnp.int32(0))
@@ -111,7 +111,7 @@ def test_conv_training_on_cpu_takes_eigen_convolutions_and_trains_the_same(monke
   with_options = cnn.fit(keys, x, y, indices=indices, epochs=2, progress=False)
   assert ensemble._train_step_conv_cpu._cache_size() > compiled[0]
   assert ensemble.train_step._cache_size() == compiled[1]
-  monkeypatch.setattr(ensemble, "_xla_takes_conv_training_options", lambda: False)
+  monkeypatch.setattr(ensemble, "_xla_takes_conv_options", lambda: False)
   defaults = _trainer(_CNN, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
   assert ensemble.train_step._cache_size() > compiled[1]
   _assert_trees_close(with_options.state, defaults.state, atol=2e-5)

@@ -160,6 +160,44 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
     np.testing.assert_allclose(got.val_loss, whole.val_loss, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+def test_conv_sanitizing_on_cpu_takes_eigen_convolutions_and_computes_the_same(monkeypatch):
+  """For conv models on CPU the sanitize step and ``sanitize_batch``'s loop compile with
+  ``ensemble.CPU_CONV_OPTIONS``; Eq. 9's utility and a whole sanitization come out as with
+  XLA's defaults (float rounding)."""
+  if not ensemble._xla_takes_conv_options():
+    pytest.skip("this XLA:CPU does not know --xla_cpu_experimental_ynn_fusion_type's values")
+  buyer, tr_mlp, _ = _setup()
+  cnn = models.CNN(num_classes=10, widths=(4, 8), dense=16)
+  images = buyer.images[:4]
+  trainer = ensemble.EnsembleTrainer(cnn, optax.adam(1e-3), batch_size=16)
+  tr = trainer.init(jax.random.split(jax.random.key(5), 3), images).variables
+  va = trainer.init(jax.random.split(jax.random.key(6), 2), images).variables
+  assert ipprotect.jitted_step(tr) is ipprotect._sanitize_step_jit_conv_cpu
+  assert ipprotect.jitted_step(tr_mlp) is ipprotect.sanitize_step_jit
+  cfg = dataclasses.replace(_CFG, steps=30, tau=0.5)
+  x = jnp.asarray(images)
+  targets = jnp.swapaxes(ensemble.apply(cnn, tr, x), 0, 1)
+  anchors = jax.random.normal(jax.random.key(1), x.shape)
+  weights = jnp.ones((4, 3), jnp.float32)
+  keys = jax.random.split(jax.random.key(2), 4)
+  args = (tr, x + 0.3, ipprotect.optimizer(cfg).init(x), targets, anchors, weights, keys)
+  eigen = ipprotect._sanitize_step_jit_conv_cpu(*args, model=cnn, cfg=cfg)
+  default = ipprotect.sanitize_step_jit(*args, model=cnn, cfg=cfg)
+  np.testing.assert_allclose(eigen[2], default[2], rtol=1e-5)
+  run = lambda: ipprotect.sanitize_batch(cnn, tr, va, images, cfg, start=0, seed=3, anchor_seed=11)
+  compiled = ipprotect._run_steps_conv_cpu._cache_size(), ipprotect._run_steps._cache_size()
+  with_options = run()
+  assert ipprotect._run_steps_conv_cpu._cache_size() > compiled[0]
+  assert ipprotect._run_steps._cache_size() == compiled[1]
+  monkeypatch.setattr(ensemble, "_xla_takes_conv_options", lambda: False)
+  defaults = run()
+  assert ipprotect._run_steps._cache_size() > compiled[1]
+  np.testing.assert_array_equal(with_options.steps, defaults.steps)
+  np.testing.assert_allclose(with_options.images, defaults.images, atol=1e-4)
+  np.testing.assert_allclose(with_options.val_loss, defaults.val_loss, atol=1e-5)
+
+
 def test_compaction_drops_stopped_images_and_changes_nothing():
   """With 16 images of which most stop early, the loop continues on a smaller batch."""
   buyer, tr, va = _setup()
