@@ -136,13 +136,12 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    conv = nn.Conv
-    y = conv(self.width, (3, 3), (self.strides, self.strides), use_bias=False)(x)
+    y = nn.Conv(self.width, (3, 3), (self.strides, self.strides), use_bias=False)(x)
     y = nn.relu(norm()(y))
-    y = conv(self.width, (3, 3), use_bias=False)(y)
+    y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
     y = norm(scale_init=nn.initializers.zeros)(y)
     if x.shape[-1] != self.width or self.strides != 1:
-      x = conv(self.width, (1, 1), (self.strides, self.strides), use_bias=False)(x)
+      x = nn.Conv(self.width, (1, 1), (self.strides, self.strides), use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
