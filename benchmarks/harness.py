@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jipguard import pipeline
+
 Row = dict[str, Any]
 
 # Events JAX records while turning a traced function into an executable.
@@ -175,7 +177,8 @@ def machine_info(command: Sequence[str]) -> dict[str, Any]:
 
 def run(kernels: dict[str, Any], names: Sequence[str], *, quick: bool, repeats: int,
         budget_s: float | None = None, match: str | None = None,
-        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> list[Row]:
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+        on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
   """Rows of every size of every kernel in ``names`` (in registry order), with rooflines.
 
   Args:
@@ -187,6 +190,8 @@ def run(kernels: dict[str, Any], names: Sequence[str], *, quick: bool, repeats: 
     match: Only sizes whose label contains this substring (kernels' sizes are kept
       whole for ``gemm_roofline``, which every row is compared against).
     log: Progress messages.
+    on_row: Called with the rows so far (rooflines added) after each row, e.g. to write them,
+      so a run that is killed keeps the rows it finished.
   """
   unknown = sorted(set(names) - set(kernels))
   if unknown:
@@ -202,6 +207,9 @@ def run(kernels: dict[str, Any], names: Sequence[str], *, quick: bool, repeats: 
       log(f"[{name}] {size.label}: jax {row['jax_s']:.4g} s, torch {row['torch_best_s']:.4g} s "
           f"({row['torch_best']}), ratio {row['ratio']:.3g}  [{time.perf_counter() - t0:.1f} s]")
       rows.append(row)
+      if on_row is not None:
+        add_roofline(rows)
+        on_row(rows)
   add_roofline(rows)
   return rows
 
@@ -254,6 +262,9 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
       f"- CPU: {machine['cpu']}, {machine['cores']} cores (os.cpu_count())",
       f"- torch threads: {machine['torch_threads']} (`torch.set_num_threads(os.cpu_count())`); "
       "JAX: XLA's CPU thread pool (all cores); devices: " + ", ".join(machine["jax_devices"]),
+      *([f"- accelerator: {machine['torch_device']} (both frameworks); float32 matrix products: JAX "
+         f"`{machine['jax_matmul_precision']}`, torch TF32 {'on' if machine['torch_allow_tf32'] else 'off'}"]
+        if machine.get("torch_device", "cpu") != "cpu" else []),
       f"- python {machine['python']}, jax {machine['jax']}, jaxlib {machine['jaxlib']}, "
       f"torch {machine['torch']}, numpy {machine['numpy']}",
       f"- date: {machine['date']}",
@@ -267,9 +278,9 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
 
 
 def write(out_dir: str | os.PathLike, rows: list[Row], machine: dict[str, Any]) -> pathlib.Path:
-  """Writes ``results.json`` (the rows) and ``results.md`` into ``out_dir``; returns it."""
+  """Writes ``results.json`` (the rows) and ``results.md`` into ``out_dir``, each atomically; returns it."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-  (out / "results.md").write_text(markdown(rows, machine))
+  pipeline.write_text(str(out / "results.json"), json.dumps(rows, indent=1) + "\n")
+  pipeline.write_text(str(out / "results.md"), markdown(rows, machine))
   return out

@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import harness, kernels  # noqa: E402
+from jipguard import pipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,11 +47,13 @@ def main(argv: list[str] | None = None) -> None:
 
   torch.set_num_threads(os.cpu_count())
   machine = harness.machine_info([sys.argv[0], *argv])
+  # The table so far is rewritten after every row: a run stopped part-way keeps what it timed.
   rows = harness.run(kernels.KERNELS, args.kernels, quick=args.quick, repeats=repeats,
-                     budget_s=args.budget_s, match=args.match)
+                     budget_s=args.budget_s, match=args.match,
+                     on_row=lambda rows: harness.write(args.out, rows, machine))
   machine["loadavg_end"] = list(os.getloadavg())
   out = harness.write(args.out, rows, machine)
-  (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
+  pipeline.write_text(str(out / "machine.json"), json.dumps(machine, indent=1) + "\n")
   print((out / "results.md").read_text())
 
 

@@ -97,11 +97,17 @@ def config_from_json(d: dict[str, Any]) -> IPProtectConfig:
   return IPProtectConfig(**d)
 
 
+# The process's umask, read once (reading it means setting it), for the files write_atomic makes.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_atomic(path: str, write_fn) -> None:
   """Writes via a temporary file in the same directory, then renames (atomic on POSIX)."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to the rest of a group.
   try:
     write_fn(tmp)
     os.replace(tmp, path)

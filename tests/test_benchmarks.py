@@ -5,6 +5,7 @@ Skipped without PyTorch (the optional ``bench`` extra), which CI may not install
 
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 
@@ -119,3 +120,33 @@ def test_sanitize_dataset_row_times_torch_at_the_same_and_at_the_reference_sched
     assert set(q) == {"mae_omega_v", "compliance_omega_v", "mae_sellers", "compliance_sellers"}
   harness.write(tmp_path, [row], harness.machine_info(["benchmarks/run.py"]) | {"loadavg_end": [0, 0, 0]})
   assert "at the reference schedule" in (tmp_path / "results.md").read_text()
+
+
+def test_run_writes_finished_rows_before_a_later_row_fails(tmp_path):
+  # A stand-in registry: the second size fails as a killed or crashed run would stop.
+  @dataclasses.dataclass(frozen=True)
+  class Size:
+    label: str
+
+  class Fake:
+    def sizes(self, quick):
+      return [Size("first"), Size("second")]
+
+    def row(self, size, repeats, budget_s):
+      if size.label == "second":
+        raise RuntimeError("stopped part-way")
+      t = harness.Timing(warmup_s=0.5, times_s=(0.5,))
+      return harness.make_row("fake", size.label, 1e9, t, 0.1, t, None)
+
+  machine = harness.machine_info(["benchmarks/run.py"])
+  with pytest.raises(RuntimeError, match="part-way"):
+    harness.run({"fake": Fake()}, ["fake"], quick=True, repeats=1, log=lambda s: None,
+                on_row=lambda rows: harness.write(tmp_path, rows, machine))
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert [r["size"] for r in rows] == ["first"] and rows[0]["ratio"] == 1.0
+  assert "| fake | first |" in (tmp_path / "results.md").read_text()
+  # Written through a temporary file, yet readable as a plainly created file would be.
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+  assert not list(tmp_path.glob(".tmp-*"))
