@@ -1,4 +1,11 @@
-"""Test-wide JAX settings: 8 simulated CPU devices for sharding tests, strict ranks."""
+"""Test-wide JAX settings: 8 simulated CPU devices for sharding tests, strict ranks.
+
+The suite runs on CPU unless ``JAX_PLATFORMS`` says otherwise, e.g. on one GPU
+``JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false python -m pytest -n 4 tests``: then
+float32 matrix products run in full precision (JAX's GPU default, TF32, rounds at ~1e-3,
+beyond the tests' equality tolerances), CPU-only heuristics are asserted off, and tests that
+need 8 devices skip where there are fewer.
+"""
 
 import os
 
@@ -11,5 +18,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JIPGUARD_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+if jax.default_backend() != "cpu":
+  jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def eight_devices():
+  """Requires 8 devices: conftest's simulated CPU devices, or 8 accelerators (else skips)."""
+  if jax.default_backend() == "cpu":
+    assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
+  elif jax.device_count() < 8:
+    pytest.skip(f"needs 8 devices; {jax.default_backend()} has {jax.device_count()}")
