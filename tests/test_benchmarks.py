@@ -70,6 +70,8 @@ def test_analytic_flops_match_xla_cost_analysis(model, hwc):
   net = models.get_model(model, 10)
   x = jnp.zeros((1, *hwc))
   variables = jax.eval_shape(net.init, jax.random.key(0), x)  # Shapes suffice to lower.
+  if model == "cnn" and jax.default_backend() != "cpu":
+    pytest.skip("XLA:GPU's cost analysis leaves out convolutions run as cuDNN calls (4.6 of 53 MFLOP on an H100)")
   lowered = jax.jit(lambda v, x: net.apply(v, x)).lower(variables, x)
   cost = lowered.cost_analysis() or lowered.compile().cost_analysis()  # XLA:GPU counts only compiled programs.
   analytic = kernels.mlp_forward_flops(hwc) if model == "mlp" else kernels.cnn_forward_flops(hwc)
