@@ -437,7 +437,7 @@ def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None
   members, step_per_pass = jax.block_until_ready(ipprotect.step_members(model, variables))
   shared = isinstance(members, ensemble.SharedInputMembers)
   per_pass = members.members_per_pass if shared else step_per_pass
-  step = functools.partial(ipprotect.jitted_step(variables), model=model, cfg=cfg, members_per_pass=step_per_pass)
+  step = functools.partial(ipprotect.sanitize_step_jit.for_members(variables), model=model, cfg=cfg, members_per_pass=step_per_pass)
 
   # Equivalence: from the same start, every side's per-image utility losses agree at each of
   # `check_steps` + 1 steps (the last one measures the pixels after `check_steps` updates).

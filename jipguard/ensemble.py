@@ -284,19 +284,31 @@ def conv_compiler_options(variables: PyTree) -> dict[str, str] | None:
   return None
 
 
-def jit_conv_variants(fn: Callable[..., Any], **jit_kwargs: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
-  """``fn`` jitted with XLA's defaults and with :data:`CPU_CONV_OPTIONS` (``jit_kwargs``
-  for both); callers take the second where :func:`conv_compiler_options` says so."""
-  return jax.jit(fn, **jit_kwargs), jax.jit(fn, compiler_options=CPU_CONV_OPTIONS, **jit_kwargs)
+class ConvJit:
+  """``fn`` jitted twice (``jit_kwargs`` for both): with XLA's defaults (``default``) and with
+  :data:`CPU_CONV_OPTIONS` (``conv_cpu``). A call runs the program that
+  :func:`conv_compiler_options` picks for its first argument, the members' variables or state."""
+
+  def __init__(self, fn: Callable[..., Any], **jit_kwargs: Any):
+    self.default = jax.jit(fn, **jit_kwargs)
+    self.conv_cpu = jax.jit(fn, compiler_options=CPU_CONV_OPTIONS, **jit_kwargs)
+    functools.update_wrapper(self, fn)
+
+  def for_members(self, members: PyTree) -> Callable[..., Any]:
+    """The jitted program for members whose variables or state are ``members``."""
+    return self.conv_cpu if conv_compiler_options(members) else self.default
+
+  def __call__(self, members: PyTree, *args: Any, **kwargs: Any) -> Any:
+    return self.for_members(members)(members, *args, **kwargs)
 
 
-train_epoch, _train_epoch_conv_cpu = jit_conv_variants(
+train_epoch = ConvJit(
     _train_epoch, static_argnames=("model", "tx", "batch_size", "batch_sharding", "members_per_pass"),
     donate_argnums=(0,))
 train_epoch.__doc__ = """Jitted :func:`_train_epoch`: ``(state, images, indices_MxS, labels_MxS, keys_M, epoch)``."""
 epoch_batches = jax.jit(_epoch_batches, static_argnames=("batch_size",))
-train_step, _train_step_conv_cpu = jit_conv_variants(
-    _train_step, static_argnames=("model", "tx", "unroll_members", "batch_sharding"), donate_argnums=(0,))
+train_step = ConvJit(_train_step, static_argnames=("model", "tx", "unroll_members", "batch_sharding"),
+                     donate_argnums=(0,))
 
 
 # Bytes of member state per pass on CPU (about a third of this machine's 32 MiB L3). On 2
@@ -531,17 +543,15 @@ class EnsembleTrainer:
     scan = self.scan
     if scan is None:
       scan = not unroll_members(state.params)
-    conv_cpu = conv_compiler_options(state.params) is not None
     epoch = jnp.int32(epoch)
     if scan:
       per_pass = self.members_per_pass
       per_pass = members_per_pass(state, self.mesh) if per_pass is None else (per_pass or None)
-      return (_train_epoch_conv_cpu if conv_cpu else train_epoch)(
-          state, images, indices_MxS, labels_MxS, keys_M, epoch, model=self.model, tx=self.tx,
-          batch_size=self.batch_size, batch_sharding=self.batch_sharding, members_per_pass=per_pass)
+      return train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, model=self.model, tx=self.tx,
+                         batch_size=self.batch_size, batch_sharding=self.batch_sharding, members_per_pass=per_pass)
     batch_idx, batch_y, dropout_keys = epoch_batches(indices_MxS, labels_MxS, keys_M, epoch,
                                                      batch_size=self.batch_size)
-    step_fn = _train_step_conv_cpu if conv_cpu else train_step
+    step_fn = train_step.for_members(state)
     losses, accs = [], []
     for step in range(batch_idx.shape[0]):
       state, (loss, acc) = step_fn(state, images, batch_idx[step], batch_y[step], dropout_keys,

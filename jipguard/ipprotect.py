@@ -58,7 +58,7 @@ never written to ``sanitized.npz``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import dataclasses
 import functools
 import hashlib
@@ -446,14 +446,9 @@ def step_members(model: nn.Module, params_tr: Any, mesh: jax.sharding.Mesh | Non
   return shared, None
 
 
-sanitize_step_jit, _sanitize_step_jit_conv_cpu = ensemble.jit_conv_variants(
-    sanitize_step, static_argnames=("model", "cfg", "members_per_pass"))
-
-
-def jitted_step(params_tr: Any) -> Callable[..., Any]:
-  """:data:`sanitize_step_jit`, compiled with ``ensemble.conv_compiler_options(params_tr)``
-  (the CPU options of conv models; XLA's defaults otherwise)."""
-  return _sanitize_step_jit_conv_cpu if ensemble.conv_compiler_options(params_tr) else sanitize_step_jit
+# Jitted :func:`sanitize_step`; conv models on CPU compile with ``ensemble.CPU_CONV_OPTIONS``
+# (``sanitize_step_jit.for_members(params_tr)``: the program for those members).
+sanitize_step_jit = ensemble.ConvJit(sanitize_step, static_argnames=("model", "cfg", "members_per_pass"))
 
 
 def _val_loss(model, cfg, params_v, x, targets_v_BxVxC):
@@ -524,10 +519,9 @@ def _steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, model_ba
   return jax.lax.while_loop(cond, body, (t, shared, slots))
 
 
-# Jitted :func:`_steps`, with XLA's defaults and with ``ensemble.CPU_CONV_OPTIONS`` (conv
-# models on CPU: Eigen's convolutions).
-_run_steps, _run_steps_conv_cpu = ensemble.jit_conv_variants(
-    _steps, static_argnames=("model", "cfg", "model_batch", "treedef", "members_per_pass"))
+# Jitted :func:`_steps`, with XLA's defaults or, for conv models on CPU,
+# ``ensemble.CPU_CONV_OPTIONS`` (Eigen's convolutions).
+_run_steps = ensemble.ConvJit(_steps, static_argnames=("model", "cfg", "model_batch", "treedef", "members_per_pass"))
 
 
 def _split_leaves(leaves):
@@ -633,9 +627,9 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
   slots = {"x": x0, "opt": per_image, "active": active, "prev_val": jnp.full((b,), jnp.inf),
            "steps": jnp.zeros((b,), jnp.int32), "last_train": jnp.full((b,), jnp.nan), "targets": targets,
            "targets_v": targets_v, "anchors": anchors, "keys": step_keys, **extra}
-  run_steps = _run_steps_conv_cpu if ensemble.conv_compiler_options(params_tr) else _run_steps
   members, per_pass = step_members(model, params_tr, mesh)
-  run = functools.partial(run_steps, members, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
+  # The program is chosen by the plain variables (``members`` may be grouped MLP layers).
+  run = functools.partial(_run_steps.for_members(params_tr), members, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
                           treedef=treedef, members_per_pass=per_pass)
 
   # Host-side results, filled as images finish (compaction) and at the end.

@@ -103,17 +103,17 @@ def test_conv_training_on_cpu_takes_eigen_convolutions_and_trains_the_same(monke
   batch_idx, batch_y, dropout_keys = ensemble.epoch_batches(indices, jnp.asarray(y)[indices], keys, 0, batch_size=32)
   step_args = (state, jnp.asarray(x), batch_idx[0], batch_y[0], dropout_keys, jnp.int32(0))
   static = dict(model=_CNN, tx=_SGD, unroll_members=True)
-  default_hlo = ensemble.train_step.lower(*step_args, **static).compile().as_text()
-  hlo = ensemble._train_step_conv_cpu.lower(*step_args, **static).compile().as_text()
+  default_hlo = ensemble.train_step.default.lower(*step_args, **static).compile().as_text()
+  hlo = ensemble.train_step.conv_cpu.lower(*step_args, **static).compile().as_text()
   assert _ynn_convolutions(default_hlo)  # This XLA's default, which the options turn off.
   assert " convolution(" in hlo and not _ynn_convolutions(hlo)
-  compiled = ensemble._train_step_conv_cpu._cache_size(), ensemble.train_step._cache_size()
+  compiled = ensemble.train_step.conv_cpu._cache_size(), ensemble.train_step.default._cache_size()
   with_options = cnn.fit(keys, x, y, indices=indices, epochs=2, progress=False)
-  assert ensemble._train_step_conv_cpu._cache_size() > compiled[0]
-  assert ensemble.train_step._cache_size() == compiled[1]
+  assert ensemble.train_step.conv_cpu._cache_size() > compiled[0]
+  assert ensemble.train_step.default._cache_size() == compiled[1]
   monkeypatch.setattr(ensemble, "_xla_takes_conv_options", lambda: False)
   defaults = _trainer(_CNN, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
-  assert ensemble.train_step._cache_size() > compiled[1]
+  assert ensemble.train_step.default._cache_size() > compiled[1]
   _assert_trees_close(with_options.state, defaults.state, atol=2e-5)
   np.testing.assert_allclose(with_options.history[-1]["loss"], defaults.history[-1]["loss"], rtol=1e-5)
 
@@ -174,12 +174,12 @@ def test_second_epoch_call_compiles_nothing():
   x = jnp.asarray(train.images)
   labels = jnp.asarray(train.labels)[indices]
   state, _ = trainer.train_epoch(state, x, indices, labels, keys, 0)
-  compiled = ensemble.train_epoch._cache_size()
+  compiled = ensemble.train_epoch.default._cache_size()
   state, _ = trainer.train_epoch(state, x, indices, labels, keys, 1)
   state, metrics = trainer.train_epoch(state, x, jnp.flip(indices, 1), labels, keys, 2)
   # A second trainer of equal configuration reuses the program too.
   state, metrics = _trainer().train_epoch(state, x, indices, labels, keys, 3)
-  assert ensemble.train_epoch._cache_size() == compiled
+  assert ensemble.train_epoch.default._cache_size() == compiled
   assert metrics["loss"].shape == (m,)
 
 

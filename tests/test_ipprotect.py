@@ -172,8 +172,8 @@ def test_conv_sanitizing_on_cpu_takes_eigen_convolutions_and_computes_the_same(m
   trainer = ensemble.EnsembleTrainer(cnn, optax.adam(1e-3), batch_size=16)
   tr = trainer.init(jax.random.split(jax.random.key(5), 3), images).variables
   va = trainer.init(jax.random.split(jax.random.key(6), 2), images).variables
-  assert ipprotect.jitted_step(tr) is ipprotect._sanitize_step_jit_conv_cpu
-  assert ipprotect.jitted_step(tr_mlp) is ipprotect.sanitize_step_jit
+  assert ipprotect.sanitize_step_jit.for_members(tr) is ipprotect.sanitize_step_jit.conv_cpu
+  assert ipprotect.sanitize_step_jit.for_members(tr_mlp) is ipprotect.sanitize_step_jit.default
   cfg = dataclasses.replace(_CFG, steps=30, tau=0.5)
   x = jnp.asarray(images)
   targets = jnp.swapaxes(ensemble.apply(cnn, tr, x), 0, 1)
@@ -181,17 +181,17 @@ def test_conv_sanitizing_on_cpu_takes_eigen_convolutions_and_computes_the_same(m
   weights = jnp.ones((4, 3), jnp.float32)
   keys = jax.random.split(jax.random.key(2), 4)
   args = (tr, x + 0.3, ipprotect.optimizer(cfg).init(x), targets, anchors, weights, keys)
-  eigen = ipprotect._sanitize_step_jit_conv_cpu(*args, model=cnn, cfg=cfg)
-  default = ipprotect.sanitize_step_jit(*args, model=cnn, cfg=cfg)
+  eigen = ipprotect.sanitize_step_jit.conv_cpu(*args, model=cnn, cfg=cfg)
+  default = ipprotect.sanitize_step_jit.default(*args, model=cnn, cfg=cfg)
   np.testing.assert_allclose(eigen[2], default[2], rtol=1e-5)
   run = lambda: ipprotect.sanitize_batch(cnn, tr, va, images, cfg, start=0, seed=3, anchor_seed=11)
-  compiled = ipprotect._run_steps_conv_cpu._cache_size(), ipprotect._run_steps._cache_size()
+  compiled = ipprotect._run_steps.conv_cpu._cache_size(), ipprotect._run_steps.default._cache_size()
   with_options = run()
-  assert ipprotect._run_steps_conv_cpu._cache_size() > compiled[0]
-  assert ipprotect._run_steps._cache_size() == compiled[1]
+  assert ipprotect._run_steps.conv_cpu._cache_size() > compiled[0]
+  assert ipprotect._run_steps.default._cache_size() == compiled[1]
   monkeypatch.setattr(ensemble, "_xla_takes_conv_options", lambda: False)
   defaults = run()
-  assert ipprotect._run_steps._cache_size() > compiled[1]
+  assert ipprotect._run_steps.default._cache_size() > compiled[1]
   np.testing.assert_array_equal(with_options.steps, defaults.steps)
   np.testing.assert_allclose(with_options.images, defaults.images, atol=1e-4)
   np.testing.assert_allclose(with_options.val_loss, defaults.val_loss, atol=1e-5)
@@ -201,9 +201,9 @@ def test_compaction_drops_stopped_images_and_changes_nothing():
   """With 16 images of which most stop early, the loop continues on a smaller batch."""
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, data_batch=16, steps=60, min_steps=10, val_every=5, zeta=0.02)
-  before = ipprotect._run_steps._cache_size()
+  before = ipprotect._run_steps.default._cache_size()
   compact = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_seed=11, progress=False)
-  assert ipprotect._run_steps._cache_size() > before + 1  # The 16-image program and a smaller one.
+  assert ipprotect._run_steps.default._cache_size() > before + 1  # The 16-image program and a smaller one.
   full = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:16], dataclasses.replace(cfg, compact=False), seed=3,
                             anchor_seed=11, progress=False)
   assert np.sum(compact.steps <= 15) >= 12 and compact.steps.max() > 20  # It was worth compacting.
