@@ -167,29 +167,44 @@ class EnsembleSize:
 
   @property
   def flops(self) -> float:
-    """Forward + backward ~ 3x forward GEMM / conv FLOPs, for all members and steps."""
-    per_example = mlp_forward_flops(self.image_hwc) if self.model == "mlp" else cnn_forward_flops(self.image_hwc)
-    return 3.0 * per_example * self.batch_size * self.steps * self.members
+    """``training_flops`` per example, for all members and steps."""
+    return training_flops(self.model, self.image_hwc) * self.batch_size * self.steps * self.members
 
 
-def mlp_forward_flops(image_hwc: tuple[int, int, int], hidden: Sequence[int] = (256, 256),
-                      num_classes: int = 10) -> float:
-  """Multiply-adds x 2 of the dense layers of ``models.MLP`` on one example."""
+def mlp_layer_flops(image_hwc: tuple[int, int, int], hidden: Sequence[int] = (256, 256),
+                    num_classes: int = 10) -> list[float]:
+  """Multiply-adds x 2 of each dense layer of ``models.MLP`` on one example, input layer first."""
   widths = [int(np.prod(image_hwc)), *hidden, num_classes]
-  return 2.0 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+  return [2.0 * a * b for a, b in zip(widths[:-1], widths[1:])]
 
 
-def cnn_forward_flops(image_hwc: tuple[int, int, int], widths: Sequence[int] = (32, 64),
-                      dense: int = 512, num_classes: int = 10) -> float:
-  """Multiply-adds x 2 of the convs (3x3, SAME) and dense layers of ``models.CNN`` on one example."""
+def cnn_layer_flops(image_hwc: tuple[int, int, int], widths: Sequence[int] = (32, 64),
+                    dense: int = 512, num_classes: int = 10) -> list[float]:
+  """Multiply-adds x 2 of each conv (3x3, SAME) and dense layer of ``models.CNN`` on one example."""
   h, w, c = image_hwc
-  flops = 0.0
+  flops = []
   for width in widths:
     for _ in range(2):
-      flops += 2.0 * h * w * 9 * c * width
+      flops.append(2.0 * h * w * 9 * c * width)
       c = width
     h, w = h // 2, w // 2
-  return flops + 2.0 * (h * w * c * dense + dense * num_classes)
+  return [*flops, 2.0 * h * w * c * dense, 2.0 * dense * num_classes]
+
+
+def layer_flops(model: str, image_hwc: tuple[int, int, int]) -> list[float]:
+  return mlp_layer_flops(image_hwc) if model == "mlp" else cnn_layer_flops(image_hwc)
+
+
+def forward_flops(model: str, image_hwc: tuple[int, int, int]) -> float:
+  """GEMM / conv FLOPs of one example's forward pass."""
+  return sum(layer_flops(model, image_hwc))
+
+
+def training_flops(model: str, image_hwc: tuple[int, int, int]) -> float:
+  """GEMM / conv FLOPs of one example's training step: every layer's forward and kernel gradient,
+  and the input gradient of every layer but the first (nothing differentiates the pixels)."""
+  flops = layer_flops(model, image_hwc)
+  return 3.0 * sum(flops) - flops[0]
 
 
 def ensemble_sizes(quick: bool) -> list[EnsembleSize]:
@@ -375,9 +390,7 @@ class SanitizeSize:
   @property
   def flops(self) -> float:
     """Forward of every model on every image + backward to the pixels only: ~2x forward."""
-    hwc = self.image_hwc
-    per = mlp_forward_flops(hwc) if self.model == "mlp" else cnn_forward_flops(hwc)
-    return 2.0 * per * self.members * self.images
+    return 2.0 * forward_flops(self.model, self.image_hwc) * self.members * self.images
 
 
 def sanitize_sizes(quick: bool) -> list[SanitizeSize]:
@@ -604,7 +617,7 @@ def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None
         f"{extra['ratio_reference_schedule']:.3g}; seller MAE JAX {q_jax['mae_sellers']:.3f}, torch "
         f"{q_torch['mae_sellers']:.3f}, torch reference schedule {q_ref['mae_sellers']:.3f} "
         f"(same quality: {'yes' if passed_ref else 'NO'}).")
-  per_image_step = 2.0 * mlp_forward_flops((28, 28, 1)) * size.members
+  per_image_step = 2.0 * forward_flops("mlp", (28, 28, 1)) * size.members
   return harness.make_row(
       "sanitize_dataset", size.label, per_image_step * float(steps_jax.sum()), jax_t, compile_clock.seconds,
       timings["func"], timings["loop"],

@@ -63,8 +63,7 @@ class GridSize:
   @property
   def flops(self) -> float:
     """Forward FLOPs of the network on every watermarked image (the 3x3 colour maps are negligible)."""
-    f = _kernels().mlp_forward_flops(self.image_hwc) if self.model == "mlp" else _kernels().cnn_forward_flops(self.image_hwc)
-    return f * self.signatures * self.images
+    return _kernels().forward_flops(self.model, self.image_hwc) * self.signatures * self.images
 
 
 def SIZES(quick: bool) -> list[GridSize]:  # noqa: N802 (the name the lead's registry expects)

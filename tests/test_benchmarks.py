@@ -62,22 +62,42 @@ def test_roofline_fraction_is_relative_to_best_gemm():
 
 @pytest.mark.parametrize("model, hwc", [("mlp", (28, 28, 1)), ("cnn", (32, 32, 3))])
 def test_analytic_flops_match_xla_cost_analysis(model, hwc):
+  """The forward count (grid search, sanitizer) and the training step's count (forward, kernel
+  gradients, input gradients of all layers but the first) against XLA's own count."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  import optax  # noqa: PLC0415
 
   from jipguard import models  # noqa: PLC0415
 
-  net = models.get_model(model, 10)
-  x = jnp.zeros((1, *hwc))
-  variables = jax.eval_shape(net.init, jax.random.key(0), x)  # Shapes suffice to lower.
   if model == "cnn" and jax.default_backend() != "cpu":
     pytest.skip("XLA:GPU's cost analysis leaves out convolutions run as cuDNN calls (4.6 of 53 MFLOP on an H100)")
-  lowered = jax.jit(lambda v, x: net.apply(v, x)).lower(variables, x)
-  cost = lowered.cost_analysis() or lowered.compile().cost_analysis()  # XLA:GPU counts only compiled programs.
-  analytic = kernels.mlp_forward_flops(hwc) if model == "mlp" else kernels.cnn_forward_flops(hwc)
-  # XLA also counts biases, ReLUs, batch norm and pooling, but skips the taps of SAME
-  # padding (4% of a 32x32 3x3 conv), which the conventional count includes.
-  assert 0.9 * analytic <= cost["flops"] <= 1.05 * analytic
+  net = models.get_model(model, 10)
+  batch = 4
+  x, y = jnp.zeros((batch, *hwc)), jnp.zeros((batch,), jnp.int32)
+  variables = jax.eval_shape(net.init, jax.random.key(0), x)  # Shapes suffice to lower.
+
+  def xla_flops(fn, *args):
+    lowered = jax.jit(fn).lower(*args)
+    return (lowered.cost_analysis() or lowered.compile().cost_analysis())["flops"]  # XLA:GPU: compiled only.
+
+  def kernel_grads(v, x, y):
+    def loss(params):
+      logits, _ = net.apply({**v, "params": params}, x, train=True, rngs={"dropout": jax.random.key(1)},
+                            mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return jax.grad(loss)(v["params"])
+
+  # XLA also counts biases, ReLUs, batch norm, pooling, dropout and the loss, but skips the taps
+  # of SAME padding (4% of a 32x32 3x3 conv), which the conventional count includes.
+  forward = xla_flops(lambda v, x: net.apply(v, x), variables, x)
+  assert 0.9 <= forward / (batch * kernels.forward_flops(model, hwc)) <= 1.05
+  training = xla_flops(kernel_grads, variables, x, y)
+  assert 0.9 <= training / (batch * kernels.training_flops(model, hwc)) <= 1.05
+  # The MLP's input layer is three quarters of its products: no input gradient there is a
+  # quarter less work than "3 x forward", which XLA's count would not match.
+  if model == "mlp":
+    assert training / (batch * 3 * kernels.forward_flops(model, hwc)) < 0.8
 
 
 def test_time_calls_respects_budget():
