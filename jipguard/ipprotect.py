@@ -564,6 +564,23 @@ def starting_points(image_shape: Sequence[int], start: int, count: int, *, seed:
 
 
 _COMPACT_AT = 2  # Compaction shrinks the batch once at most 1 / _COMPACT_AT of its slots are active.
+# The smallest batch compaction shrinks to, per backend (others: ``_MIN_BUCKET_ELSEWHERE``);
+# each batch size is one more compiled program. On the 2-core CPU a step costs in proportion
+# to its batch, so the batch follows the active images down to 1. The benchmark's
+# sanitize_dataset problem (256 images, 50 + 10 MLPs; /tmp script, one process per floor),
+# cold (compiling) / warm: floor 1: batches 256 128 64 32 16 4 2 1, 22.4 s (15.2 s of it
+# compiling) / 7.2 s; floor 16: 19.9 s (11.9 s) / 7.7 s; floor 64: 20.3 s (10.2 s) / 10.4 s;
+# the same steps, images equal to float rounding. Warm runs are the common case with the
+# persistent compilation cache, hence 1. On one H100 the programs of that problem took 122 s
+# to compile, while a whole step of 256 images through 100 MLPs takes 2.2 ms, so elsewhere
+# the batch stops at 64 (not yet timed on a GPU).
+_MIN_BUCKET = {"cpu": 1}
+_MIN_BUCKET_ELSEWHERE = 64
+
+
+def _min_bucket() -> int:
+  """The smallest batch compaction shrinks to on this backend (see ``_MIN_BUCKET``)."""
+  return _MIN_BUCKET.get(jax.default_backend(), _MIN_BUCKET_ELSEWHERE)
 
 
 def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
@@ -656,11 +673,12 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
       break
     bucket = len(alive)
     # Stop spending on converged images: once at most 1 / _COMPACT_AT of the slots are active,
-    # continue with the active ones only, in a batch of the next power of two.
-    if cfg.compact and alive.sum() * _COMPACT_AT <= bucket:
+    # continue with the active ones only, in a batch of the next power of two (at least
+    # `_min_bucket()`, and a multiple of the data shards).
+    new_bucket = max(shards, _min_bucket(), int(2 ** np.ceil(np.log2(max(alive.sum(), 1)))))
+    new_bucket = -(-new_bucket // shards) * shards
+    if cfg.compact and alive.sum() * _COMPACT_AT <= bucket and new_bucket < bucket:
       write_back(slots)
-      new_bucket = max(shards, int(2 ** np.ceil(np.log2(max(alive.sum(), 1)))))
-      new_bucket = -(-new_bucket // shards) * shards
       keep_slots = np.flatnonzero(alive)
       index = np.concatenate([keep_slots, np.full(new_bucket - len(keep_slots), keep_slots[0])])
       slots = _gather(slots, jnp.asarray(index))

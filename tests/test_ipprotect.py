@@ -197,10 +197,11 @@ def test_conv_sanitizing_on_cpu_takes_eigen_convolutions_and_computes_the_same(m
   np.testing.assert_allclose(with_options.val_loss, defaults.val_loss, atol=1e-5)
 
 
-def test_compaction_drops_stopped_images_and_changes_nothing():
+def test_compaction_drops_stopped_images_and_changes_nothing(monkeypatch):
   """With 16 images of which most stop early, the loop continues on a smaller batch."""
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, data_batch=16, steps=60, min_steps=10, val_every=5, zeta=0.02)
+  monkeypatch.setitem(ipprotect._MIN_BUCKET, jax.default_backend(), 1)  # Down to 1 image (the CPU's floor).
   before = ipprotect._run_steps.default._cache_size()
   compact = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_seed=11, progress=False)
   assert ipprotect._run_steps.default._cache_size() > before + 1  # The 16-image program and a smaller one.
@@ -211,6 +212,16 @@ def test_compaction_drops_stopped_images_and_changes_nothing():
   np.testing.assert_allclose(compact.images, full.images, atol=1e-4)
   np.testing.assert_allclose(compact.val_loss, full.val_loss, atol=1e-5)
   np.testing.assert_allclose(compact.train_loss, full.train_loss, atol=1e-5)
+  # With a floor on the compacted batch (accelerators' default: fewer programs to compile),
+  # the batch stops shrinking there, and nothing else changes.
+  batches = []
+  gather = ipprotect._gather
+  monkeypatch.setattr(ipprotect, "_gather", lambda slots, index: batches.append(len(index)) or gather(slots, index))
+  monkeypatch.setitem(ipprotect._MIN_BUCKET, jax.default_backend(), 8)
+  floored = ipprotect.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_seed=11, progress=False)
+  assert batches == [8]  # Without the floor: 8, then 4 or fewer once 12 or more have stopped.
+  np.testing.assert_array_equal(floored.steps, full.steps)
+  np.testing.assert_allclose(floored.images, full.images, atol=1e-4)
 
 
 def test_stopping_rule_stops_images_and_stopped_images_do_not_change():
