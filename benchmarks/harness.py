@@ -126,10 +126,17 @@ def make_row(kernel: str, size: str, flops: float, jax_t: Timing, jax_compile_s:
 
 
 def add_roofline(rows: list[Row], roofline_kernel: str = "gemm_roofline") -> None:
-  """Adds ``roofline_fraction`` (JAX) and ``torch_roofline_fraction`` to every row.
+  """Adds ``roofline_fraction`` (JAX), ``torch_roofline_fraction`` and
+  ``roofline_for_target`` to every row.
 
   The roofline is the best GEMM GFLOP/s measured by either framework in this run
-  (rows of ``roofline_kernel``); without such rows both fractions are None.
+  (rows of ``roofline_kernel``); without such rows the fractions are None.
+
+  ``roofline_for_target`` is the JAX roofline fraction at which a row's ratio would equal
+  its ``target`` (when it has one): ``ratio = torch_roofline_fraction / roofline_fraction``
+  at equal FLOPs, so it is ``torch_roofline_fraction / target``. Above 1 the target asks
+  for more than the machine's GEMM rate on every FLOP: it cannot be met without doing fewer
+  FLOPs than the PyTorch reference.
   """
   peaks = [max(r["gflops"], r["torch_gflops"]) for r in rows if r["kernel"] == roofline_kernel]
   peak = max(peaks) if peaks else None
@@ -137,6 +144,8 @@ def add_roofline(rows: list[Row], roofline_kernel: str = "gemm_roofline") -> Non
     r["roofline_gflops"] = peak
     r["roofline_fraction"] = r["gflops"] / peak if peak else None
     r["torch_roofline_fraction"] = r["torch_gflops"] / peak if peak else None
+    target = r.get("target")
+    r["roofline_for_target"] = r["torch_roofline_fraction"] / target if peak and target else None
 
 
 def _cpu_model() -> str:
@@ -206,6 +215,7 @@ def run(kernels: dict[str, Any], names: Sequence[str], *, quick: bool, repeats: 
       row = kernels[name].row(size, repeats, budget_s)
       log(f"[{name}] {size.label}: jax {row['jax_s']:.4g} s, torch {row['torch_best_s']:.4g} s "
           f"({row['torch_best']}), ratio {row['ratio']:.3g}  [{time.perf_counter() - t0:.1f} s]")
+      set_targets([row], kernels)
       rows.append(row)
       if on_row is not None:
         add_roofline(rows)
@@ -221,23 +231,33 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "ok" if v else "FAIL"
   if isinstance(v, float):
     return f"{v:.{digits}g}"
-  return str(v)
+  return str(v).replace("|", "\\|")  # Labels such as "|Omega_Tr|" must not split a table cell.
 
 
 _COLUMNS = [("kernel", "kernel"), ("size", "size"), ("jax_s", "JAX s"), ("jax_compile_s", "JAX compile s"),
             ("torch_func_s", "torch func s"), ("torch_loop_s", "torch loop s"), ("ratio", "ratio"),
             ("gflops", "JAX GFLOP/s"), ("torch_gflops", "torch GFLOP/s"),
             ("roofline_fraction", "JAX roofline"), ("torch_roofline_fraction", "torch roofline"),
+            ("target", "target"), ("met", "met"), ("roofline_for_target", "JAX roofline for target"),
             ("check_max_rel_err", "check rel err")]
+
+
+def table(rows: list[Row]) -> list[str]:
+  """The markdown table of ``rows`` (header included), one line per row."""
+  return (["| " + " | ".join(h for _, h in _COLUMNS) + " |", "|" + "|".join("---" for _ in _COLUMNS) + "|"]
+          + ["| " + " | ".join(_fmt(r.get(k)) for k, _ in _COLUMNS) + " |" for r in rows])
+
+
+def set_targets(rows: list[Row], kernels: dict[str, Any]) -> None:
+  """Sets every row's ``target`` (its kernel's, None without one) and ``met`` (ratio <= target)."""
+  for r in rows:
+    r["target"] = getattr(kernels.get(r["kernel"]), "target", None)
+    r["met"] = r["ratio"] <= r["target"] if r["target"] else None
 
 
 def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
   """The results table and the machine it ran on."""
-  lines = ["# jipguard benchmarks: JAX vs PyTorch reference", "",
-           "| " + " | ".join(h for _, h in _COLUMNS) + " |",
-           "|" + "|".join("---" for _ in _COLUMNS) + "|"]
-  for r in rows:
-    lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in _COLUMNS) + " |")
+  lines = ["# jipguard benchmarks: JAX vs PyTorch reference", "", *table(rows)]
   peak = rows[0].get("roofline_gflops") if rows else None
   busy = machine["loadavg"][0]  # At the start: at the end it includes this run.
   if busy > 0.25 * (machine["cores"] or 1):
@@ -254,6 +274,10 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
       "(vmap over stacked members; for GEMM rows, the batched call), `torch loop` a Python loop",
       "over members (for GEMM rows, one `torch.mm` per matrix).",
       f"`roofline` = achieved GFLOP/s / best GEMM GFLOP/s of this run ({_fmt(peak, 4)} GFLOP/s).",
+      "`target`: the ratio issue 6 asks for on its 2-core CPU (`met`: ratio <= target).",
+      "`JAX roofline for target` = torch roofline / target: the JAX roofline fraction at which",
+      "the ratio would equal the target at the same FLOPs; above 1 no implementation of these",
+      "FLOPs can meet it on this machine (it would need more than the GEMM rate on every FLOP).",
       "`check rel err`: largest relative difference of the per-member losses of JAX and both",
       "torch references from the same initial weights on the same batches (must be < 1e-3).",
       "",

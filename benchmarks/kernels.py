@@ -68,10 +68,13 @@ class Kernel:
     sizes: ``sizes(quick)``: the sizes to run, smallest first; each has a ``label``.
     row: ``row(size, repeats, budget_s=None)``: times one size (``harness.time_calls``),
       returns a ``harness.make_row`` dict.
+    target: The largest ratio (JAX s / best torch s) issue 6 accepts on its 2-core CPU;
+      None for rows that are references (the GEMM roofline).
   """
 
   sizes: Callable[[bool], Sequence[Any]]
   row: Callable[..., harness.Row]
+  target: float | None = None
 
 
 # --------------------------------------------------------------------------- GEMM roofline
@@ -630,12 +633,14 @@ def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None
 
 KERNELS: dict[str, Kernel] = {
     "gemm_roofline": Kernel(gemm_sizes, gemm_row),
-    "ensemble_train_epoch": Kernel(ensemble_sizes, ensemble_row),
-    "sanitize_step": Kernel(sanitize_sizes, sanitize_row),
-    "sanitize_dataset": Kernel(dataset_sizes, sanitize_dataset_row),
+    "ensemble_train_epoch": Kernel(ensemble_sizes, ensemble_row, target=0.5),
+    "sanitize_step": Kernel(sanitize_sizes, sanitize_row, target=0.8),
+    # Against the torch reference at the same schedule; the row's summary also gives the
+    # ratio against the paper's schedule (Algorithm 1), which is the issue's comparison.
+    "sanitize_dataset": Kernel(dataset_sizes, sanitize_dataset_row, target=0.5),
 }
 
 # The watermark verifier's grid search lives beside its torch reference (it imports this module).
 from benchmarks import watermark_kernel  # noqa: E402
 
-KERNELS[watermark_kernel.NAME] = Kernel(watermark_kernel.SIZES, watermark_kernel.row)
+KERNELS[watermark_kernel.NAME] = Kernel(watermark_kernel.SIZES, watermark_kernel.row, target=0.5)

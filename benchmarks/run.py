@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --quick --out /tmp/bench_quick      # ~2 min on 2 cores
     python benchmarks/run.py --out runs/bench                    # full sizes
+    python benchmarks/run.py --retable benchmarks/results/X.json  # an old table, current columns
 
 Take timings you report on a quiet machine (see benchmarks/README.md).
 """
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="small sizes (M=10, short epoch), 3 repeats")
-  parser.add_argument("--out", required=True, help="directory for results.json / results.md")
+  parser.add_argument("--out", help="directory for results.json / results.md (required unless --retable)")
+  parser.add_argument("--retable", metavar="JSON", default=None,
+                      help="print the table of a results.json written earlier with today's targets and "
+                           "derived columns (target, met, JAX roofline for target); times nothing")
   parser.add_argument("--kernels", nargs="+", default=list(kernels.KERNELS), choices=list(kernels.KERNELS))
   parser.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5, quick 3)")
   parser.add_argument("--budget-s", type=float, default=300.0,
@@ -37,6 +41,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
                       help="float32 matrix products on a GPU: full fp32 on both sides (default), or TF32 on both")
   args = parser.parse_args(argv)
+  if args.retable:
+    rows = json.loads(pathlib.Path(args.retable).read_text())
+    harness.set_targets(rows, kernels.KERNELS)
+    harness.add_roofline(rows)
+    print("\n".join(harness.table(rows)))
+    return
+  if not args.out:
+    parser.error("--out is required (or --retable JSON)")
   repeats = args.repeats or (3 if args.quick else 5)
   # The same arithmetic on both sides: JAX's GPU default is TF32-like, torch's is full fp32 for
   # matmuls but TF32 for convolutions. (No effect on a CPU.)

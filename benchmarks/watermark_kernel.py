@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--match", help="only sizes whose label contains this")
   args = p.parse_args(argv)
   _kernels().configure_torch()
-  registry = {"gemm_roofline": _kernels().KERNELS["gemm_roofline"], NAME: _kernels().Kernel(SIZES, row)}
+  registry = {k: _kernels().KERNELS[k] for k in ("gemm_roofline", NAME)}
   rows = harness.run(registry, list(registry), quick=args.quick, repeats=args.repeats, match=args.match)
   machine = harness.machine_info([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
   print(harness.write(args.out, rows, machine))

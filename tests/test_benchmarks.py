@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -58,6 +59,44 @@ def test_roofline_fraction_is_relative_to_best_gemm():
   harness.add_roofline(rows)
   assert rows[1]["roofline_fraction"] == 0.25 and rows[1]["torch_roofline_fraction"] == 0.1
   assert rows[0]["roofline_fraction"] == 0.5
+  assert rows[0]["roofline_for_target"] is None and rows[1]["roofline_for_target"] is None  # No targets.
+
+
+def test_roofline_for_target_is_where_the_ratio_meets_the_target():
+  """At equal FLOPs ratio = torch roofline / JAX roofline: a JAX row at ``roofline_for_target``
+  of the peak has exactly the target ratio; a faster torch row asks for more than the peak."""
+  rows = [{"kernel": "gemm_roofline", "gflops": 100.0, "torch_gflops": 80.0},
+          {"kernel": "k", "gflops": 60.0, "torch_gflops": 40.0, "ratio": 40.0 / 60.0, "target": 0.5},
+          {"kernel": "k", "gflops": 90.0, "torch_gflops": 60.0, "ratio": 60.0 / 90.0, "target": 0.5}]
+  harness.add_roofline(rows)
+  assert rows[1]["roofline_for_target"] == pytest.approx(0.8)
+  assert rows[1]["torch_roofline_fraction"] / rows[1]["roofline_for_target"] == pytest.approx(rows[1]["target"])
+  assert rows[2]["roofline_for_target"] == pytest.approx(1.2)  # Torch at 0.6 of the peak: 0.5 needs 1.2.
+
+
+def test_run_marks_rows_against_their_kernel_targets():
+  timing = harness.Timing(1.0, (1.0,))
+  registry = {"gemm_roofline": kernels.Kernel(lambda q: [_Size("gemm")], lambda *a: harness.make_row(
+                  "gemm_roofline", "gemm", 1e11, timing, 0.0, None, timing)),
+              "k": kernels.Kernel(lambda q: [_Size("fast"), _Size("slow |Omega|=4")], lambda size, *a: harness.make_row(
+                  "k", size.label, 5e10, harness.Timing(1.0, (0.4 if size.label == "fast" else 0.6,)), 0.0,
+                  None, timing), target=0.5)}
+  rows = harness.run(registry, list(registry), quick=True, repeats=1, log=lambda s: None)
+  assert [r["met"] for r in rows] == [None, True, False]
+  assert [r["target"] for r in rows] == [None, 0.5, 0.5]
+  assert rows[1]["roofline_for_target"] == pytest.approx(0.5 / 0.5)  # torch: 50 of 100 GFLOP/s.
+  table = harness.markdown(rows, harness.machine_info(["x"]) | {"loadavg_end": [0, 0, 0]})
+  assert "| ok |" in table and "| FAIL |" in table
+  cells = [len(re.split(r"(?<!\\)\|", line)) for line in table.splitlines() if line.startswith("|")]
+  assert len(cells) == 5 and len(set(cells)) == 1, cells  # The label's "|" is escaped, not a new cell.
+  assert {k: kernels.KERNELS[k].target for k in kernels.KERNELS} == {
+      "gemm_roofline": None, "ensemble_train_epoch": 0.5, "sanitize_step": 0.8, "sanitize_dataset": 0.5,
+      "watermark_grid_search": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Size:
+  label: str
 
 
 @pytest.mark.parametrize("model, hwc", [("mlp", (28, 28, 1)), ("cnn", (32, 32, 3))])
@@ -174,3 +213,15 @@ def test_run_writes_finished_rows_before_a_later_row_fails(tmp_path):
   os.umask(umask)
   assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
   assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_retable_fills_targets_of_an_old_results_file(tmp_path, capsys):
+  from benchmarks import run  # noqa: PLC0415
+
+  old = [{"kernel": "gemm_roofline", "size": "mm", "ratio": 1.0, "gflops": 100.0, "torch_gflops": 90.0},
+         {"kernel": "watermark_grid_search", "size": "K=3 x N=2", "ratio": 0.6, "gflops": 90.0, "torch_gflops": 54.0}]
+  (tmp_path / "results.json").write_text(json.dumps(old))
+  run.main(["--retable", str(tmp_path / "results.json")])
+  lines = capsys.readouterr().out.splitlines()
+  assert "JAX roofline for target" in lines[0] and len(lines) == 4
+  assert "| 0.5 | FAIL | 1.08 |" in lines[3]  # torch at 0.54 of the peak: a 0.5 ratio needs 1.08 of it.
