@@ -30,6 +30,7 @@ def parse(argv=None) -> tuple[pipeline.IPProtectConfig, str, bool]:
 def main(argv=None) -> int:
   a = _parser().parse_args(argv)
   distributed.initialize_from_flags(a)  # Before any computation.
+  distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
   cfg, workdir, quiet = pipeline.config_from_args(a)
   mesh = sharding.make_mesh(*a.mesh) if a.mesh else None
   m = pipeline.run(cfg, workdir, progress=not quiet and distributed.is_main_process(), mesh=mesh)

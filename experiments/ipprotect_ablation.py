@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from jipguard import pipeline
+from jipguard import distributed, pipeline
 
 # Common scale: 200 buyer images, 8 sellers x 4 models, |Omega_V| = 10. Every variant names its loss
 # (the preset's default changed from probs to margin; a variant must not change with it).
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
   p.add_argument("--only", nargs="*", help="substrings of variant names to run")
   p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
   a = p.parse_args(argv)
+  distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
   results = {}
   for name, flags in VARIANTS.items():
     if a.only and not any(s in name for s in a.only):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jipguard import ensemble, ipprotect, pipeline
+from jipguard import distributed, ensemble, ipprotect, pipeline
 
 _TEMPERATURES = (1.0, 4.0)
 _NOISE_IMAGES = 500
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
   if own.images < 1 or min(own.checkpoints) < 1:
     raise ValueError("--images and --checkpoints must be >= 1")
   cfg, workdir, _ = pipeline.config_from_flags(rest)
+  distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
   buyer, pool = pipeline.load_data(cfg)
   model = pipeline.run_model(cfg, buyer)
   root = cfg.cache_dir or os.path.join(workdir, "checkpoints")

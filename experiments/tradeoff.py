@@ -445,6 +445,7 @@ def parse(argv=None) -> tuple[StudyConfig, str, bool, bool, str]:
 def main(argv=None) -> int:
   cfg, out, quiet, report_only, compilation_cache = parse(argv)
   distributed.enable_compilation_cache(compilation_cache)  # Before any compilation.
+  distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
   t = run_study(cfg, out, progress=not quiet, report_only=report_only)
   print(table3_markdown(t))
   print(f"study directory: {out} (table3.md, table3.json, fig2*.png, points/); {t['wall_s']:.0f} s")

@@ -505,6 +505,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
   a = parse(argv)
   distributed.enable_compilation_cache(a.compilation_cache)  # Before any compilation.
+  distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
   if a.cmd == "mark":
     return cmd_mark(a)
   if a.cmd == "verify":

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -87,6 +89,26 @@ def enable_compilation_cache(path: str | os.PathLike | None, min_compile_time_s:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
   return path
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  del frame
+  raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def interrupt_on_sigterm() -> bool:
+  """Makes SIGTERM raise KeyboardInterrupt in the main thread; returns whether it could.
+
+  SIGTERM is what ``kill``, SLURM (at the time limit or on preemption, before SIGKILL),
+  Kubernetes and most schedulers send first. Python's default dies on it without unwinding;
+  as an exception it lets ``EnsembleTrainer.fit`` save its last finished epoch and every
+  ``finally`` run, so a terminated run resumes where it stopped. A no-op outside the main
+  thread (signal handlers can only be set there).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return False
+  signal.signal(signal.SIGTERM, _interrupt)
+  return True
 
 
 def detected_cluster() -> bool:

@@ -320,6 +320,64 @@ def test_killed_run_resumes_and_equals_uninterrupted(tmp_path):
   _assert_trees_close(straight.state, ensemble.load_checkpoint(tmp_path, template), atol=0)
 
 
+def _saved_epochs(checkpoint_dir):
+  return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
+
+
+def test_checkpoint_interval_skips_saves_but_a_stopped_run_keeps_its_finished_epochs(tmp_path):
+  """With an interval longer than the run, only the epoch an exception stops at is saved
+  (not every epoch), and resuming from it equals the uninterrupted run."""
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(3, 256, 128)
+  straight = _trainer().fit(keys, x, y, indices=indices, epochs=5, progress=False)
+
+  def stop_after_three(epoch, record):
+    if epoch == 3:
+      raise _Stop
+
+  with pytest.raises(_Stop):
+    _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint_dir=tmp_path, checkpoint_interval_s=1e9,
+                   on_epoch_end=stop_after_three, progress=False)
+  assert _saved_epochs(tmp_path) == [3]  # Epochs 1 and 2 were due but inside the interval.
+  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint_dir=tmp_path,
+                           checkpoint_interval_s=1e9, progress=False)
+  assert resumed.resumed_from == 3 and [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5]
+  assert _saved_epochs(tmp_path) == [3, 5]  # The last epoch is always saved.
+  _assert_trees_close(straight.state, resumed.state, atol=0)
+
+
+def test_sigterm_saves_the_finished_epochs(tmp_path):
+  """``distributed.interrupt_on_sigterm``: a real SIGTERM during training becomes
+  KeyboardInterrupt, ``fit`` saves the epochs it finished, and a rerun resumes there."""
+  import os  # noqa: PLC0415
+  import signal  # noqa: PLC0415
+
+  from jipguard import distributed  # noqa: PLC0415
+
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(2, 256, 128)
+
+  def terminate_after_two(epoch, record):
+    if epoch == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    assert distributed.interrupt_on_sigterm()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+      _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, checkpoint_interval_s=1e9,
+                     on_epoch_end=terminate_after_two, progress=False)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert _saved_epochs(tmp_path) == [2]
+  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, progress=False)
+  assert resumed.resumed_from == 2
+  straight = _trainer().fit(keys, x, y, indices=indices, epochs=4, progress=False)
+  _assert_trees_close(straight.state, resumed.state, atol=0)
+
+
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):
   train, _ = _digits()
   x, y = train.images[:128], train.labels[:128]
