@@ -213,7 +213,10 @@ def training_flops(model: str, image_hwc: tuple[int, int, int]) -> float:
 def ensemble_sizes(quick: bool) -> list[EnsembleSize]:
   if quick:
     return [EnsembleSize("mlp", 10, 2560)]
-  return [EnsembleSize("mlp", 10, 10_000), EnsembleSize("mlp", 100, 10_000), EnsembleSize("cnn", 8, 1024)]
+  # The last MLP size is the main job's sample_models: 110 models on bootstraps of 300 buyer
+  # images, batch 32 (`pipeline.IPProtectConfig.omega_train`), one of its 30 epochs.
+  return [EnsembleSize("mlp", 10, 10_000), EnsembleSize("mlp", 100, 10_000), EnsembleSize("mlp", 110, 300, 32),
+          EnsembleSize("cnn", 8, 1024)]
 
 
 def _flax_model(name: str, dropout: bool = True):
