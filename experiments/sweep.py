@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from jipguard import pipeline  # noqa: E402
+from jipguard import distributed, pipeline  # noqa: E402
 
 HEADLINE = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "correlation_mean",
             "ssim_mean")
@@ -107,8 +108,18 @@ def run_config(config: Config, experiment: pathlib.Path, out: str, env: dict[str
   with open(log_path, "a") as log:
     log.write(f"$ {sys.executable} {experiment} {' '.join(config.argv)}\n")
     log.flush()
-    rc = subprocess.call([sys.executable, str(experiment), *config.argv], stdout=log, stderr=subprocess.STDOUT,
-                         env=env)
+    proc = subprocess.Popen([sys.executable, str(experiment), *config.argv], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    try:
+      rc = proc.wait()
+    except KeyboardInterrupt as e:
+      # Stopped: let the run save its finished work before exiting. A Ctrl-C (SIGINT) reached
+      # the whole terminal's process group, the run included; a SIGTERM may have reached this
+      # process only (`kill`), so it is passed on (a run ignores a second one while it saves).
+      if str(e) == distributed.SIGTERM_MESSAGE and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+      proc.wait()
+      raise
   status = "done" if rc == 0 and is_finished(config) else f"failed (exit {rc}, see {log_path})"
   return status, time.perf_counter() - t
 
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   os.makedirs(a.out, exist_ok=True)
+  distributed.interrupt_on_sigterm()  # A terminated sweep lets its running config save, then stops.
   env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(a.out), ".jax_cache"))
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -184,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
       print(f"[{i + 1}/{len(mine)}] {c.name}: finished before, skipped", flush=True)
       continue
     print(f"[{i + 1}/{len(mine)}] {c.name} ...", flush=True)
-    status, seconds = run_config(c, experiment, a.out, env)
+    try:
+      status, seconds = run_config(c, experiment, a.out, env)
+    except KeyboardInterrupt as e:
+      print(f"[{i + 1}/{len(mine)}] {c.name}: stopped ({e or 'interrupted'}); the same command resumes", flush=True)
+      return 130
     statuses[c.name] = status
     failed += status != "done"
     print(f"[{i + 1}/{len(mine)}] {c.name}: {status} in {seconds:.1f} s", flush=True)

@@ -91,18 +91,26 @@ def enable_compilation_cache(path: str | os.PathLike | None, min_compile_time_s:
   return path
 
 
+SIGTERM_MESSAGE = "signal SIGTERM"
+
+
 def _interrupt(signum: int, frame: Any) -> None:
   del frame
-  raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+  signal.signal(signum, signal.SIG_IGN)  # Once: a second SIGTERM must not interrupt the save.
+  raise KeyboardInterrupt(SIGTERM_MESSAGE)
 
 
 def interrupt_on_sigterm() -> bool:
-  """Makes SIGTERM raise KeyboardInterrupt in the main thread; returns whether it could.
+  """Makes the first SIGTERM raise KeyboardInterrupt in the main thread (later ones are
+  ignored); returns whether it could.
 
   SIGTERM is what ``kill``, SLURM (at the time limit or on preemption, before SIGKILL),
   Kubernetes and most schedulers send first. Python's default dies on it without unwinding;
   as an exception it lets ``EnsembleTrainer.fit`` save its last finished epoch and every
-  ``finally`` run, so a terminated run resumes where it stopped. A no-op outside the main
+  ``finally`` run, so a terminated run resumes where it stopped. Schedulers signal every
+  process of a job and a parent may forward its own (``experiments/sweep.py``), so a second
+  SIGTERM is ignored rather than let it interrupt that save; SIGKILL still ends the process.
+  The message of the KeyboardInterrupt is :data:`SIGTERM_MESSAGE`. A no-op outside the main
   thread (signal handlers can only be set there).
   """
   if threading.current_thread() is not threading.main_thread():

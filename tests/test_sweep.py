@@ -68,3 +68,56 @@ def test_sweep_skips_finished_configs_and_logs_failures(tmp_path, capsys):
   assert "finished before, skipped" in capsys.readouterr().out
   with open(os.path.join(out, "omega_tr=10,seed=0", "metrics.json")) as f:
     assert json.load(f)["preset"] == "smoke"  # The base arguments reached the experiment.
+
+
+# A stand-in for a long run: says it started (with its pid), then "trains" until stopped; on the
+# way out it takes a moment to "save" (during which more SIGTERMs arrive) and marks it done.
+_LONG = """
+import argparse, os, sys, time
+sys.path.insert(0, {root!r})
+from jipguard import distributed
+distributed.interrupt_on_sigterm()
+p = argparse.ArgumentParser()
+p.add_argument("--workdir"); p.add_argument("--seed")
+a = p.parse_args()
+os.makedirs(a.workdir, exist_ok=True)
+with open(os.path.join(a.workdir, "started"), "w") as f:
+  f.write(str(os.getpid()))
+try:
+  time.sleep(120)
+except KeyboardInterrupt:
+  time.sleep(1.0)
+  open(os.path.join(a.workdir, "saved"), "w").close()
+  raise
+"""
+
+
+@pytest.mark.parametrize("also_child", [False, True])
+def test_sigterm_to_a_sweep_lets_its_running_config_save(tmp_path, also_child):
+  """``kill`` of the sweep alone (the run gets the forwarded SIGTERM), or SIGTERM to both as
+  a scheduler sends it (the run ignores the second while it saves): the run saves, the sweep
+  stops with status 130 and says how to resume."""
+  import signal  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  fake = tmp_path / "long.py"
+  fake.write_text(_LONG.format(root=root))
+  out = tmp_path / "sweep"
+  proc = subprocess.Popen([sys.executable, os.path.join(root, "experiments", "sweep.py"), "--experiment", str(fake),
+                           "--out", str(out), "--grid", "seed=0,1"], stdout=subprocess.PIPE, text=True)
+  started = out / "seed=0" / "started"
+  deadline = time.monotonic() + 120
+  while not (started.exists() and started.read_text()) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert started.exists(), "the run never started"
+  if also_child:
+    os.kill(int(started.read_text()), signal.SIGTERM)
+  proc.send_signal(signal.SIGTERM)
+  stdout, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 130, stdout
+  assert (out / "seed=0" / "saved").exists()  # The run finished its save despite two SIGTERMs.
+  assert not (out / "seed=1").exists()  # The sweep stopped instead of going on.
+  assert "stopped (signal SIGTERM); the same command resumes" in stdout
