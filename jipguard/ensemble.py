@@ -595,13 +595,14 @@ class EnsembleTrainer:
       checkpoint_interval_s: Skip a due save when the last one (or the start) is less than
         this many seconds ago. A save is a device-to-host copy of every member's parameters
         and optimiser state (110 MLPs: 355 MB, ~1 s on 2 cores, as long as one of
-        ``sample_models``' epochs). Whatever the interval, an exception that stops training
-        (an ``on_epoch_end`` error, a non-finite loss, KeyboardInterrupt, which
-        ``pipeline.interrupt_on_sigterm`` makes of SIGTERM) first saves the last finished
-        epoch, so only a hard kill (SIGKILL, power loss) can lose finished epochs: at most
-        this interval's worth. Single process only: with several (``jax.distributed``) every
-        due epoch is saved, as the processes' clocks and exceptions are their own and a save
-        is collective.
+        ``sample_models``' epochs). An exception that stops training (KeyboardInterrupt,
+        which ``distributed.interrupt_on_sigterm`` makes of SIGTERM; an ``on_epoch_end``
+        error) first saves the last finished epoch, or, when the interrupted epoch's program
+        already took that state (``train_epoch`` donates it), the interrupted epoch once it
+        completes with finite losses. So finished epochs are lost only to a hard kill (SIGKILL,
+        power loss) or to a non-finite loss, and then at most this interval's worth. Single
+        process only: with several (``jax.distributed``) every due epoch is saved, as the
+        processes' clocks and exceptions are their own and a save is collective.
       fingerprint: Extra configuration that must match on resume (e.g. optimiser
         settings, which optax cannot describe).
       progress: Show a progress bar with per-epoch mean / min / max member accuracy.
@@ -655,7 +656,20 @@ class EnsembleTrainer:
     images = sharding.replicate(images, self.mesh)
 
     bar = tqdm.tqdm(total=epochs, initial=start, desc=desc, disable=not progress, leave=False)
+
+    def epoch_record(epoch, state, epoch_metrics):
+      """The epoch's history record; FloatingPointError if a member's loss is not finite."""
+      record = {"epoch": epoch + 1, **{k: v[:m].tolist() for k, v in distributed.to_host(epoch_metrics).items()}}
+      bad = [i for i, v in enumerate(record["loss"]) if not np.isfinite(v)]
+      if bad:
+        raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1} in members {bad}")
+      if eval_data is not None:
+        record["eval_accuracy"] = accuracy(
+            self.model, state.member(slice(0, m)).variables, eval_data[0], eval_data[1]).tolist()
+      return record
+
     saved, finished = start, (start, state)  # The last saved epoch; the last finished one and its state.
+    in_flight = None  # An epoch dispatched and not yet checked: (epoch, state, metrics).
     last_save = time.monotonic()
     # Saves are collective across processes: each process's clock and exceptions are its own,
     # so with several processes every due epoch is saved and nothing is saved on the way out.
@@ -663,13 +677,9 @@ class EnsembleTrainer:
     try:
       for epoch in range(start, epochs):
         state, epoch_metrics = self.train_epoch(state, images, indices_p, labels_p, keys_p, epoch)
-        record = {"epoch": epoch + 1, **{k: v[:m].tolist() for k, v in distributed.to_host(epoch_metrics).items()}}
-        bad = [i for i, v in enumerate(record["loss"]) if not np.isfinite(v)]
-        if bad:
-          raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1} in members {bad}")
-        if eval_data is not None:
-          record["eval_accuracy"] = accuracy(
-              self.model, state.member(slice(0, m)).variables, eval_data[0], eval_data[1]).tolist()
+        in_flight = (epoch, state, epoch_metrics)
+        record = epoch_record(epoch, state, epoch_metrics)
+        in_flight = None
         history.append(record)
         finished = (epoch + 1, state)
         acc = np.asarray(record.get("eval_accuracy", record["train_accuracy"]))
@@ -684,8 +694,20 @@ class EnsembleTrainer:
         if on_epoch_end is not None:
           on_epoch_end(epoch + 1, record)
     except BaseException:
-      if manager is not None and single_process and finished[0] > saved:  # Keep the finished epochs.
-        _save(manager, finished[0], finished[1].member(slice(0, m)), history, meta)
+      if manager is not None and single_process:  # Keep the finished epochs.
+        if not _deleted(finished[1]):
+          if finished[0] > saved:
+            _save(manager, finished[0], finished[1].member(slice(0, m)), history, meta)
+        elif in_flight is not None:
+          # The last finished state went into the next epoch (``train_epoch`` donates its
+          # input): finish that one instead, and keep it if it is sound.
+          epoch, state, epoch_metrics = in_flight
+          try:
+            record = epoch_record(epoch, state, epoch_metrics)
+          except Exception:  # noqa: BLE001 (non-finite, or broken: nothing sound to keep)
+            record = None
+          if record is not None:
+            _save(manager, epoch + 1, state.member(slice(0, m)), [*history, record], meta)
       raise
     finally:
       bar.close()
@@ -693,6 +715,11 @@ class EnsembleTrainer:
         manager.wait_until_finished()
         manager.close()
     return FitResult(state=state.member(slice(0, m)), history=history, resumed_from=start)
+
+
+def _deleted(tree: PyTree) -> bool:
+  """Whether any array of ``tree`` was deleted (donated to a later computation)."""
+  return any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(tree))
 
 
 def _save(manager: ocp.CheckpointManager, epoch: int, state: EnsembleState,

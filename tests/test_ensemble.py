@@ -347,6 +347,34 @@ def test_checkpoint_interval_skips_saves_but_a_stopped_run_keeps_its_finished_ep
   _assert_trees_close(straight.state, resumed.state, atol=0)
 
 
+def test_interrupt_while_an_epoch_runs_saves_that_epoch(tmp_path, monkeypatch):
+  """A KeyboardInterrupt while epoch 3 computes (here: while its metrics are awaited), with no
+  save due: epoch 2's state went into epoch 3's program (donated), so ``fit`` completes epoch 3
+  and saves it; the resumed run equals the uninterrupted one."""
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(2, 256, 128)
+  straight = _trainer().fit(keys, x, y, indices=indices, epochs=4, progress=False)
+  calls, to_host = [], ensemble.distributed.to_host
+
+  def interrupted_third(tree):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return to_host(tree)
+
+  monkeypatch.setattr(ensemble.distributed, "to_host", interrupted_third)
+  with pytest.raises(KeyboardInterrupt):
+    _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, checkpoint_interval_s=1e9,
+                   progress=False)
+  monkeypatch.undo()
+  assert _saved_epochs(tmp_path) == [3]
+  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, progress=False)
+  assert resumed.resumed_from == 3
+  assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+  _assert_trees_close(straight.state, resumed.state, atol=0)
+
+
 def test_sigterm_saves_the_finished_epochs(tmp_path):
   """``distributed.interrupt_on_sigterm``: a real SIGTERM during training becomes
   KeyboardInterrupt, ``fit`` saves the epochs it finished, and a rerun resumes there."""
