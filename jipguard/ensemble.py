@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -695,19 +696,18 @@ class EnsembleTrainer:
           on_epoch_end(epoch + 1, record)
     except BaseException:
       if manager is not None and single_process:  # Keep the finished epochs.
-        if not _deleted(finished[1]):
-          if finished[0] > saved:
-            _save(manager, finished[0], finished[1].member(slice(0, m)), history, meta)
-        elif in_flight is not None:
-          # The last finished state went into the next epoch (``train_epoch`` donates its
-          # input): finish that one instead, and keep it if it is sound.
-          epoch, state, epoch_metrics = in_flight
-          try:
-            record = epoch_record(epoch, state, epoch_metrics)
-          except Exception:  # noqa: BLE001 (non-finite, or broken: nothing sound to keep)
-            record = None
-          if record is not None:
-            _save(manager, epoch + 1, state.member(slice(0, m)), [*history, record], meta)
+        try:
+          if not _deleted(finished[1]):
+            if finished[0] > saved:
+              _save(manager, finished[0], finished[1].member(slice(0, m)), history, meta)
+          elif in_flight is not None:
+            # The last finished state went into the next epoch (``train_epoch`` donates its
+            # input): finish that one instead, and keep it if its losses are finite.
+            epoch, state, epoch_metrics = in_flight
+            _save(manager, epoch + 1, state.member(slice(0, m)),
+                  [*history, epoch_record(epoch, state, epoch_metrics)], meta)
+        except Exception as e:  # noqa: BLE001 (best effort: the original exception goes on)
+          logging.warning("%s: could not save the finished epochs on the way out: %r", desc, e)
       raise
     finally:
       bar.close()
