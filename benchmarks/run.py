@@ -42,7 +42,13 @@ def main(argv: list[str] | None = None) -> None:
                       help="float32 matrix products on a GPU: full fp32 on both sides (default), or TF32 on both")
   args = parser.parse_args(argv)
   if args.retable:
-    rows = json.loads(pathlib.Path(args.retable).read_text())
+    try:
+      rows = json.loads(pathlib.Path(args.retable).read_text())
+    except (OSError, ValueError) as e:
+      parser.error(f"--retable: cannot read {args.retable}: {e}")
+    needed = {"kernel", "size", "ratio", "gflops", "torch_gflops"}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and needed <= set(r) for r in rows):
+      parser.error(f"--retable: {args.retable} is not a benchmarks results.json (a list of rows with {sorted(needed)})")
     harness.set_targets(rows, kernels.KERNELS)
     harness.add_roofline(rows)
     print("\n".join(harness.table(rows)))

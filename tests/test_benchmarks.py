@@ -225,3 +225,8 @@ def test_retable_fills_targets_of_an_old_results_file(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert "JAX roofline for target" in lines[0] and len(lines) == 4
   assert "| 0.5 | FAIL | 1.08 |" in lines[3]  # torch at 0.54 of the peak: a 0.5 ratio needs 1.08 of it.
+  (tmp_path / "other.json").write_text(json.dumps({"rows": old}))
+  for bad in ("other.json", "missing.json"):
+    with pytest.raises(SystemExit):
+      run.main(["--retable", str(tmp_path / bad)])
+    assert "--retable:" in capsys.readouterr().err
