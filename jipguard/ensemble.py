@@ -706,6 +706,8 @@ class EnsembleTrainer:
             epoch, state, epoch_metrics = in_flight
             _save(manager, epoch + 1, state.member(slice(0, m)),
                   [*history, epoch_record(epoch, state, epoch_metrics)], meta)
+        except FloatingPointError:
+          pass  # The interrupted epoch diverged: nothing sound to keep.
         except Exception as e:  # noqa: BLE001 (best effort: the original exception goes on)
           logging.warning("%s: could not save the finished epochs on the way out: %r", desc, e)
       raise
