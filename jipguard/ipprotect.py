@@ -162,19 +162,11 @@ def fingerprint(cfg: Any, **added: Any) -> dict[str, Any]:
   return {k: v for k, v in d.items() if not (k in added and v == added[k])}
 
 
-# Seconds between the checkpoints of a training with ``checkpoint_dir`` (besides the last epoch
-# and the one an exception stops at, which are always saved; ``EnsembleTrainer.fit``). Saving
-# every epoch doubled ``sample_models`` in the main job: 110 MLPs' state is 355 MB, ~1 s to save
-# on 2 cores, and one of their epochs (300 images, batch 32) takes ~1 s (fit of 10 epochs: 11.4 s
-# without checkpoints, 21.9 s saving each epoch, 12.9 s saving every 10th; /tmp script).
-CHECKPOINT_INTERVAL_S = 60.0
-
-
 def train_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, images: np.ndarray,
                  labels: np.ndarray, *, num_members: int, indices: np.ndarray | None = None,
                  checkpoint_dir: str | None = None, desc: str = "train",
                  mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-                 checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S) -> ensemble.EnsembleState:
+                 checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S) -> ensemble.EnsembleState:
   """Trains ``num_members`` models in one ensemble call (resumable via ``checkpoint_dir``,
   saved at most every ``checkpoint_interval_s`` seconds, on the last epoch and on the way out
   of an exception: ``EnsembleTrainer.fit``)."""

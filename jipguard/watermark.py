@@ -53,7 +53,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import tqdm
 
 from jipguard import ensemble, models, sharding
 
@@ -371,13 +370,15 @@ class LearnerConfig:
 def train_learners(cfg: LearnerConfig, keys_M: jax.Array, images: np.ndarray, labels: np.ndarray,
                    num_classes: int, indices_MxS: np.ndarray | None = None, *,
                    checkpoint_dir: str | None = None, init_state: ensemble.EnsembleState | None = None,
-                   progress: bool = True, desc: str = "learner"
+                   checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S, progress: bool = True,
+                   desc: str = "learner"
                    ) -> tuple[nn.Module, ensemble.EnsembleState, list[dict[str, Any]]]:
   """Trains M learners on a shared pool (member m sees ``indices_MxS[m]``), with augmentation.
 
-  Each epoch the pool is augmented afresh (:func:`augment`) and one
-  ``EnsembleTrainer.train_epoch`` runs. With ``checkpoint_dir`` every epoch is saved with
-  orbax and a rerun resumes from the last one (refusing another configuration).
+  :meth:`ensemble.EnsembleTrainer.fit` with each epoch's pool augmented afresh
+  (:func:`augment`, keyed by the epoch, so a resumed run sees the same data). With
+  ``checkpoint_dir`` a rerun resumes from the last saved epoch (refusing another
+  configuration), and an interrupted run saves its finished epochs first.
 
   Args:
     cfg: The learner's configuration.
@@ -388,11 +389,12 @@ def train_learners(cfg: LearnerConfig, keys_M: jax.Array, images: np.ndarray, la
     indices_MxS: Each member's sample of the pool (default: the whole pool).
     checkpoint_dir: Orbax directory for resuming.
     init_state: Start from these weights (fine-tuning); the optimiser state is fresh.
+    checkpoint_interval_s: Save at most this often (``fit``'s; 0: every epoch).
     progress: Progress bar.
     desc: Its label.
 
   Returns:
-    ``(model, state, history)``.
+    ``(model, state, history)``; ``history`` as :class:`ensemble.FitResult`'s.
 
   Raises:
     ValueError: Bad shapes or non-finite images; FloatingPointError: a non-finite loss.
@@ -407,48 +409,15 @@ def train_learners(cfg: LearnerConfig, keys_M: jax.Array, images: np.ndarray, la
   model = models.get_model(cfg.model, num_classes)
   tx = optimizer(cfg.learning_rate, cfg.epochs, idx.shape[1] // cfg.batch_size)
   trainer = ensemble.EnsembleTrainer(model, tx, batch_size=cfg.batch_size)
-  x = jnp.asarray(images)
-  state = trainer.init(keys_M, x)
-  if init_state is not None:
-    state = ensemble.EnsembleState(params=init_state.params, batch_stats=init_state.batch_stats,
-                                   opt_state=jax.vmap(tx.init)(init_state.params))
-  idx_j = jnp.asarray(idx, jnp.int32)
-  labels_MxS = jnp.asarray(labels, jnp.int32)[idx_j]
-  meta = {"config": repr(cfg), "data": ensemble.digest(keys_M, images, idx, labels),
-          "init": None if init_state is None else ensemble.digest(init_state.params)}
-  history: list[dict[str, Any]] = []
-  start, manager = 0, None
-  if checkpoint_dir is not None:
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-    if manager.latest_step() is not None:
-      start = manager.latest_step()
-      saved = manager.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      ensemble.check_same_config(saved, meta, checkpoint_dir)
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-      r = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         history=ocp.args.JsonRestore()))
-      state, history = r["state"], list(r["history"])
   aug_key = jax.random.fold_in(keys_M[0], 7919)
-  try:
-    for epoch in tqdm.trange(start, cfg.epochs, desc=desc, disable=not progress, leave=False):
-      x_aug, y_aug = augment(jax.random.fold_in(aug_key, epoch), x, labels_MxS, aug=cfg.augment,
-                             num_classes=num_classes)
-      state, met = trainer.train_epoch(state, x_aug, idx_j, y_aug, keys_M, epoch)
-      loss = np.asarray(met["loss"])
-      if not np.all(np.isfinite(loss)):
-        raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}: {loss}")
-      history.append({"epoch": epoch + 1, "loss": loss.tolist(),
-                      "train_accuracy": np.asarray(met["train_accuracy"]).tolist()})
-      if manager is not None:
-        manager.save(epoch + 1, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history),
-            meta=ocp.args.JsonSave(meta)))
-  finally:
-    if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
-  return model, state, history
+
+  def epoch_data(epoch, x, labels_MxS):
+    return augment(jax.random.fold_in(aug_key, epoch), x, labels_MxS, aug=cfg.augment, num_classes=num_classes)
+
+  result = trainer.fit(keys_M, images, labels, epochs=cfg.epochs, indices=idx, checkpoint_dir=checkpoint_dir,
+                       checkpoint_interval_s=checkpoint_interval_s, fingerprint={"learner": repr(cfg)},
+                       progress=progress, desc=desc, epoch_data=epoch_data, init_state=init_state)
+  return model, result.state, result.history
 
 
 def member_variables(state: ensemble.EnsembleState, m: int) -> PyTree:

@@ -294,6 +294,66 @@ class _Stop(Exception):
   pass
 
 
+def _noisy_epoch(epoch, x, labels_MxS):
+  """An epoch's data drawn afresh from the epoch: noisy pixels, a third of the labels re-drawn."""
+  k_x, k_flip, k_y = jax.random.split(jax.random.fold_in(jax.random.key(7), epoch), 3)
+  x = jnp.clip(x + 0.1 * jax.random.normal(k_x, x.shape), 0.0, 1.0)
+  flip = jax.random.bernoulli(k_flip, 1 / 3, labels_MxS.shape)
+  return x, jnp.where(flip, jax.random.randint(k_y, labels_MxS.shape, 0, 10), labels_MxS)
+
+
+def test_epoch_data_is_drawn_for_the_real_members_only(eight_devices):
+  """``fit(epoch_data=)``: each epoch trains on what the hook returns for that epoch, and 6
+  members padded to an 8-device mesh train as without the mesh (the hook sees the 6 members'
+  labels, not the padded 8: a draw of another shape would give other labels)."""
+  train, _ = _digits()
+  x, y = train.images[:512], train.labels[:512]
+  keys, indices = _member_inputs(6, 512, 256)
+  seen = []
+
+  def hook(epoch, x, labels_MxS):
+    seen.append((epoch, labels_MxS.shape))
+    return _noisy_epoch(epoch, x, labels_MxS)
+
+  plain = _trainer(tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False, epoch_data=hook)
+  assert seen == [(0, (6, 256)), (1, (6, 256))]
+  sharded = _trainer(mesh=sharding.make_mesh(8, 1), tx=_SGD).fit(keys, x, y, indices=indices, epochs=2,
+                                                                 progress=False, epoch_data=hook)
+  assert seen[2:] == seen[:2]
+  _assert_trees_close(plain.state, sharded.state, atol=2e-5)
+  # The hook's data is what trained: by hand, epoch by epoch, the same state.
+  trainer = _trainer(tx=_SGD)
+  state, labels_MxS = trainer.init(keys, x), jnp.asarray(y)[indices]
+  for epoch in range(2):
+    x_e, y_e = _noisy_epoch(epoch, jnp.asarray(x), labels_MxS)
+    state, _ = trainer.train_epoch(state, x_e, jnp.asarray(indices), y_e, keys, epoch)
+  _assert_trees_close(plain.state, state, atol=0)
+  clean = _trainer(tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  assert not np.allclose(clean.state.params["Dense_0"]["kernel"], plain.state.params["Dense_0"]["kernel"])
+  with pytest.raises(ValueError, match="epoch_data changed the shapes"):
+    _trainer(tx=_SGD).fit(keys, x, y, indices=indices, epochs=1, progress=False,
+                          epoch_data=lambda e, x, l: (x[:-1], l))
+
+
+def test_init_state_starts_from_given_weights_and_is_part_of_the_configuration(tmp_path):
+  train, _ = _digits()
+  x, y = train.images[:256], train.labels[:256]
+  keys, indices = _member_inputs(2, 256, 128)
+  first = _trainer().fit(keys, x, y, indices=indices, epochs=2, progress=False)
+  # No epochs: the given weights, with a fresh optimiser state.
+  start = _trainer().fit(keys, x, y, indices=indices, epochs=0, progress=False, init_state=first.state)
+  _assert_trees_close(start.state.params, first.state.params, atol=0)
+  _assert_trees_close(start.state.opt_state, jax.vmap(_TX.init)(first.state.params), atol=0)
+  tuned = _trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False, init_state=first.state,
+                         checkpoint_dir=tmp_path)
+  fresh = _trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False)
+  assert tuned.history[0]["loss"][0] < fresh.history[0]["loss"][0]  # It went on from trained weights.
+  with pytest.raises(ValueError, match="different configuration"):  # Another start is another run.
+    _trainer().fit(keys, x, y, indices=indices, epochs=2, progress=False, checkpoint_dir=tmp_path)
+  with pytest.raises(ValueError, match="init_state is not an ensemble of 3 members"):
+    _trainer().fit(*_member_inputs(3, 256, 128)[:1], x, y, epochs=1, progress=False, init_state=first.state)
+
+
 def test_killed_run_resumes_and_equals_uninterrupted(tmp_path):
   train, _ = _digits()
   x, y = train.images[:256], train.labels[:256]

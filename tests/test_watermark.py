@@ -1,6 +1,7 @@
 """Tests of jipguard.watermark: LCT, verification (Eq. 6), sharding, no retrace, statistics."""
 
 import colorsys
+import dataclasses
 
 from absl.testing import parameterized
 import jax
@@ -121,6 +122,39 @@ def trained():
   return dict(model=model, variables=wm.member_variables(state, 0), user_x=x[users[0]],
               user_y=train.labels[users[0]], held_x=xt[:600].reshape(3, 200, 28, 28, 3),
               held_y=test.labels[:600].reshape(3, 200), history=hist)
+
+
+def test_interrupted_learner_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
+  """``train_learners`` is ``EnsembleTrainer.fit`` with a per-epoch augmentation: a learner
+  stopped in its third epoch keeps two, and the rerun sees the same augmented epochs (crops,
+  flips, stochastic label smoothing drawn from the epoch) and ends where an uninterrupted one does."""
+  train = data.load("fashion_mnist_subset", "train").subset(slice(0, 256))
+  x = wm.colorize(0, train.images, train.labels, 10)
+  cfg = wm.LearnerConfig(model="mlp", epochs=4, batch_size=64,
+                         augment=wm.Augment(crop=2, flip=True, label_smoothing=0.2))
+  keys = jax.random.split(jax.random.key(3), 2)
+  _, straight, hist = wm.train_learners(cfg, keys, x, train.labels, 10, progress=False)
+  assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
+  calls, train_epoch = [], wm.ensemble.EnsembleTrainer.train_epoch
+
+  def stopped_in_the_third(self, *args):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return train_epoch(self, *args)
+
+  monkeypatch.setattr(wm.ensemble.EnsembleTrainer, "train_epoch", stopped_in_the_third)
+  with pytest.raises(KeyboardInterrupt):
+    wm.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
+  monkeypatch.undo()
+  assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2]
+  _, resumed, hist2 = wm.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
+  assert hist2 == hist
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = dataclasses.replace(cfg, augment=wm.Augment(crop=2, flip=True))
+  with pytest.raises(ValueError, match="different configuration"):
+    wm.train_learners(other, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
 
 
 def test_grid_search_recovers_k_star(trained):
