@@ -230,3 +230,13 @@ def test_retable_fills_targets_of_an_old_results_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
       run.main(["--retable", str(tmp_path / bad)])
     assert "--retable:" in capsys.readouterr().err
+
+
+def test_optimizer_share_times_both_optimisers_and_rejects_bad_sizes(capsys):
+  from benchmarks import optimizer_share  # noqa: PLC0415
+
+  medians = optimizer_share.main(["--members", "2", "--n", "64", "--batch_size", "32", "--epochs", "2"])
+  assert set(medians) == {"adam", "sgd"} and all(0 < t < 60 for t in medians.values())
+  assert "adam / sgd:" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    optimizer_share.main(["--batch_size", "400", "--n", "300"])
