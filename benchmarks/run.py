@@ -19,7 +19,12 @@ if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import torch  # noqa: E402
+
+try:
+  import torch  # noqa: E402
+except ModuleNotFoundError as e:  # The reference side is an optional dependency.
+  raise SystemExit("benchmarks/run.py times jipguard against PyTorch, which is not installed here: "
+                   "pip install -e '.[bench]' (a CPU build of torch is enough)") from e
 
 from benchmarks import harness, kernels  # noqa: E402
 from jipguard import pipeline  # noqa: E402

@@ -240,3 +240,14 @@ def test_optimizer_share_times_both_optimisers_and_rejects_bad_sizes(capsys):
   assert "adam / sgd:" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     optimizer_share.main(["--batch_size", "400", "--n", "300"])
+
+
+def test_run_without_torch_says_how_to_install_it():
+  import subprocess  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py', '--quick', '--out', 'unused']; "
+          "runpy.run_path('benchmarks/run.py', run_name='__main__')")
+  r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr
+  assert "PyTorch, which is not installed here: pip install -e '.[bench]'" in r.stderr
