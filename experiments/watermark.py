@@ -114,6 +114,18 @@ def verify_users(model, variables, x, y, users, transforms, sigs, chunk=None) ->
                                        chunk=chunk).mean(1) for u, t in zip(users, transforms)])
 
 
+def check_user_counts(a, n_train: int, n_test: int, num_users: int, per_user: int) -> None:
+  """ValueError naming the flags when a split cannot hold its users' disjoint images (checked
+  before any training, so a run does not train a learner it cannot verify)."""
+  needs = (("train split (up to --train_size)", n_train, num_users, per_user,
+            "--num_users x --per_user (or a larger --train_size)"),
+           ("test split", n_test, a.heldout_users, a.heldout_per_user, "--heldout_users x --heldout_per_user"))
+  for split, n, users, per, flags in needs:
+    if users * per > n:
+      raise ValueError(f"{flags} = {users} x {per} = {users * per} images, but the {split} of {a.dataset} "
+                       f"has {n}: lower them")
+
+
 def multiuser(a) -> dict[str, Any]:
   t_start = time.time()
   cfg = dict(study="multiuser", dataset=a.dataset, train_size=a.train_size, num_users=a.num_users,
@@ -123,6 +135,7 @@ def multiuser(a) -> dict[str, Any]:
   run_dir_setup(a.workdir, cfg)
   train, test = load_colour(a.dataset, a.data_dir, a.seed)
   train = train.subset(slice(0, a.train_size))
+  check_user_counts(a, len(train), len(test), a.num_users, a.per_user)
   rng = np.random.default_rng(a.seed)
   users = wm.assign_users(a.seed, len(train), a.num_users, a.per_user)
   held = wm.assign_users(a.seed + 1, len(test), a.heldout_users, a.heldout_per_user)
@@ -288,6 +301,7 @@ def sweep(a) -> dict[str, Any]:
   run_dir_setup(a.workdir, cfg)
   train, test = load_colour(a.dataset, a.data_dir, a.seed)
   train = train.subset(slice(0, a.train_size))
+  check_user_counts(a, len(train), len(test), 1, max(over.get("num_marked", a.per_user) for over in SWEEPS[a.vary](a)))
   points = []
   for i, over in enumerate(SWEEPS[a.vary](a)):
     p = {**dict(model_name=a.model, k_star=a.signature, num_marked=a.per_user, augment=a.augment), **over}
@@ -321,6 +335,7 @@ def defences(a) -> dict[str, Any]:
   run_dir_setup(a.workdir, cfg)
   train, test = load_colour(a.dataset, a.data_dir, a.seed)
   train = train.subset(slice(0, a.train_size))
+  check_user_counts(a, len(train), len(test), 1, a.per_user)
   model, v, users = single_point(a, train, test, model_name=a.model, k_star=a.signature, num_marked=a.per_user,
                                  augment=wm.NAMED_AUGMENTS[a.augment], key=a.seed,
                                  ckpt=os.path.join(a.workdir, "checkpoints", "learner"))

@@ -284,3 +284,19 @@ def test_cli_mark_and_verify(trained, tmp_path, capsys):
   assert "verdict: MATCH" in out and (tmp_path / "curve.png").exists()
   with pytest.raises(FileNotFoundError):
     wm.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("study,flags,match", [
+    ("multiuser", [], r"--heldout_users x --heldout_per_user = 100 x 100 = 10000 images, but the test split of "
+                      r"fashion_mnist_subset has 1000: lower them"),
+    ("multiuser", ["--heldout_users", "5", "--train_size", "500"], r"--num_users x --per_user .* = 24 x 100 = 2400 "
+                                                                      r"images, but the train split .* has 500"),
+    ("defences", ["--heldout_users", "5", "--train_size", "50"], r"= 1 x 100 = 100 images, but the train split"),
+])
+def test_studies_name_the_flags_when_a_split_is_too_small_before_training(tmp_path, study, flags, match):
+  experiment = load_experiment("watermark")
+  a = experiment.parse([study, "--workdir", str(tmp_path), "--dataset", "fashion_mnist_subset",
+                        "--compilation_cache", "off", *flags])
+  with pytest.raises(ValueError, match=match):
+    {"multiuser": experiment.multiuser, "defences": experiment.defences}[study](a)
+  assert not (tmp_path / "checkpoints").exists()  # Nothing was trained.
