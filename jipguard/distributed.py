@@ -85,16 +85,15 @@ def enable_compilation_cache(path: str | os.PathLike | None, min_compile_time_s:
   ``$JAX_COMPILATION_CACHE_DIR``, when set, wins (JAX reads it itself; the threshold still applies). ``None``, ``""`` or
   ``"off"`` leave the cache off. Call it before the first compilation.
   """
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]
-  if path is None or str(path) in ("", "off"):
-    return None
-  path = os.path.abspath(os.fspath(path))
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR")  # JAX reads it itself.
+  if not directory:
+    if path is None or str(path) in ("", "off"):
+      return None
+    directory = os.path.abspath(os.fspath(path))
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
-  return path
+  return directory
 
 
 SIGTERM_MESSAGE = "signal SIGTERM"
