@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jipguard import pipeline
+from jipguard import rundir
 
 Row = dict[str, Any]
 
@@ -305,6 +305,6 @@ def write(out_dir: str | os.PathLike, rows: list[Row], machine: dict[str, Any]) 
   """Writes ``results.json`` (the rows) and ``results.md`` into ``out_dir``, each atomically; returns it."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  pipeline.write_text(str(out / "results.json"), json.dumps(rows, indent=1) + "\n")
-  pipeline.write_text(str(out / "results.md"), markdown(rows, machine))
+  rundir.write_text(str(out / "results.json"), json.dumps(rows, indent=1) + "\n")
+  rundir.write_text(str(out / "results.md"), markdown(rows, machine))
   return out

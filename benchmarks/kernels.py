@@ -31,7 +31,9 @@ import torch
 
 from benchmarks import harness
 from benchmarks import torch_reference as tr
-from jipguard import data, ensemble, ipprotect, metrics, models
+from jipguard import data, ensemble, models
+from jipguard.ensemble import training
+from jipguard.ipprotect import job, metrics, sanitizer, sellers
 
 LR = 1e-3
 # One optimiser object: every trainer of equal model and batch size shares one compiled epoch.
@@ -214,7 +216,7 @@ def ensemble_sizes(quick: bool) -> list[EnsembleSize]:
   if quick:
     return [EnsembleSize("mlp", 10, 2560)]
   # The last MLP size is the main job's sample_models: 110 models on bootstraps of 300 buyer
-  # images, batch 32 (`pipeline.IPProtectConfig.omega_train`), one of its 30 epochs.
+  # images, batch 32 (`job.IPProtectConfig.omega_train`), one of its 30 epochs.
   return [EnsembleSize("mlp", 10, 10_000), EnsembleSize("mlp", 100, 10_000), EnsembleSize("mlp", 110, 300, 32),
           EnsembleSize("cnn", 8, 1024)]
 
@@ -253,11 +255,11 @@ def _to_torch(images_NxHxWxC: np.ndarray, labels_N: np.ndarray, indices_MxS: np.
 def jax_epoch_order(keys_M: jax.Array, indices_MxS: np.ndarray, epoch: int, batch_size: int) -> np.ndarray:
   """Pool indices of the batches ``EnsembleTrainer.train_epoch`` visits: ``(M, S // B, B)``.
 
-  Taken from the trainer's own ``ensemble.epoch_batches``, so the torch side always sees
+  Taken from the trainer's own ``training.epoch_batches``, so the torch side always sees
   exactly the JAX batch order.
   """
   idx = jnp.asarray(indices_MxS)
-  batch_idx, _, _ = ensemble.epoch_batches(idx, jnp.zeros_like(idx), keys_M, jnp.int32(epoch),
+  batch_idx, _, _ = training.epoch_batches(idx, jnp.zeros_like(idx), keys_M, jnp.int32(epoch),
                                            batch_size=batch_size)
   return np.asarray(jnp.swapaxes(batch_idx, 0, 1))
 
@@ -447,22 +449,21 @@ def _torch_sanitizers(size: SanitizeSize, state, x0, anchors, targets) -> dict[s
 
 def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None, check_steps: int = 3) -> harness.Row:
   configure_torch()
-  cfg = ipprotect.SanitizerConfig(loss=size.loss, **SANITIZE_CFG)
+  cfg = sanitizer.SanitizerConfig(loss=size.loss, **SANITIZE_CFG)
   model, state, _, x0, anchors, weights, targets = _sanitize_problem(size)
   variables = jax.device_put(state.variables)
   args = [jax.device_put(a) for a in (targets, anchors, weights)]
   keys = jax.random.split(jax.random.key(1), size.images)
-  # What `ipprotect.sanitize_batch` gives the step, made before the timed loop as it is there.
-  members, step_per_pass = jax.block_until_ready(ipprotect.step_members(model, variables))
-  shared = isinstance(members, ensemble.SharedInputMembers)
-  per_pass = members.members_per_pass if shared else step_per_pass
-  step = functools.partial(ipprotect.sanitize_step_jit.for_members(variables), model=model, cfg=cfg, members_per_pass=step_per_pass)
+  # What `sanitizer.sanitize_batch` gives the step, made before the timed loop as it is there.
+  members = jax.block_until_ready(sanitizer.step_members(model, variables, cfg))
+  shared, per_pass = members.layout == "shared_input", members.members_per_pass
+  step = functools.partial(sanitizer.sanitize_step_jit.for_members(members), cfg=cfg)
 
   # Equivalence: from the same start, every side's per-image utility losses agree at each of
   # `check_steps` + 1 steps (the last one measures the pixels after `check_steps` updates).
   # Pixels themselves are not compared: Adam's first steps are +-lr wherever |grad| >> eps,
   # so float rounding in near-zero gradients flips single pixels by up to 2 lr.
-  x, opt = jnp.asarray(x0), ipprotect.optimizer(cfg).init(jnp.asarray(x0))
+  x, opt = jnp.asarray(x0), sanitizer.optimizer(cfg).init(jnp.asarray(x0))
   utils = []
   with harness.jax_compile_seconds() as check_compile:  # The step compiles here, not in the timing.
     for _ in range(check_steps + 1):
@@ -508,7 +509,7 @@ REFERENCE_SCHEDULE = {"val_every": 50, "min_steps": 100}
 class DatasetSize:
   """Algorithm 1 on N buyer images with |Omega_Tr| = M, |Omega_V| = V, T steps at most.
 
-  The stopping rule and its parameters are the main job's defaults (``pipeline.preset``);
+  The stopping rule and its parameters are the main job's defaults (``job.preset``);
   quality is measured on Omega_V and on ``sellers`` models trained on other data.
   """
 
@@ -532,20 +533,19 @@ def dataset_sizes(quick: bool) -> list[DatasetSize]:
 @functools.cache
 def _dataset_problem(size: DatasetSize):
   """The buyer images, the sampled models Omega_Tr / Omega_V and unseen seller models."""
-  from jipguard import pipeline  # noqa: PLC0415
   model = _flax_model("mlp", dropout=False)
   buyer = data.load("fashion_mnist_subset", "test").subset(np.arange(size.images))
   train = data.load("fashion_mnist_subset", "train")
-  cfg = pipeline.preset("default")
-  omega = ipprotect.sample_models(model, cfg.omega_train, jax.random.key(3), buyer, size.members + size.val_members,
+  cfg = job.preset("default")
+  omega = sellers.sample_models(model, cfg.omega_train, jax.random.key(3), buyer, size.members + size.val_members,
                                   progress=False)
-  sellers = ipprotect.train_models(model, cfg.seller_train, jax.random.key(4), train.images[:3000],
-                                   train.labels[:3000], num_members=size.sellers, progress=False)
+  seller_ens = sellers.train_models(model, cfg.seller_train, jax.random.key(4), train.images[:3000],
+                                    train.labels[:3000], num_members=size.sellers, progress=False)
   variables = jax.device_get(omega.variables)
   tr_vars = jax.tree.map(lambda a: a[:size.members], variables)
   v_vars = jax.tree.map(lambda a: a[size.members:], variables)
   san_cfg = dataclasses.replace(cfg.sanitizer, steps=size.steps, data_batch=size.images)
-  return model, buyer, tr_vars, v_vars, jax.device_get(sellers.variables), san_cfg
+  return model, buyer, tr_vars, v_vars, jax.device_get(seller_ens.variables), san_cfg
 
 
 def _quality(model, buyer, sanitized, judges) -> dict[str, float]:
@@ -560,7 +560,7 @@ def _quality(model, buyer, sanitized, judges) -> dict[str, float]:
 
 
 def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None = None) -> harness.Row:
-  """Wall time to sanitize N images (``ipprotect.sanitize_batch``, compaction on) vs the torch reference."""
+  """Wall time to sanitize N images (``sanitizer.sanitize_batch``, compaction on) vs the torch reference."""
   configure_torch()
   model, buyer, tr_vars, v_vars, seller_vars, cfg = _dataset_problem(size)
   judges = {"omega_v": v_vars, "sellers": seller_vars}
@@ -568,12 +568,12 @@ def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None
   last = {}
 
   def jax_run():
-    last["jax"] = ipprotect.sanitize_batch(model, tr_vars, v_vars, buyer.images, cfg, start=0, seed=seed,
+    last["jax"] = sanitizer.sanitize_batch(model, tr_vars, v_vars, buyer.images, cfg, start=0, seed=seed,
                                            anchor_seed=anchor_seed)
 
   with harness.jax_compile_seconds() as compile_clock:
     jax_t = harness.time_calls(jax_run, repeats, budget_s)
-  x0, anchors, _ = ipprotect.starting_points(buyer.image_shape, 0, size.images, seed=seed, anchor_seed=anchor_seed)
+  x0, anchors, _ = sanitizer.starting_points(buyer.image_shape, 0, size.images, seed=seed, anchor_seed=anchor_seed)
   make = _torch_model("mlp", (28, 28, 1), dropout=False)
   timings, torch_out = {}, {}
 

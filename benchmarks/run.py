@@ -27,7 +27,7 @@ except ModuleNotFoundError as e:  # The reference side is an optional dependency
                    "pip install -e '.[bench]' (a CPU build of torch is enough)") from e
 
 from benchmarks import harness, kernels  # noqa: E402
-from jipguard import pipeline  # noqa: E402
+from jipguard import rundir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                      on_row=lambda rows: harness.write(args.out, rows, machine))
   machine["loadavg_end"] = list(os.getloadavg())
   out = harness.write(args.out, rows, machine)
-  pipeline.write_text(str(out / "machine.json"), json.dumps(machine, indent=1) + "\n")
+  rundir.write_text(str(out / "machine.json"), json.dumps(machine, indent=1) + "\n")
   print((out / "results.md").read_text())
 
 

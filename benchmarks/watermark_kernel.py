@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from benchmarks import harness
 from benchmarks import torch_reference as tr
 from jipguard import models
-from jipguard import watermark as wm
+from jipguard.watermark import lct, verify
 
 CHECK_RTOL = 1e-3
 NAME = "watermark_grid_search"
@@ -99,7 +99,7 @@ def torch_grid_losses(module: torch.nn.Module, images_NxHxWx3: torch.Tensor, lab
                       signatures: np.ndarray) -> torch.Tensor:
   """The PyTorch reference: a loop over signatures, ``K x N`` cross-entropies."""
   out = []
-  t_yiq = torch.from_numpy(wm.T_YIQ.copy())
+  t_yiq = torch.from_numpy(lct.T_YIQ.copy())
   with torch.inference_mode():
     for k in signatures:
       theta = torch.deg2rad(torch.tensor(float(k)))
@@ -119,7 +119,7 @@ def max_rel_err(size: GridSize) -> float:
   dev = _kernels().torch_device()
   ref = torch_grid_losses(module, torch.from_numpy(images).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev),
                           sigs).cpu().numpy()
-  got = wm.signature_losses(model, variables, images, labels, sigs)
+  got = verify.signature_losses(model, variables, images, labels, sigs)
   return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
 
 
@@ -133,7 +133,7 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
   last = {}
 
   def jax_call():
-    last["jax"] = wm.signature_losses(model, variables, x, y, sigs)  # Returns numpy: blocks.
+    last["jax"] = verify.signature_losses(model, variables, x, y, sigs)  # Returns numpy: blocks.
 
   def torch_call():
     last["torch"] = _kernels().torch_sync(torch_grid_losses(module, images_t, labels_t, sigs))

@@ -199,7 +199,7 @@ def input_layer(model: nn.Module) -> str | None:
   (``MLP``: ``Dense_0``), or None for architectures that start otherwise.
 
   Members of an ensemble that see the same input can compute this layer for all of them as
-  one matrix product (``ensemble.SharedInputMembers``)."""
+  one matrix product (the ``shared_input`` layout of ``ensemble.prepare``)."""
   return "Dense_0" if isinstance(model, MLP) else None
 
 

@@ -19,7 +19,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jipguard import data, distributed, ensemble, ipprotect, models, sharding  # noqa: E402
+from jipguard import data, distributed, ensemble, models, sharding  # noqa: E402
+from jipguard.ipprotect import sanitizer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,11 +42,11 @@ def main(argv=None) -> int:
   fit = trainer.fit(keys, x, y, indices=indices, epochs=2, progress=False)
   params = distributed.to_host(fit.state.params)
   variables = fit.state.variables
-  cfg = ipprotect.SanitizerConfig(steps=20, data_batch=8, loss="probs", learning_rate=0.1, zeta=0.02,
+  cfg = sanitizer.SanitizerConfig(steps=20, data_batch=8, loss="probs", learning_rate=0.1, zeta=0.02,
                                   val_every=5, min_steps=10)
   tr = jax.tree.map(lambda a: a[:4], variables)
   va = jax.tree.map(lambda a: a[4:6], variables)
-  san = ipprotect.sanitize(model, tr, va, x[:8], cfg, seed=3, anchor_seed=11, progress=False, mesh=mesh)
+  san = sanitizer.sanitize(model, tr, va, x[:8], cfg, seed=3, anchor_seed=11, progress=False, mesh=mesh)
   if distributed.is_main_process():
     flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(args.out, loss=np.asarray([h["loss"] for h in fit.history]), images=san.images, steps=san.steps,

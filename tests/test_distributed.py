@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 
-from experiment_modules import load_experiment
 
 _WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
@@ -88,11 +87,15 @@ def test_compilation_cache_flag_and_precedence(monkeypatch, tmp_path):
 
 def test_every_experiment_takes_the_compilation_cache_flag(tmp_path):
   where = str(tmp_path / "c")
-  assert load_experiment("tradeoff").parse(["--compilation_cache", where])[-1] == where
-  watermark = load_experiment("watermark")
-  for cmd in (["multiuser"], ["sweep", "--vary", sorted(watermark.SWEEPS)[0]], ["defences"]):
-    assert watermark.parse([*cmd, "--compilation_cache", where]).compilation_cache == where
-  assert load_experiment("ipprotect")._parser().parse_args(["--compilation_cache", where]).compilation_cache == where
+  from jipguard.ipprotect import cli  # noqa: PLC0415
+  from jipguard.watermark import cli as watermark_cli  # noqa: PLC0415
+  from jipguard.watermark import studies  # noqa: PLC0415
+
+  assert cli.tradeoff_parse(["--compilation_cache", where])[-1] == where
+  for cmd in (["multiuser"], ["sweep", "--vary", sorted(studies.SWEEPS)[0]], ["defences"], ["mark", "--input", "a",
+              "--output", "b", "--signature", "1"]):
+    assert watermark_cli.parser().parse_args([*cmd, "--compilation_cache", where]).compilation_cache == where
+  assert cli.flag_parser().parse_args(["--compilation_cache", where]).compilation_cache == where
 
 
 def test_compilation_cache_shared_by_concurrent_processes(tmp_path):

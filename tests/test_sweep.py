@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from experiment_modules import load_experiment
+from jipguard import sweep
 
-sweep = load_experiment("sweep", "sweep")
+_EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
 # A stand-in experiment: records each run, fails for --omega_tr 13, writes metrics.json last.
 _FAKE = '''
@@ -52,17 +52,17 @@ def test_sweep_skips_finished_configs_and_logs_failures(tmp_path, capsys):
   argv = ["--experiment", str(fake), "--out", out, "--grid", "omega_tr=10,13", "--grid", "seed=0,1", "--",
           "--preset", "smoke"]
   # One array task first: exactly its config runs.
-  assert sweep.main(argv[:4] + ["--task_index", "1"] + argv[4:]) == 0
+  assert sweep.main(argv[:4] + ["--task_index", "1"] + argv[4:], experiments=_EXPERIMENTS) == 0
   assert sorted(d for d in os.listdir(out) if "=" in d) == ["omega_tr=10,seed=1"]
   assert os.path.exists(os.path.join(out, "sweep.task1.json"))
   # The whole grid: the failing configs are reported, the others finish.
-  assert sweep.main(argv) == 1
+  assert sweep.main(argv, experiments=_EXPERIMENTS) == 1
   rows = {r["name"]: r for r in json.load(open(os.path.join(out, "sweep.json")))["configs"]}
   assert rows["omega_tr=10,seed=1"]["metrics"]["utility_mae"] == pytest.approx(1.01)
   assert rows["omega_tr=13,seed=0"]["status"].startswith("failed")
   assert "boom" in open(os.path.join(out, "logs", "omega_tr=13,seed=0.log")).read()
   # Again: finished configs are not rerun; failed ones are retried.
-  assert sweep.main(argv) == 1
+  assert sweep.main(argv, experiments=_EXPERIMENTS) == 1
   assert _runs(out, "omega_tr=10,seed=0") == 1 and _runs(out, "omega_tr=10,seed=1") == 1  # Ran once, ever.
   assert _runs(out, "omega_tr=13,seed=1") == 2
   assert "finished before, skipped" in capsys.readouterr().out

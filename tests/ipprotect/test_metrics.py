@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jipguard import metrics
+from jipguard.ipprotect import metrics
 
 
 def _logits(pred_MxN, c=3):

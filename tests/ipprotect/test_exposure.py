@@ -7,31 +7,31 @@ import jax
 import numpy as np
 import pytest
 
-from experiment_modules import load_script
-from jipguard import data, exposure
+from jipguard import data
+from jipguard.ipprotect import exposure, vgg
 
 
 # ---------------------------------------------------------------------------------------------
 # VGG: layer names, torchvision / Keras mapping, the loader.
 
 def test_layer_maps_match_torchvision_and_keras_numbering():
-  assert exposure.vgg_layer_names("vgg16")[-1] == "conv5_1" and len(exposure.vgg_layer_names("vgg16")) == 11
-  assert len(exposure.vgg_layer_names("vgg19")) == 13
-  tv16 = exposure.torchvision_layer_map("vgg16")
+  assert vgg.vgg_layer_names("vgg16")[-1] == "conv5_1" and len(vgg.vgg_layer_names("vgg16")) == 11
+  assert len(vgg.vgg_layer_names("vgg19")) == 13
+  tv16 = vgg.torchvision_layer_map("vgg16")
   # torchvision's vgg16.features: conv at 0 2 | 5 7 | 10 12 14 | 17 19 21 | 24 ...
   assert [int(v.split(".")[1]) for v in tv16.values()] == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24]
-  assert exposure.torchvision_layer_map("vgg19")["conv5_1"] == "features.28"
-  assert exposure.keras_layer_map("vgg19")["conv4_4"] == "block4_conv4"
+  assert vgg.torchvision_layer_map("vgg19")["conv5_1"] == "features.28"
+  assert vgg.keras_layer_map("vgg19")["conv4_4"] == "block4_conv4"
   with pytest.raises(ValueError, match="unknown VGG"):
-    exposure.vgg_layer_names("vgg11")
+    vgg.vgg_layer_names("vgg11")
   with pytest.raises(ValueError, match="no layer"):
-    exposure.vgg_layer_names("vgg16", "conv5_4")
+    vgg.vgg_layer_names("vgg16", "conv5_4")
 
 
 def _torch_vgg(arch):
   torch = pytest.importorskip("torch")
   layers, c = [], 3
-  for n, width in zip(exposure.VGG_BLOCKS[arch], exposure.VGG_WIDTHS):
+  for n, width in zip(vgg.VGG_BLOCKS[arch], vgg.VGG_WIDTHS):
     for _ in range(n):
       layers += [torch.nn.Conv2d(c, width, 3, padding=1), torch.nn.ReLU()]
       c = width
@@ -49,14 +49,13 @@ def test_torchvision_state_dict_converts_and_loader_maps_every_layer(tmp_path):
   net = _torch_vgg("vgg16")
   pth, out = str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg16.npz")
   torch.save(net.state_dict(), pth)
-  load_script("convert_vgg_weights").main(["--torch", pth, "--arch", "vgg16", "--out", out])
-  w = exposure.load_vgg_weights(out)
+  w = vgg.convert("vgg16", out, torch_path=pth)
   assert (w.arch, w.preprocessing) == ("vgg16", "torch")
-  assert list(w.params) == exposure.vgg_layer_names("vgg16")
-  for name, prefix in exposure.torchvision_layer_map("vgg16").items():
+  assert list(w.params) == vgg.vgg_layer_names("vgg16")
+  for name, prefix in vgg.torchvision_layer_map("vgg16").items():
     np.testing.assert_array_equal(w.params[name]["bias"], net.state_dict()[f"{prefix}.bias"].numpy())
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  ours = np.asarray(exposure.VGGFeatures("vgg16").apply({"params": w.params}, x))
+  ours = np.asarray(vgg.VGGFeatures("vgg16").apply({"params": w.params}, x))
   with torch.no_grad():  # features[:26] = up to conv5_1 and its ReLU.
     ref = net.features[:26](torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
   assert ours.shape == ref.shape == (2, 2, 2, 512)
@@ -68,7 +67,7 @@ def _reference_features_nchw(state_dict, arch, x_nchw, last_index):
   """torchvision's ``features[:last_index]`` evaluated directly on OIHW weights in NCHW (no torch)."""
   import jax.numpy as jnp
   x, index = jnp.asarray(x_nchw), 0
-  for n in exposure.VGG_BLOCKS[arch]:
+  for n in vgg.VGG_BLOCKS[arch]:
     for _ in range(n):
       w, b = state_dict[f"features.{index}.weight"], state_dict[f"features.{index}.bias"]
       x = jax.lax.conv_general_dilated(x, jnp.asarray(w), (1, 1), ((1, 1), (1, 1)),
@@ -86,23 +85,23 @@ def test_state_dict_layer_mapping_without_torch(arch, last_index):
   """A torchvision-keyed OIHW state dict converts to Flax features equal to a direct NCHW evaluation."""
   rng = np.random.default_rng(0)
   sd, index, c = {"classifier.0.weight": np.zeros((4, 4))}, 0, 3
-  for n, width in zip(exposure.VGG_BLOCKS[arch], exposure.VGG_WIDTHS):
+  for n, width in zip(vgg.VGG_BLOCKS[arch], vgg.VGG_WIDTHS):
     for _ in range(n):
       sd[f"features.{index}.weight"] = (rng.standard_normal((width, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
       sd[f"features.{index}.bias"] = (0.1 * rng.standard_normal(width)).astype(np.float32)
       index, c = index + 2, width
     index += 1
-  params = load_script("convert_vgg_weights").convert_torch_state_dict(sd, arch)
-  assert list(params) == exposure.vgg_layer_names(arch)
+  params = vgg.convert_torch_state_dict(sd, arch)
+  assert list(params) == vgg.vgg_layer_names(arch)
   x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
-  ours = np.asarray(exposure.VGGFeatures(arch).apply({"params": params}, x))
+  ours = np.asarray(vgg.VGGFeatures(arch).apply({"params": params}, x))
   ref = _reference_features_nchw(sd, arch, x.transpose(0, 3, 1, 2), last_index).transpose(0, 2, 3, 1)
   assert ours.shape == ref.shape == (2, 1, 1, 512) and np.abs(ref).max() > 0
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_converter_rejects_batch_norm_and_wrong_shapes():
-  conv = load_script("convert_vgg_weights")
+  conv = vgg
   with pytest.raises(ValueError, match="batch-norm"):
     conv.convert_torch_state_dict({"features.1.running_mean": np.zeros(64)}, "vgg16")
   sd = {"features.0.weight": np.zeros((64, 1, 3, 3)), "features.0.bias": np.zeros(64)}
@@ -114,61 +113,60 @@ def test_converter_rejects_batch_norm_and_wrong_shapes():
 
 def test_keras_h5_converts(tmp_path):
   h5py = pytest.importorskip("h5py")
-  params = exposure.random_vgg_params(0, "vgg16")
+  params = vgg.random_vgg_params(0, "vgg16")
   path = str(tmp_path / "vgg16_notop.h5")
   with h5py.File(path, "w") as f:  # Keras 2 weight-file layout: one group per layer.
-    for name, layer in exposure.keras_layer_map("vgg16").items():
+    for name, layer in vgg.keras_layer_map("vgg16").items():
       g = f.create_group(layer).create_group(layer)
       g["kernel:0"], g["bias:0"] = params[name]["kernel"], params[name]["bias"]
   out = str(tmp_path / "k.npz")
-  load_script("convert_vgg_weights").main(["--keras", path, "--out", out])
-  w = exposure.load_vgg_weights(out)
+  w = vgg.convert("vgg16", out, keras_path=path)
   assert w.preprocessing == "caffe"
   for name in params:
     np.testing.assert_array_equal(w.params[name]["kernel"], params[name]["kernel"])
 
 
 def test_loader_errors_and_deeper_layers(tmp_path):
-  full = exposure.random_vgg_params(1, "vgg16", "conv5_3")
-  flax_shapes = jax.eval_shape(exposure.VGGFeatures("vgg16", "conv5_3").init, jax.random.key(0),
+  full = vgg.random_vgg_params(1, "vgg16", "conv5_3")
+  flax_shapes = jax.eval_shape(vgg.VGGFeatures("vgg16", "conv5_3").init, jax.random.key(0),
                                jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))["params"]
   assert jax.tree.map(np.shape, full) == jax.tree.map(lambda s: s.shape, flax_shapes)
   path = str(tmp_path / "w.npz")
-  exposure.save_vgg_weights(path, "vgg16", "torch", full)
-  w = exposure.load_vgg_weights(path)
+  vgg.save_vgg_weights(path, "vgg16", "torch", full)
+  w = vgg.load_vgg_weights(path)
   assert set(w.ignored) == {"conv5_2/kernel", "conv5_2/bias", "conv5_3/kernel", "conv5_3/bias"}
-  assert set(w.params) == set(exposure.vgg_layer_names("vgg16"))
+  assert set(w.params) == set(vgg.vgg_layer_names("vgg16"))
 
   def broken(edit, match):
     p = {k: dict(v) for k, v in full.items()}
     edit(p)
-    exposure.save_vgg_weights(path, "vgg16", "torch", p)
+    vgg.save_vgg_weights(path, "vgg16", "torch", p)
     with pytest.raises(ValueError, match=match):
-      exposure.load_vgg_weights(path)
+      vgg.load_vgg_weights(path)
 
   broken(lambda p: p.pop("conv3_2"), "missing conv3_2/kernel")
   broken(lambda p: p["conv1_1"].update(kernel=np.zeros((3, 3, 1, 64))), "shape")
   broken(lambda p: p.update(fc6={"kernel": np.zeros(3)}), "unknown array 'fc6/kernel'")
   broken(lambda p: p["conv2_1"].update(bias=np.full(128, np.nan)), "non-finite")
   with pytest.raises(FileNotFoundError, match="convert_vgg_weights"):
-    exposure.load_vgg_weights(str(tmp_path / "absent.npz"))
+    vgg.load_vgg_weights(str(tmp_path / "absent.npz"))
   np.savez(str(tmp_path / "raw.npz"), x=np.zeros(1))
   with pytest.raises(ValueError, match="__meta__"):
-    exposure.load_vgg_weights(str(tmp_path / "raw.npz"))
+    vgg.load_vgg_weights(str(tmp_path / "raw.npz"))
   with pytest.raises(ValueError, match="preprocessing"):
-    exposure.save_vgg_weights(path, "vgg16", "tf", full)
+    vgg.save_vgg_weights(path, "vgg16", "tf", full)
 
 
 def test_vgg_perceptual_distance_and_image_exposure(tmp_path):
-  params = exposure.random_vgg_params(2, "vgg16")
+  params = vgg.random_vgg_params(2, "vgg16")
   path = str(tmp_path / "w.npz")
-  exposure.save_vgg_weights(path, "vgg16", "torch", params)
-  w = exposure.load_vgg_weights(path)
+  vgg.save_vgg_weights(path, "vgg16", "torch", params)
+  w = vgg.load_vgg_weights(path)
   rng = np.random.default_rng(0)
   a = rng.uniform(size=(3, 8, 8, 1)).astype(np.float32)
   b = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)
-  d_same = exposure.vgg_perceptual_distance(w, a, a, size=32)
-  d = exposure.vgg_perceptual_distance(w, a, b, size=32, batch_size=2)
+  d_same = vgg.vgg_perceptual_distance(w, a, a, size=32)
+  d = vgg.vgg_perceptual_distance(w, a, b, size=32, batch_size=2)
   np.testing.assert_array_equal(d_same, 0)
   assert d.shape == (3,) and np.all(d > 0)
   e = exposure.image_exposure(a, b, vgg=w, vgg_size=32)

@@ -1,4 +1,4 @@
-"""Tests of jipguard.baselines: Identity, Random, InstaHide, DP-MERF and the common interface."""
+"""Tests of jipguard.ipprotect.baselines: Identity, Random, InstaHide, DP-MERF and the common interface."""
 
 import math
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jipguard import baselines
 from jipguard import data
+from jipguard.ipprotect import baselines
 
 # Tiny and fast: sklearn's 8x8 digits; a small DP-MERF so that compiles stay short.
 _TINY = baselines.DPMERFConfig(num_features=200, hidden=(32,), code_dim=4, steps=300, batch_size=64,
@@ -66,8 +66,8 @@ class InstaHideTest(parameterized.TestCase):
     assert abs(signs.mean()) < 5 / math.sqrt(signs.size)
     # Exactly the k named images are mixed: recompute from the documented sources.
     draws = jax.jit(baselines.instahide_draws, static_argnums=(1, 2, 3, 4))(key, n, len(public), k, x.shape[1:])
-    other, pub = np.asarray(draws.other_N), np.asarray(draws.public_NxK2)
-    np.testing.assert_array_equal(draws.coefficients_NxK, lam)
+    other, pub = np.asarray(draws.other_N), np.asarray(draws.public_NxQ)
+    np.testing.assert_array_equal(draws.coefficients_NxJ, lam)
     assert pub.shape == (n, k - 2) and np.all(other != np.arange(n))
     assert all(len(set(row)) == k - 2 for row in pub)
     stack = np.concatenate([x[:, None], x[other][:, None], public[pub]], axis=1)  # (n, k, H, W, C)

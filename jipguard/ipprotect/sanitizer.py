@@ -1,4 +1,4 @@
-"""IPProtect (Singh et al.): sellers, sample_models and the per-image sanitizer (Algorithm 1).
+"""IPProtect's per-image sanitizer: Eq. 9 and Algorithm 1 (Singh et al.).
 
 A buyer in a data marketplace shares a sanitized version of its task dataset D_B so
 that sellers can measure how useful their models are on it (utility preserved) while
@@ -74,146 +74,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from jipguard import data as data_lib
-from jipguard import distributed
-from jipguard import ensemble
-from jipguard import sharding
-
-# Table I of the paper: noise exponents of the 8 sellers and the accuracies they reached.
-TABLE_I_NOISE = {
-    "mnist": (0.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0),
-    "fashion_mnist": (0.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0),
-    "cifar10": (0.0, 0.75, 1.25, 1.5, 1.74, 1.9, 2.0, 2.25),
-}
-TABLE_I_ACCURACY = {
-    "mnist": (95.9, 89.9, 87.2, 83.6, 78.9, 62.0, 45.1, 28.4),
-    "fashion_mnist": (85.1, 79.1, 76.3, 72.9, 69.0, 55.9, 40.6, 28.8),
-    "cifar10": (79.6, 72.5, 65.2, 60.5, 53.4, 48.3, 44.6, 31.9),
-}
-
-
-def table_i_family(dataset: str) -> str:
-  """The Table I column a dataset uses (the embedded subset and digits use FMNIST's)."""
-  return dataset if dataset in TABLE_I_NOISE else "fashion_mnist"
-
-
-def resample_rate(noise_exponent: float) -> float:
-  """Fraction of a seller's labels re-drawn uniformly at random, from Table I's exponent.
-
-  Table I says "X% labels are flipped randomly, where X% is obtained by exponentiating 2
-  with the noise exponent ... multiplied by 100", which read literally (2^noise %, at
-  most 32%) leaves every seller near the clean one: with 10 classes the true label
-  stays the plurality until ~90% of labels are redrawn. We read it as the fraction of
-  labels *kept* being 2^-noise: X = 100 (1 - 2^-noise), each re-drawn label uniform over
-  all classes (so it may coincide with the true one). Exponent 0 is the clean seller.
-  """
-  return 1.0 - 2.0 ** (-noise_exponent)
-
-
-def seller_labels(key: jax.Array, labels: np.ndarray, noise_exponents: Sequence[float],
-                  models_per_seller: int, num_classes: int) -> np.ndarray:
-  """Labels of every seller model, shape (sellers * models_per_seller, N).
-
-  The models of one seller share its noisy dataset (Table I: "10 models per seller
-  trained from scratch with random initialization"). Re-drawing a fraction r uniformly
-  over C classes changes exactly round(r (C - 1) / C N) labels to another class.
-  """
-  rows = []
-  for s, noise in enumerate(noise_exponents):
-    rate = resample_rate(noise) * (num_classes - 1) / num_classes
-    noisy = data_lib.flip_labels(jax.random.fold_in(key, s), labels, rate, num_classes)
-    rows += [noisy] * models_per_seller
-  return np.stack(rows)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """How the platform's learning algorithm trains one model (sellers and sample_models)."""
-
-  epochs: int = 5                 # Passes over the model's own training sample.
-  batch_size: int = 128           # Minibatch size.
-  learning_rate: float = 1e-3     # Adam step size.
-  weight_decay: float = 0.0       # L2 coefficient added to the gradient (torch Adam's weight_decay).
-
-  def __post_init__(self):
-    if self.weight_decay < 0:
-      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-
-  def optimizer(self) -> optax.GradientTransformation:
-    """Adam; with ``weight_decay`` the coupled L2 of ``torch.optim.Adam(weight_decay=...)``.
-
-    Coupled (added to the gradient before Adam's normalisation), so weights that the data
-    never moves (first-layer weights of always-zero pixels) decay to zero at ~lr per step
-    whatever the coefficient; AdamW's decoupled decay would shrink them only by lr * wd.
-    """
-    if self.weight_decay == 0:
-      return optax.adam(self.learning_rate)
-    return optax.chain(optax.add_decayed_weights(self.weight_decay), optax.adam(self.learning_rate))
-
-  def fingerprint(self) -> dict[str, Any]:
-    """What must match to resume a training (weight_decay only when set: older runs resume)."""
-    return fingerprint(self, weight_decay=0.0)
-
-
-def fingerprint(cfg: Any, **added: Any) -> dict[str, Any]:
-  """``asdict(cfg)`` without the fields in ``added`` (fields added to the config later) that
-  still have their default there, so checkpoints and run directories of older versions resume."""
-  d = dataclasses.asdict(cfg)
-  return {k: v for k, v in d.items() if not (k in added and v == added[k])}
-
-
-def train_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, images: np.ndarray,
-                 labels: np.ndarray, *, num_members: int, indices: np.ndarray | None = None,
-                 checkpoint_dir: str | None = None, desc: str = "train",
-                 mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-                 checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S) -> ensemble.EnsembleState:
-  """Trains ``num_members`` models in one ensemble call (resumable via ``checkpoint_dir``,
-  saved at most every ``checkpoint_interval_s`` seconds, on the last epoch and on the way out
-  of an exception: ``EnsembleTrainer.fit``)."""
-  trainer = ensemble.EnsembleTrainer(model, cfg.optimizer(), batch_size=cfg.batch_size, mesh=mesh)
-  keys = jax.random.split(key, num_members)
-  result = trainer.fit(keys, images, labels, epochs=cfg.epochs, indices=indices,
-                       checkpoint_dir=checkpoint_dir, checkpoint_interval_s=checkpoint_interval_s,
-                       fingerprint=cfg.fingerprint(), desc=desc, progress=progress)
-  return result.state
-
-
-def sample_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, buyer: data_lib.Dataset,
-                  num_models: int, **kwargs) -> ensemble.EnsembleState:
-  """``sample_models`` of Algorithm 1: models trained on bootstraps of the buyer data.
-
-  Each member has its own bootstrap of D_B (same size as D_B, :func:`sample_bootstraps`)
-  and its own random initialisation; same architecture and training algorithm as the
-  sellers.
-  """
-  _, init_key = jax.random.split(key)
-  return train_models(model, cfg, init_key, buyer.images, buyer.labels, num_members=num_models,
-                      indices=sample_bootstraps(key, len(buyer), num_models), **kwargs)
-
-
-def sample_bootstraps(key: jax.Array, n: int, num_models: int) -> np.ndarray:
-  """The bootstrap indices ``(num_models, n)`` that :func:`sample_models` trains on with ``key``."""
-  return data_lib.bootstrap_indices(jax.random.split(key)[0], n, num_models)
-
-
-def in_bag(indices_MxS: np.ndarray, n: int) -> np.ndarray:
-  """``in_bag_NxM``: True where model m's bootstrap drew image i."""
-  indices_MxS = np.asarray(indices_MxS)
-  out = np.zeros((n, indices_MxS.shape[0]), bool)
-  for m, idx in enumerate(indices_MxS):
-    out[idx, m] = True
-  return out
-
-
-def out_of_bag_mask(indices_MxS: np.ndarray, n: int) -> np.ndarray:
-  """``mask_NxM``: 1 where model m's bootstrap left image i out (see the module doc).
-
-  Rows of images that every model was trained on are all ones (use every model).
-  """
-  mask = (~in_bag(indices_MxS, n)).astype(np.float32)
-  mask[mask.sum(1) == 0] = 1.0
-  return mask
-
+from jipguard import distributed, ensemble, rundir, sharding
 
 LOSSES = ("logits", "probs", "kl", "margin")
 
@@ -255,7 +116,7 @@ class SanitizerConfig:
 
   def fingerprint(self) -> dict[str, Any]:
     """What must match to resume a sanitization (fields added later only when set: older runs resume)."""
-    return fingerprint(self, temperature=1.0, margin=1.0, compact=True, out_of_bag=False)
+    return rundir.fingerprint(self, temperature=1.0, margin=1.0, compact=True, out_of_bag=False)
 
   def batch_of_models(self, num_train_models: int) -> int:
     b = self.model_batch or max(1, round(0.95 * num_train_models))
@@ -293,14 +154,17 @@ def rms_distance(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.mean(jnp.square(a - b)))
 
 
-def image_objective(x_tilde: jax.Array, target_MxC: jax.Array, anchor: jax.Array,
+def image_objective(x_tilde: jax.Array, target_MxK: jax.Array, anchor: jax.Array,
                     weights_M: jax.Array, key: jax.Array, params: Any, *, model: nn.Module,
                     cfg: SanitizerConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Eq. 9 for ONE image: weighted mean utility loss over members + security hinge.
 
+  The definition the sanitizer optimises; :func:`sanitize_step` computes its gradient for a
+  batch of images through ``ensemble.value_and_input_grad`` (the same value, tested).
+
   Args:
     x_tilde: The image being optimised, HWC.
-    target_MxC: Cached logits of the M training models on the original image.
+    target_MxK: Cached logits of the M training models on the original image.
     anchor: x_N, HWC.
     weights_M: 1 for the models in this step's subset, 0 otherwise.
     key: Randomness of the robust options for this image and step.
@@ -312,7 +176,13 @@ def image_objective(x_tilde: jax.Array, target_MxC: jax.Array, anchor: jax.Array
     ``(total, (utility, security))``.
   """
   x_in, member_keys = _objective_inputs(x_tilde, key, weights_M.shape[0], cfg)
-  utility = _utility_sum(x_in, target_MxC, weights_M, member_keys, params, model=model, cfg=cfg) / jnp.sum(weights_M)
+  if member_keys is None:
+    logits_MxK = ensemble.apply(model, params, x_in[None])[:, 0]
+  else:
+    dropped = model.clone(dropout=cfg.hidden_dropout)
+    logits_MxK = jax.vmap(lambda v, k: dropped.apply(v, x_in[None], train=True, rngs={"dropout": k})[0])(
+        params, member_keys)
+  utility = _utility(logits_MxK, (target_MxK, weights_M), jnp.sum(weights_M), cfg=cfg)
   security = _security(x_tilde, anchor, cfg)
   return utility + security, (utility, security)
 
@@ -328,23 +198,15 @@ def _objective_inputs(x_tilde: jax.Array, key: jax.Array, num_members: int, cfg:
   return x_in, member_keys
 
 
-def _utility_sum(x_in: jax.Array, target_MxC: jax.Array, weights_M: jax.Array, member_keys: jax.Array | None,
-                 params: Any, *, model: nn.Module, cfg: SanitizerConfig) -> jax.Array:
-  """sum_m w_m L(f_m(x_in), target_m) over the members of ``params`` (one image; not normalised).
+def _utility(logits_MxK: jax.Array, targets_and_weights: tuple[jax.Array, jax.Array], norm: jax.Array, *,
+             cfg: SanitizerConfig) -> jax.Array:
+  """The utility term of Eq. 9 for one image: sum_m w_m L(f_m(x~), f_m(x)) / norm.
 
-  ``params``: the members' variables, or one group of ``ensemble.SharedInputMembers``.
+  A sum over the members it is given, so it may be taken a group of members at a time
+  (``ensemble.value_and_input_grad``); ``norm`` is the image's sum of weights (|subset|).
   """
-  shared = isinstance(params, ensemble.SharedInputMembers)
-  if member_keys is not None:
-    dropped = model.clone(dropout=cfg.hidden_dropout)
-    member = lambda v, k: dropped.apply(v, x_in[None], train=True, rngs={"dropout": k})[0]
-    logits_MxC = (ensemble.map_shared_input(member, params, x_in[None], member_keys) if shared
-                  else jax.vmap(member)(params, member_keys))
-  elif shared:
-    logits_MxC = ensemble.map_shared_input(lambda v: model.apply(v, x_in[None], train=False)[0], params, x_in[None])
-  else:
-    logits_MxC = ensemble.apply(model, params, x_in[None], unroll=ensemble.unroll_members(params))[:, 0]
-  return jnp.sum(weights_M * _distance(logits_MxC, target_MxC, cfg.loss, cfg.temperature, cfg.margin))
+  target_MxK, weights_M = targets_and_weights
+  return jnp.sum(weights_M * _distance(logits_MxK, target_MxK, cfg.loss, cfg.temperature, cfg.margin)) / norm
 
 
 def _security(x_tilde: jax.Array, anchor: jax.Array, cfg: SanitizerConfig) -> jax.Array:
@@ -368,116 +230,80 @@ def optimizer(cfg: SanitizerConfig) -> optax.GradientTransformation:
   return optax.adam(cfg.learning_rate)
 
 
-def sanitize_step(params_tr: Any, x_BxHxWxC: jax.Array, opt_state: Any, targets_BxMxC: jax.Array,
-                  anchors: jax.Array, weights_BxM: jax.Array, keys_B: jax.Array, *, model: nn.Module,
-                  cfg: SanitizerConfig, members_per_pass: int | None = None) -> tuple[jax.Array, Any, jax.Array]:
-  """One step of Algorithm 1 for a batch of images (the sanitizer's hot kernel).
+def step_members(model: nn.Module, params_tr: Any, cfg: SanitizerConfig, *, mesh: jax.sharding.Mesh | None = None,
+                 **layout: Any) -> ensemble.Members:
+  """Omega_Tr's members as :func:`sanitize_step` takes them (``ensemble.prepare``, with the
+  dropout of ``cfg.hidden_dropout`` in the model); ``layout`` forces one (tests, benchmarks)."""
+  if cfg.hidden_dropout > 0:
+    if not hasattr(model, "dropout"):
+      raise ValueError(f"hidden_dropout needs a model with a `dropout` attribute (mlp), got {type(model).__name__}")
+    model = model.clone(dropout=cfg.hidden_dropout)
+  return ensemble.prepare(model, params_tr, mesh=mesh, **layout)
 
-  Every image's Eq. 9 under its own model subset (``weights_BxM``), its gradient with
-  respect to the pixels only, and the optimiser update.
 
-  ``members_per_pass`` G (a divisor of M; None: all M at once) sums the utility and its
-  gradient over groups of G members in a ``lax.scan``: the same sum, but each group's
-  weights and activations stay in the CPU's cache (``ensemble.members_per_pass``; for 100
-  MLPs 784-256-256-10 and 256 images, G=5 runs the step 1.4x faster on 2 cores).
+def objective_grads(members: ensemble.Members, x_BxHxWxC: jax.Array, targets_BxMxK: jax.Array, anchors: jax.Array,
+                    weights_BxM: jax.Array, keys_B: jax.Array, *, cfg: SanitizerConfig) -> tuple[jax.Array, jax.Array]:
+  """Every image's Eq. 9 (:func:`image_objective`) under its own model subset (``weights_BxM``):
+  its utility term and the gradient of the whole objective with respect to its pixels.
 
-  ``params_tr`` may instead be ``ensemble.SharedInputMembers`` (``sanitize_batch`` on
-  CPU, ``ensemble.shared_input_members``): its groups, each with its input layer as one
-  product (same results; that step 195-204 -> 179-190 ms). ``members_per_pass`` must then be None.
+  The utility's sum over Omega_Tr and its gradient come from ``ensemble.value_and_input_grad``
+  on ``members`` (:func:`step_members`), which picks how the members are evaluated.
+
+  Returns:
+    ``(utility_B, grads_BxHxWxC)``.
+  """
+  m = weights_BxM.shape[1]
+  x_in, member_keys = jax.vmap(lambda x, k: _objective_inputs(x, k, m, cfg))(x_BxHxWxC, keys_B)
+  # d x_in / d x~ is the identity (the noise does not depend on x~).
+  util, grads = ensemble.value_and_input_grad(
+      members, functools.partial(_utility, cfg=cfg), x_in, (targets_BxMxK, weights_BxM), jnp.sum(weights_BxM, axis=1),
+      dropout_keys_BxM=member_keys)
+  return util, grads + jax.vmap(jax.grad(functools.partial(_security, cfg=cfg)))(x_BxHxWxC, anchors)
+
+
+def sanitize_step(members: ensemble.Members, x_BxHxWxC: jax.Array, opt_state: Any, targets_BxMxK: jax.Array,
+                  anchors: jax.Array, weights_BxM: jax.Array, keys_B: jax.Array, *, cfg: SanitizerConfig
+                  ) -> tuple[jax.Array, Any, jax.Array]:
+  """One step of Algorithm 1 for a batch of images (the sanitizer's hot kernel): the gradient
+  of every image's Eq. 9 (:func:`objective_grads`) and the optimiser's update of its pixels.
 
   Returns:
     ``(x, opt_state, utility_B)``: the updated images and optimiser state, and each
     image's utility loss before the update.
   """
-  shared = isinstance(params_tr, ensemble.SharedInputMembers)
-  if shared:
-    if members_per_pass is not None:
-      raise ValueError("members_per_pass must be None with SharedInputMembers (they are already grouped)")
-    members_per_pass = params_tr.members_per_pass
-  if shared or (members_per_pass is not None and members_per_pass < weights_BxM.shape[1]):
-    util, grads = _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B,
-                                         model=model, cfg=cfg, members_per_pass=members_per_pass)
-  else:
-    objective = functools.partial(image_objective, model=model, cfg=cfg)
-    grad_fn = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))
-    (_, (util, _)), grads = grad_fn(x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, params_tr)
+  util, grads = objective_grads(members, x_BxHxWxC, targets_BxMxK, anchors, weights_BxM, keys_B, cfg=cfg)
   updates, opt_state = optimizer(cfg).update(grads, opt_state, x_BxHxWxC)
   return optax.apply_updates(x_BxHxWxC, updates), opt_state, util
 
 
-def _grouped_utility_grads(params_tr, x_BxHxWxC, targets_BxMxC, anchors, weights_BxM, keys_B, *, model, cfg,
-                           members_per_pass):
-  """:func:`image_objective`'s utility and the gradient of its total, summed over member groups
-  (``params_tr``: the members' variables, or ``ensemble.SharedInputMembers`` already in
-  groups of ``members_per_pass``)."""
-  m = weights_BxM.shape[1]
-  x_in, member_keys = jax.vmap(lambda x, k: _objective_inputs(x, k, m, cfg))(x_BxHxWxC, keys_B)
-  norm_B = jnp.sum(weights_BxM, axis=1)
-  # Per-image (B, M, ...) -> (groups, B, G, ...); per-member (M, ...) -> (groups, G, ...).
-  per_image = functools.partial(ensemble.group_members, members_per_pass=members_per_pass, axis=1)
-  per_member = functools.partial(ensemble.group_members, members_per_pass=members_per_pass)
-
-  def utility(x, target, weights, keys, params, norm):
-    return _utility_sum(x, target, weights, keys, params, model=model, cfg=cfg) / norm
-
-  value_and_grad = jax.vmap(jax.value_and_grad(utility), in_axes=(0, 0, 0, 0, None, 0))
-
-  def body(carry, group):
-    params, targets, weights, keys = group
-    util, grads = value_and_grad(x_in, targets, weights, keys, params, norm_B)
-    return (carry[0] + util, carry[1] + grads), None
-
-  members = params_tr if isinstance(params_tr, ensemble.SharedInputMembers) else jax.tree.map(per_member, params_tr)
-  xs = (members, per_image(targets_BxMxC), per_image(weights_BxM),
-        jax.tree.map(per_image, member_keys))
-  (util, grads), _ = jax.lax.scan(body, (jnp.zeros_like(norm_B), jnp.zeros_like(x_in)), xs)
-  # d x_in / d x~ is the identity (the noise does not depend on x~).
-  return util, grads + jax.vmap(jax.grad(functools.partial(_security, cfg=cfg)))(x_BxHxWxC, anchors)
+# Jitted :func:`sanitize_step`, with the XLA options its members need (``ensemble.jit``).
+sanitize_step_jit = ensemble.jit(sanitize_step, static_argnames=("cfg",))
 
 
-def step_members(model: nn.Module, params_tr: Any, mesh: jax.sharding.Mesh | None = None
-                 ) -> tuple[Any, int | None]:
-  """``(params_tr, members_per_pass)`` as :func:`sanitize_batch` passes them to
-  :func:`sanitize_step`: on CPU, ``ensemble.SharedInputMembers`` (groups of members with
-  their input layer laid out once, before the loop: the step's own layout copies would
-  repeat at every step, XLA does not hoist them) or the plain variables in groups of
-  ``ensemble.members_per_pass``; elsewhere the plain variables, all members at once."""
-  shared = ensemble.shared_input_members(model, params_tr, mesh)
-  if shared is None:
-    return params_tr, ensemble.members_per_pass(params_tr, mesh)
-  return shared, None
-
-
-# Jitted :func:`sanitize_step`; conv models on CPU compile with ``ensemble.CPU_CONV_OPTIONS``
-# (``sanitize_step_jit.for_members(params_tr)``: the program for those members).
-sanitize_step_jit = ensemble.ConvJit(sanitize_step, static_argnames=("model", "cfg", "members_per_pass"))
-
-
-def _val_loss(model, cfg, params_v, x, targets_v_BxVxC):
+def _val_loss(model, cfg, params_v, x, targets_v_BxVxK):
   """L_k of Algorithm 1 line 14: mean L over Omega_V of each image (NaN without val_stop)."""
   if params_v is None:
     return jnp.full(x.shape[:1], jnp.nan)
-  logits = jnp.swapaxes(ensemble.apply(model, params_v, x, unroll=ensemble.unroll_members(params_v)), 0, 1)
-  return jnp.mean(_distance(logits, targets_v_BxVxC, cfg.loss, cfg.temperature, cfg.margin), axis=1)
+  logits = jnp.swapaxes(ensemble.apply(model, params_v, x), 0, 1)
+  return jnp.mean(_distance(logits, targets_v_BxVxK, cfg.loss, cfg.temperature, cfg.margin), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg"))
 def _start(params_tr, params_v, x_BxHxWxC, x0, *, model, cfg):
   """Targets of Omega_Tr / Omega_V on the original images, and the optimiser state of x0."""
-  targets = jnp.swapaxes(ensemble.apply(model, params_tr, x_BxHxWxC, unroll=ensemble.unroll_members(params_tr)), 0, 1)
-  targets_v = None if params_v is None else jnp.swapaxes(
-      ensemble.apply(model, params_v, x_BxHxWxC, unroll=ensemble.unroll_members(params_v)), 0, 1)
+  targets = jnp.swapaxes(ensemble.apply(model, params_tr, x_BxHxWxC), 0, 1)
+  targets_v = None if params_v is None else jnp.swapaxes(ensemble.apply(model, params_v, x_BxHxWxC), 0, 1)
   return targets, targets_v, optimizer(cfg).init(x0)
 
 
-def _steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, model_batch, treedef,
-           members_per_pass=None):
+def _steps(members, params_v, t, t_end, shared, slots, *, model, cfg, model_batch, treedef):
   """Steps t..t_end-1 of every active image (one jitted while loop).
 
-  ``slots`` holds per-image arrays with a leading image axis: ``x``, ``mu`` / ``nu``
-  (the optimiser state's per-pixel leaves), ``active``, ``prev_val``, ``steps``,
-  ``last_train`` and the constants ``targets``, ``targets_v``, ``anchors``, ``keys`` (and
-  ``mask``, the per-image eligible models, with ``out_of_bag``).
+  ``members`` are Omega_Tr's (:func:`step_members`), ``params_v`` Omega_V's variables (or
+  None), ``model`` their architecture. ``slots`` holds per-image arrays with a leading image
+  axis: ``x``, ``mu`` / ``nu`` (the optimiser state's per-pixel leaves), ``active``,
+  ``prev_val``, ``steps``, ``last_train`` and the constants ``targets``, ``targets_v``,
+  ``anchors``, ``keys`` (and ``mask``, the per-image eligible models, with ``out_of_bag``).
   ``shared`` is the optimiser state's other leaves (Adam's step count), and ``treedef``
   the optimiser state's structure.
   """
@@ -496,8 +322,8 @@ def _steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, model_ba
     if "mask" in s:  # Out-of-bag: the subset's eligible models, or all eligible ones if none is drawn.
       weights = weights * s["mask"]
       weights = jnp.where(jnp.sum(weights, axis=1, keepdims=True) > 0, weights, s["mask"])
-    new_x, new_opt, util = sanitize_step(params_tr, s["x"], opt_state, s["targets"], s["anchors"], weights,
-                                         obj_keys, model=model, cfg=cfg, members_per_pass=members_per_pass)
+    new_x, new_opt, util = sanitize_step(members, s["x"], opt_state, s["targets"], s["anchors"], weights,
+                                         obj_keys, cfg=cfg)
     active = s["active"]
     keep = lambda new, old: jnp.where(active.reshape(-1, *[1] * (new.ndim - 1)), new, old)
     new_shared, new_per_image = _split_leaves(jax.tree.leaves(new_opt))
@@ -521,9 +347,8 @@ def _steps(params_tr, params_v, t, t_end, shared, slots, *, model, cfg, model_ba
   return jax.lax.while_loop(cond, body, (t, shared, slots))
 
 
-# Jitted :func:`_steps`, with XLA's defaults or, for conv models on CPU,
-# ``ensemble.CPU_CONV_OPTIONS`` (Eigen's convolutions).
-_run_steps = ensemble.ConvJit(_steps, static_argnames=("model", "cfg", "model_batch", "treedef", "members_per_pass"))
+# Jitted :func:`_steps`, with the XLA options its members need (``ensemble.jit``).
+_run_steps = ensemble.jit(_steps, static_argnames=("model", "cfg", "model_batch", "treedef"))
 
 
 def _split_leaves(leaves):
@@ -585,25 +410,9 @@ def _min_bucket() -> int:
   return _MIN_BUCKET.get(jax.default_backend(), _MIN_BUCKET_ELSEWHERE)
 
 
-def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
-                   cfg: SanitizerConfig, *, start: int, seed: int, anchor_seed: int,
-                   pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                   member_mask: np.ndarray | None = None) -> BatchResult:
-  """Sanitizes ``images`` (global indices ``start..``) as one jitted program.
-
-  ``member_mask`` (``N x |Omega_Tr|``, :func:`out_of_bag_mask`) is required with
-  ``cfg.out_of_bag`` and only then: each image's loss uses only its rows' models.
-
-  The batch is padded to ``pad_to`` images (default: its own size) that are inactive
-  from step 0, so every batch of a dataset runs the same compiled program.
-
-  With a ``mesh`` (``sharding.make_mesh``), the images are split over its ``data`` axis
-  and the sampled models over its ``member`` axis (|Omega_Tr| and |Omega_V| must divide by
-  it); the partitioner adds the reduction over models. The result equals the unsharded
-  one up to float rounding (tested on 8 simulated devices).
-  """
-  n = len(images)
-  b = pad_to or n
+def _check_batch(params_tr: Any, params_v: Any | None, n: int, b: int, cfg: SanitizerConfig,
+                 mesh: jax.sharding.Mesh | None, member_mask: np.ndarray | None) -> None:
+  """ValueError naming what :func:`sanitize_batch`'s arguments get wrong."""
   if n > b:
     raise ValueError(f"{n} images exceed pad_to={b}")
   if mesh is not None:
@@ -624,15 +433,36 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
     if member_mask.shape != (n, m) or not np.all(member_mask.sum(1) > 0):
       raise ValueError(f"member_mask must be (images, |Omega_Tr|) = {(n, m)} with a model in every row, "
                        f"got shape {member_mask.shape}")
-  if cfg.hidden_dropout > 0 and not hasattr(model, "dropout"):
-    raise ValueError(f"hidden_dropout needs a model with a `dropout` attribute (mlp), got {type(model).__name__}")
+
+
+def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
+                   cfg: SanitizerConfig, *, start: int, seed: int, anchor_seed: int,
+                   pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                   member_mask: np.ndarray | None = None) -> BatchResult:
+  """Sanitizes ``images`` (global indices ``start..``) as one jitted program.
+
+  ``member_mask`` (``N x |Omega_Tr|``, :func:`out_of_bag_mask`) is required with
+  ``cfg.out_of_bag`` and only then: each image's loss uses only its rows' models.
+
+  The batch is padded to ``pad_to`` images (default: its own size) that are inactive
+  from step 0, so every batch of a dataset runs the same compiled program.
+
+  With a ``mesh`` (``sharding.make_mesh``), the images are split over its ``data`` axis
+  and the sampled models over its ``member`` axis (|Omega_Tr| and |Omega_V| must divide by
+  it); the partitioner adds the reduction over models. The result equals the unsharded
+  one up to float rounding (tested on 8 simulated devices).
+  """
+  n = len(images)
+  b = pad_to or n
+  _check_batch(params_tr, params_v, n, b, cfg, mesh, member_mask)
+  m = jax.tree.leaves(params_tr)[0].shape[0]
   x = jnp.zeros((b, *images.shape[1:]), jnp.float32).at[:n].set(images)
   shape = images.shape[1:]
   x0, anchors, step_keys = starting_points(shape, start, b, seed=seed, anchor_seed=anchor_seed)
   active = jnp.arange(b) < n
   extra = {}
   if member_mask is not None:
-    extra["mask"] = jnp.ones((b, m), jnp.float32).at[:n].set(member_mask)
+    extra["mask"] = jnp.ones((b, m), jnp.float32).at[:n].set(np.asarray(member_mask, np.float32))
   params_v = params_v if cfg.val_stop else None
   shards = 1
   if mesh is not None:
@@ -646,10 +476,9 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
   slots = {"x": x0, "opt": per_image, "active": active, "prev_val": jnp.full((b,), jnp.inf),
            "steps": jnp.zeros((b,), jnp.int32), "last_train": jnp.full((b,), jnp.nan), "targets": targets,
            "targets_v": targets_v, "anchors": anchors, "keys": step_keys, **extra}
-  members, per_pass = step_members(model, params_tr, mesh)
-  # The program is chosen by the plain variables (``members`` may be grouped MLP layers).
-  run = functools.partial(_run_steps.for_members(params_tr), members, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
-                          treedef=treedef, members_per_pass=per_pass)
+  members = step_members(model, params_tr, cfg, mesh=mesh)
+  run = functools.partial(_run_steps, members, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
+                          treedef=treedef)
 
   # Host-side results, filled as images finish (compaction) and at the end.
   out_x = np.zeros((b, *shape), np.float32)
@@ -747,7 +576,7 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
     done = manager.all_steps()
     if done:
       saved = manager.restore(done[0], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      ensemble.check_same_config(saved, meta, manager.directory)
+      rundir.check_same_config(saved, meta, f"checkpoint {manager.directory}")
   results: list[BatchResult] = []
   bar = tqdm.tqdm(total=len(images), desc="sanitize", unit="img", disable=not progress, leave=False)
   try:

@@ -4,8 +4,8 @@ A sanitized dataset D~ is safe to share only if it is useless as images and as t
 
 * **Image IP exposure** (Def. 2, Eq. 3): ``E_I(x~, x) = 1 / D(x~, x)`` with D the perceptual
   loss of an ImageNet-pretrained VGG at conv5_1, ``||phi(x~) - phi(x)||^2 / (L H W)``, averaged
-  over the dataset. :class:`VGGFeatures` is that network in Flax; its weights come from a file
-  the user gives (:func:`load_vgg_weights`; ``scripts/convert_vgg_weights.py`` writes it from
+  over the dataset. ``vgg.VGGFeatures`` is that network in Flax; its weights come from a file
+  the user gives (``vgg.load_vgg_weights``; ``scripts/convert_vgg_weights.py`` writes it from
   torchvision's or Keras' VGG16/VGG19). Without a file, :func:`image_exposure` reports stand-ins
   under their own names, never as the VGG perceptual loss: ``pixel_mse`` (1 / per-pixel MSE),
   ``ssim`` (mean SSIM, a similarity, not inverted) and ``own_cnn_feature`` (1 / the same
@@ -25,12 +25,10 @@ threads (scikit-learn's and XGBoost's tree code, BLAS and XLA release the GIL).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
-import json
 import math
-import os
 import warnings
 from typing import Any
 
@@ -40,238 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jipguard import ensemble, metrics, models
-
-# --------------------------------------------------------------------------------------------
-# VGG up to conv5_1 (Def. 2).
-
-# Convolutions per block; every block is followed by a 2x2 max pool (torchvision's "M").
-VGG_BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
-VGG_WIDTHS = (64, 128, 256, 512, 512)
-# What the pretrained weights expect of their input (recorded in the weights file).
-#   torch: RGB in [0, 1], minus ImageNet mean, divided by ImageNet std (torchvision).
-#   caffe: BGR in [0, 255], minus the BGR ImageNet mean (Keras' VGG16/VGG19).
-PREPROCESSING = ("torch", "caffe")
-_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-WEIGHTS_FORMAT = "jipguard-vgg-v1"
-
-
-def vgg_layer_names(arch: str = "vgg16", up_to: str = "conv5_1") -> list[str]:
-  """Conv layer names ``conv<block>_<i>`` of ``arch`` in order, up to and including ``up_to``."""
-  if arch not in VGG_BLOCKS:
-    raise ValueError(f"unknown VGG architecture {arch!r}; choose one of {sorted(VGG_BLOCKS)}")
-  names = [f"conv{b + 1}_{i + 1}" for b, n in enumerate(VGG_BLOCKS[arch]) for i in range(n)]
-  if up_to not in names:
-    raise ValueError(f"{arch} has no layer {up_to!r}; layers are {names}")
-  return names[:names.index(up_to) + 1]
-
-
-def vgg_layer_shapes(arch: str = "vgg16", up_to: str = "conv5_1") -> dict[str, tuple[tuple[int, ...], tuple[int]]]:
-  """Flax (kernel HWIO, bias) shapes of each conv layer up to ``up_to``."""
-  out, c_in = {}, 3
-  for name in vgg_layer_names(arch, up_to):
-    width = VGG_WIDTHS[int(name[4]) - 1]
-    out[name] = ((3, 3, c_in, width), (width,))
-    c_in = width
-  return out
-
-
-def torchvision_layer_map(arch: str = "vgg16", up_to: str = "conv5_1") -> dict[str, str]:
-  """Flax layer name -> torchvision ``state_dict`` prefix (``features.<index>``).
-
-  torchvision's ``vgg16()`` / ``vgg19()`` (no batch norm) number ``features`` as conv, ReLU
-  per conv layer and one max pool per block: conv1_1 is ``features.0``, conv2_1
-  ``features.5``, conv5_1 ``features.24`` (vgg16) / ``features.28`` (vgg19).
-  """
-  out, index = {}, 0
-  names = vgg_layer_names(arch, up_to)
-  for b, n in enumerate(VGG_BLOCKS[arch]):
-    for i in range(n):
-      name = f"conv{b + 1}_{i + 1}"
-      if name in names:
-        out[name] = f"features.{index}"
-      index += 2  # Conv2d, ReLU.
-    index += 1    # MaxPool2d.
-  return out
-
-
-def keras_layer_map(arch: str = "vgg16", up_to: str = "conv5_1") -> dict[str, str]:
-  """Flax layer name -> Keras layer name (``keras.applications.VGG16``: ``block<b>_conv<i>``)."""
-  return {name: f"block{name[4]}_conv{name[6:]}" for name in vgg_layer_names(arch, up_to)}
-
-
-class VGGFeatures(nn.Module):
-  """VGG16/19 convolutional trunk up to ``layer`` (default conv5_1), in NHWC.
-
-  3x3 convolutions with 'SAME' padding (torchvision's padding 1), ReLU, 2x2 max pools
-  between blocks, exactly as torchvision's ``features``. Returns the feature map of
-  ``layer``, after its ReLU if ``relu`` (the usual "conv5_1" of perceptual-loss code,
-  torchvision ``features[:26]``), else the raw convolution output.
-
-  Attributes:
-    arch: ``vgg16`` or ``vgg19``.
-    layer: Last layer computed, e.g. ``conv5_1``.
-    relu: Apply the ReLU of ``layer``.
-  """
-
-  arch: str = "vgg16"
-  layer: str = "conv5_1"
-  relu: bool = True
-
-  @nn.compact
-  def __call__(self, x_BxHxWx3: jax.Array) -> jax.Array:
-    x = x_BxHxWx3
-    names = vgg_layer_names(self.arch, self.layer)
-    for name in names:
-      if name.endswith("_1") and name != "conv1_1":
-        x = models.max_pool(x)
-      x = nn.Conv(VGG_WIDTHS[int(name[4]) - 1], (3, 3), padding="SAME", name=name)(x)
-      if name != names[-1] or self.relu:
-        x = nn.relu(x)
-    return x
-
-
-@dataclasses.dataclass(frozen=True)
-class VGGWeights:
-  """A loaded weights file: ``params`` is the Flax params tree of :class:`VGGFeatures`."""
-
-  arch: str
-  preprocessing: str
-  params: dict[str, dict[str, np.ndarray]]
-  source: str = ""
-  ignored: tuple[str, ...] = ()   # Deeper layers in the file that conv5_1 does not need.
-
-
-def save_vgg_weights(path: str, arch: str, preprocessing: str,
-                     params: Mapping[str, Mapping[str, np.ndarray]], source: str = "") -> None:
-  """Writes the weights file :func:`load_vgg_weights` reads (an ``.npz``, atomically).
-
-  Format ``jipguard-vgg-v1``: arrays ``<layer>/kernel`` (float32, HWIO) and ``<layer>/bias``
-  (float32, O) per conv layer ``conv<b>_<i>``, and ``__meta__``, a JSON string with
-  ``format``, ``arch``, ``preprocessing`` (``torch`` or ``caffe``) and ``source``.
-  """
-  from jipguard.pipeline import write_atomic
-  if preprocessing not in PREPROCESSING:
-    raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
-  vgg_layer_names(arch)
-  arrays = {f"{layer}/{kind}": np.asarray(v, np.float32) for layer, d in params.items() for kind, v in d.items()}
-  meta = json.dumps({"format": WEIGHTS_FORMAT, "arch": arch, "preprocessing": preprocessing, "source": source})
-  write_atomic(path, lambda tmp: np.savez(tmp, __meta__=np.array(meta), **arrays))
-
-
-def load_vgg_weights(path: str, layer: str = "conv5_1") -> VGGWeights:
-  """Reads a weights file and maps it onto :class:`VGGFeatures` (up to ``layer``).
-
-  Every layer from conv1_1 to ``layer`` must be present with exactly the shapes of the
-  file's architecture; deeper layers of the same architecture are ignored (and listed);
-  anything else is an error.
-
-  Raises:
-    FileNotFoundError: No file at ``path``.
-    ValueError: Not a ``jipguard-vgg-v1`` file, unknown architecture or preprocessing,
-      a missing, misshapen, non-finite or unknown array.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no VGG weights file at {path}; write one with scripts/convert_vgg_weights.py "
-                            "(see docs/exposure.md)")
-  with np.load(path, allow_pickle=False) as z:
-    if "__meta__" not in z:
-      raise ValueError(f"{path}: not a jipguard VGG weights file (no __meta__); convert it with "
-                       "scripts/convert_vgg_weights.py")
-    meta = json.loads(str(z["__meta__"]))
-    arrays = {k: z[k] for k in z.files if k != "__meta__"}
-  if meta.get("format") != WEIGHTS_FORMAT:
-    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {WEIGHTS_FORMAT!r}")
-  arch, prep = meta.get("arch"), meta.get("preprocessing")
-  if arch not in VGG_BLOCKS or prep not in PREPROCESSING:
-    raise ValueError(f"{path}: arch {arch!r} / preprocessing {prep!r} not in {sorted(VGG_BLOCKS)} / {PREPROCESSING}")
-  needed = vgg_layer_shapes(arch, layer)
-  deeper = set(vgg_layer_shapes(arch, vgg_layer_names(arch, f"conv5_{VGG_BLOCKS[arch][-1]}")[-1])) - set(needed)
-  params, ignored = {}, []
-  for key in sorted(arrays):
-    name, _, kind = key.partition("/")
-    if kind not in ("kernel", "bias") or (name not in needed and name not in deeper):
-      raise ValueError(f"{path}: unknown array {key!r} for {arch}")
-    if name in deeper:
-      ignored.append(key)
-  for name, (k_shape, b_shape) in needed.items():
-    for kind, shape in (("kernel", k_shape), ("bias", b_shape)):
-      key = f"{name}/{kind}"
-      if key not in arrays:
-        raise ValueError(f"{path}: missing {key} (every layer conv1_1..{layer} is needed)")
-      if arrays[key].shape != shape:
-        raise ValueError(f"{path}: {key} has shape {arrays[key].shape}, {arch} needs {shape} (HWIO)")
-      if not np.all(np.isfinite(arrays[key])):
-        raise ValueError(f"{path}: {key} has non-finite values")
-    params[name] = {"kernel": arrays[f"{name}/kernel"].astype(np.float32),
-                    "bias": arrays[f"{name}/bias"].astype(np.float32)}
-  return VGGWeights(arch=arch, preprocessing=prep, params=params, source=str(meta.get("source", "")),
-                    ignored=tuple(ignored))
-
-
-def vgg_preprocess(images_NxHxWxC: jax.Array, size: int, preprocessing: str) -> jax.Array:
-  """Grayscale -> 3 channels, bilinear resize to ``size`` x ``size``, the weights' normalisation.
-
-  Pixels are used as they are (sanitized images are unbounded and are compared unclipped).
-  """
-  x = images_NxHxWxC
-  if x.shape[-1] == 1:
-    x = jnp.repeat(x, 3, axis=-1)
-  elif x.shape[-1] != 3:
-    raise ValueError(f"VGG needs 1 or 3 channels, got {x.shape[-1]}")
-  if x.shape[1:3] != (size, size):
-    x = jax.image.resize(x, (x.shape[0], size, size, 3), method="bilinear")
-  if preprocessing == "torch":
-    return (x - jnp.array(_TORCH_MEAN).reshape(1, 1, 1, 3)) / jnp.array(_TORCH_STD).reshape(1, 1, 1, 3)
-  if preprocessing == "caffe":
-    return x[..., ::-1] * 255.0 - jnp.array(_CAFFE_MEAN_BGR).reshape(1, 1, 1, 3)
-  raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
-
-
-@functools.partial(jax.jit, static_argnames=("module", "size", "preprocessing"))
-def _feature_distance_vgg(params, a, b, *, module, size, preprocessing):
-  fa = module.apply({"params": params}, vgg_preprocess(a, size, preprocessing))
-  fb = module.apply({"params": params}, vgg_preprocess(b, size, preprocessing))
-  return jnp.mean(jnp.square(fa - fb), axis=(1, 2, 3))  # ||.||^2 / (L H W).
-
-
-def vgg_perceptual_distance(weights: VGGWeights, a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray, *,
-                            size: int = 224, layer: str = "conv5_1", batch_size: int = 32) -> np.ndarray:
-  """The paper's D (perceptual loss, Johnson et al.) per image pair, shape (N,).
-
-  ``size``: images are resized to ``size`` x ``size`` first; 224, the input size of the
-  ImageNet-pretrained VGG, is what the paper implies (at 28x28 conv5_1 would be 1x1).
-  """
-  a, b = _check_pair(a_NxHxWxC, b_NxHxWxC)
-  module = VGGFeatures(weights.arch, layer)
-  params = jax.device_put(weights.params)  # Once, not per batch.
-  out = [np.asarray(_feature_distance_vgg(params, a[i:i + batch_size], b[i:i + batch_size],
-                                          module=module, size=size, preprocessing=weights.preprocessing))
-         for i in range(0, len(a), batch_size)]
-  return np.concatenate(out)
-
-
-def random_vgg_params(seed: int = 0, arch: str = "vgg16", layer: str = "conv5_1") -> dict[str, Any]:
-  """A randomly initialised (He-normal) params tree of :class:`VGGFeatures` (tests, same structure)."""
-  rng = np.random.default_rng(seed)
-  return {name: {"kernel": (rng.standard_normal(k, np.float32) * np.sqrt(2 / np.prod(k[:3]))).astype(np.float32),
-                 "bias": (0.01 * rng.standard_normal(b, np.float32)).astype(np.float32)}
-          for name, (k, b) in vgg_layer_shapes(arch, layer).items()}
-
+from jipguard import ensemble, models
+from jipguard.ipprotect import metrics
+from jipguard.ipprotect.vgg import VGGWeights, check_pair, vgg_perceptual_distance
 
 # --------------------------------------------------------------------------------------------
 # Image IP exposure and its stand-ins.
-
-def _check_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  if a.ndim != 4 or a.shape != b.shape:
-    raise ValueError(f"need two NHWC image arrays of one shape, got {a.shape} and {b.shape}")
-  for name, x in (("original", a), ("sanitized", b)):
-    if not np.all(np.isfinite(x)):
-      raise ValueError(f"{name} images contain NaN or infinite values")
-  return a, b
-
 
 def inverse_mean(distances_N: np.ndarray) -> float:
   """Eq. 3 averaged over a dataset: mean of 1 / d (infinite if any distance is 0)."""
@@ -285,7 +57,7 @@ def inverse_mean(distances_N: np.ndarray) -> float:
 
 def pixel_mse(a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray) -> np.ndarray:
   """Per-pair mean squared pixel difference, shape (N,)."""
-  a, b = _check_pair(a_NxHxWxC, b_NxHxWxC)
+  a, b = check_pair(a_NxHxWxC, b_NxHxWxC)
   return np.mean(np.square(a.astype(np.float64) - b), axis=(1, 2, 3))
 
 
@@ -302,7 +74,7 @@ def image_exposure(originals_NxHxWxC: np.ndarray, sanitized_NxHxWxC: np.ndarray,
       choice for DP-MERF, whose outputs correspond to no particular original).
     seed: Seed of the random pairing.
     vgg: Weights of the pretrained VGG; gives ``vgg_conv5_1`` (the paper's metric).
-    vgg_size: Input size of the VGG (see :func:`vgg_perceptual_distance`).
+    vgg_size: Input size of the VGG (see ``vgg.vgg_perceptual_distance``).
     feature_zoo: A zoo fitted on D_X (:func:`fit_zoo`) with its CNN: gives the stand-in
       ``own_cnn_feature``.
 
@@ -311,7 +83,7 @@ def image_exposure(originals_NxHxWxC: np.ndarray, sanitized_NxHxWxC: np.ndarray,
     (mean SSIM, a similarity in [-1, 1]) and ``own_cnn_feature`` (with ``feature_zoo``).
     Exposures are ``inf`` when some pair is identical (the Identity baseline).
   """
-  a, b = _check_pair(originals_NxHxWxC, sanitized_NxHxWxC)
+  a, b = check_pair(originals_NxHxWxC, sanitized_NxHxWxC)
   if pair_randomly:
     b = b[np.random.default_rng(seed).permutation(len(b))]
   out = {}
@@ -566,7 +338,7 @@ class FittedZoo:
     cnn = self.models.get("cnn")
     if not isinstance(cnn, _CNNClassifier):
       raise ValueError("the feature stand-in needs the zoo's CNN fitted on at least two classes")
-    a, b = _check_pair(a_NxHxWxC, b_NxHxWxC)
+    a, b = check_pair(a_NxHxWxC, b_NxHxWxC)
     return cnn.feature_distance(a, b)[:len(a)]
 
 

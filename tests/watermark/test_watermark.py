@@ -1,4 +1,4 @@
-"""Tests of jipguard.watermark: LCT, verification (Eq. 6), sharding, no retrace, statistics."""
+"""Tests of jipguard.watermark: LCT, learners, verification (Eq. 6), sharding, no retrace, statistics, studies, CLI."""
 
 import colorsys
 import dataclasses
@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiment_modules import load_experiment
-from jipguard import data, sharding
-from jipguard import watermark as wm
+from jipguard import data, ensemble, sharding
+from jipguard.ensemble import _cpu
+from jipguard.watermark import cli, learner, lct, studies, verify
 
 K_STAR = 120.0
 GRID = np.arange(0, 360, 10, dtype=np.float32)
@@ -25,86 +25,86 @@ class LctTest(parameterized.TestCase):
 
   def test_yiq_matrix_matches_colorsys(self):
     rgb = np.random.default_rng(0).uniform(0, 1, (50, 3))
-    ours = rgb @ wm.T_YIQ.T
+    ours = rgb @ lct.T_YIQ.T
     # Python's colorsys uses rounded NTSC coefficients (0.30 / 0.59 / 0.11, ...).
     ref = np.array([colorsys.rgb_to_yiq(*p) for p in rgb])
     np.testing.assert_allclose(ours, ref, atol=0.02)
     # Grey has no chroma: the I and Q rows sum to 0, the Y row to 1.
-    np.testing.assert_allclose(wm.T_YIQ.sum(1), [1, 0, 0], atol=2e-3)
+    np.testing.assert_allclose(lct.T_YIQ.sum(1), [1, 0, 0], atol=2e-3)
 
   def test_zero_signature_is_identity(self):
     x = np.random.default_rng(1).uniform(0, 1, (4, 6, 6, 3)).astype(np.float32)
-    np.testing.assert_allclose(wm.lct(x, 0.0), x, atol=1e-5)
-    np.testing.assert_allclose(wm.lct(x, 360.0), x, atol=1e-5)
+    np.testing.assert_allclose(lct.lct(x, 0.0), x, atol=1e-5)
+    np.testing.assert_allclose(lct.lct(x, 360.0), x, atol=1e-5)
 
   @parameterized.parameters(15.0, 60.0, 210.0)
   def test_round_trip_and_luma(self, k):
     x = _rgb(2, lo=0.45, hi=0.55)  # Near grey: no clipping for any rotation.
-    y = wm.lct(x, k)
+    y = lct.lct(x, k)
     assert float(jnp.max(jnp.abs(y - x))) > 1e-3  # Actually changed.
-    np.testing.assert_allclose(wm.lct(y, -k), x, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(y) @ wm.T_YIQ[0], x @ wm.T_YIQ[0], atol=1e-5)  # Luma kept.
+    np.testing.assert_allclose(lct.lct(y, -k), x, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y) @ lct.T_YIQ[0], x @ lct.T_YIQ[0], atol=1e-5)  # Luma kept.
 
   def test_user_transform_round_trip_and_clip(self):
-    t = wm.user_transform(jax.random.key(3))
+    t = lct.user_transform(jax.random.key(3))
     assert t.shape == (3, 3) and np.linalg.cond(t) <= 20
     assert np.all(np.abs(t) <= 1)
     x = _rgb(3, lo=0.49, hi=0.51)
-    np.testing.assert_allclose(wm.lct(wm.lct(x, 40.0, t), -40.0, t), x, atol=1e-4)
-    big = wm.lct(np.random.default_rng(4).uniform(0, 1, (3, 4, 4, 3)), 100.0, t)
+    np.testing.assert_allclose(lct.lct(lct.lct(x, 40.0, t), -40.0, t), x, atol=1e-4)
+    big = lct.lct(np.random.default_rng(4).uniform(0, 1, (3, 4, 4, 3)), 100.0, t)
     assert float(big.min()) >= 0 and float(big.max()) <= 1
 
   def test_blue_shift(self):
-    mask = wm.secret_pixels(jax.random.key(0), (8, 8), num_pixels=20)
+    mask = lct.secret_pixels(jax.random.key(0), (8, 8), num_pixels=20)
     assert int(mask.sum()) == 20
     x = _rgb(5, hw=8)
-    y = np.asarray(wm.blue_shift(x, 0.2, mask))
+    y = np.asarray(lct.blue_shift(x, 0.2, mask))
     np.testing.assert_allclose(y[..., :2], x[..., :2])
     np.testing.assert_allclose(y[..., 2][:, np.asarray(mask)], x[..., 2][:, np.asarray(mask)] + 0.2, atol=1e-6)
     np.testing.assert_allclose(y[..., 2][:, ~np.asarray(mask)], x[..., 2][:, ~np.asarray(mask)])
 
   def test_bad_inputs(self):
     with pytest.raises(ValueError, match="RGB"):
-      wm.lct(np.zeros((2, 4, 4, 1)), 10.0)
+      lct.lct(np.zeros((2, 4, 4, 1)), 10.0)
     with pytest.raises(ValueError, match="num_pixels"):
-      wm.secret_pixels(jax.random.key(0), (4, 4), 17)
+      lct.secret_pixels(jax.random.key(0), (4, 4), 17)
     with pytest.raises(ValueError, match="NaN"):
-      wm.mark(np.full((1, 2, 2, 3), np.nan), 10.0)
+      lct.mark(np.full((1, 2, 2, 3), np.nan), 10.0)
     with pytest.raises(ValueError, match="3x3"):
-      wm.Watermark.hue(np.eye(2))
+      lct.Watermark.hue(np.eye(2))
 
 
 class StatisticsTest(parameterized.TestCase):
 
   def test_circular_matching(self):
-    np.testing.assert_array_equal(wm.match([355, 20, 40, 100], [5, 5, 5, 90], tau=15),
+    np.testing.assert_array_equal(verify.match([355, 20, 40, 100], [5, 5, 5, 90], tau=15),
                                   [True, False, False, True])
-    np.testing.assert_allclose(wm.distance(350, 10), 20)
-    np.testing.assert_allclose(wm.distance(0.5, 0.1, period=None), 0.4)
+    np.testing.assert_allclose(verify.distance(350, 10), 20)
+    np.testing.assert_allclose(verify.distance(0.5, 0.1, period=None), 0.4)
 
   def test_adv_p(self):
-    assert wm.adv_p([True] * 10, 0.5) == pytest.approx(0.5)
-    assert wm.adv_p([True, False], 0.5) == pytest.approx(0.0)
+    assert verify.adv_p([True] * 10, 0.5) == pytest.approx(0.5)
+    assert verify.adv_p([True, False], 0.5) == pytest.approx(0.0)
     with pytest.raises(ValueError):
-      wm.adv_p([], 0.5)
+      verify.adv_p([], 0.5)
 
   def test_mia_thresholds(self):
-    assert wm.mia_std_threshold(np.array([0.1, 0.3])) == pytest.approx(0.2)
-    t = wm.mia_pow_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.8, 0.9]))
+    assert verify.mia_std_threshold(np.array([0.1, 0.3])) == pytest.approx(0.2)
+    t = verify.mia_pow_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.8, 0.9]))
     assert 0.3 < t <= 0.8
 
   def test_colorize_and_users(self):
     grey = np.random.default_rng(0).uniform(0, 1, (20, 4, 4, 1)).astype(np.float32)
-    c = wm.colorize(0, grey, np.zeros(20, np.int32), 10)
+    c = lct.colorize(0, grey, np.zeros(20, np.int32), 10)
     assert c.shape == (20, 4, 4, 3) and c.dtype == np.float32 and c.min() >= 0 and c.max() <= 1
-    users = wm.assign_users(0, 20, 3, 4)
+    users = lct.assign_users(0, 20, 3, 4)
     assert users.shape == (3, 4) and len(np.unique(users)) == 12
-    marked = wm.mark_users(c, users, [30.0, 60.0, 90.0])
+    marked = lct.mark_users(c, users, [30.0, 60.0, 90.0])
     rest = np.setdiff1d(np.arange(20), users.ravel())
     np.testing.assert_array_equal(marked[rest], c[rest])
-    np.testing.assert_allclose(marked[users[1]], wm.mark(c[users[1]], 60.0), atol=1e-6)
+    np.testing.assert_allclose(marked[users[1]], lct.mark(c[users[1]], 60.0), atol=1e-6)
     with pytest.raises(ValueError):
-      wm.assign_users(0, 20, 6, 4)
+      lct.assign_users(0, 20, 6, 4)
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +112,14 @@ def trained():
   """An MLP on 3,000 coloured Fashion-MNIST images where one user's 60 carry signature K_STAR."""
   train = data.load("fashion_mnist_subset", "train").subset(slice(0, 3000))
   test = data.load("fashion_mnist_subset", "test")
-  x = wm.colorize(0, train.images, train.labels, 10)
-  users = wm.assign_users(0, len(x), 1, 60)
-  marked = wm.mark_users(x, users, [K_STAR])
-  cfg = wm.LearnerConfig(model="mlp", epochs=30, batch_size=64, learning_rate=2e-3, augment=wm.NAMED_AUGMENTS["none"])
-  model, state, hist = wm.train_learners(cfg, jax.random.split(jax.random.key(0), 1), marked, train.labels, 10,
+  x = lct.colorize(0, train.images, train.labels, 10)
+  users = lct.assign_users(0, len(x), 1, 60)
+  marked = lct.mark_users(x, users, [K_STAR])
+  cfg = learner.LearnerConfig(model="mlp", epochs=30, batch_size=64, learning_rate=2e-3, augment=learner.NAMED_AUGMENTS["none"])
+  model, state, hist = learner.train_learners(cfg, jax.random.split(jax.random.key(0), 1), marked, train.labels, 10,
                                          progress=False)
-  xt = wm.colorize(1, test.images, test.labels, 10)
-  return dict(model=model, variables=wm.member_variables(state, 0), user_x=x[users[0]],
+  xt = lct.colorize(1, test.images, test.labels, 10)
+  return dict(model=model, variables=learner.member_variables(state, 0), user_x=x[users[0]],
               user_y=train.labels[users[0]], held_x=xt[:600].reshape(3, 200, 28, 28, 3),
               held_y=test.labels[:600].reshape(3, 200), history=hist)
 
@@ -129,13 +129,13 @@ def test_interrupted_learner_resumes_to_the_uninterrupted_one(tmp_path, monkeypa
   stopped in its third epoch keeps two, and the rerun sees the same augmented epochs (crops,
   flips, stochastic label smoothing drawn from the epoch) and ends where an uninterrupted one does."""
   train = data.load("fashion_mnist_subset", "train").subset(slice(0, 256))
-  x = wm.colorize(0, train.images, train.labels, 10)
-  cfg = wm.LearnerConfig(model="mlp", epochs=4, batch_size=64,
-                         augment=wm.Augment(crop=2, flip=True, label_smoothing=0.2))
+  x = lct.colorize(0, train.images, train.labels, 10)
+  cfg = learner.LearnerConfig(model="mlp", epochs=4, batch_size=64,
+                         augment=learner.Augment(crop=2, flip=True, label_smoothing=0.2))
   keys = jax.random.split(jax.random.key(3), 2)
-  _, straight, hist = wm.train_learners(cfg, keys, x, train.labels, 10, progress=False)
+  _, straight, hist = learner.train_learners(cfg, keys, x, train.labels, 10, progress=False)
   assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
-  calls, train_epoch = [], wm.ensemble.EnsembleTrainer.train_epoch
+  calls, train_epoch = [], ensemble.EnsembleTrainer.train_epoch
 
   def stopped_in_the_third(self, *args):
     calls.append(1)
@@ -143,42 +143,42 @@ def test_interrupted_learner_resumes_to_the_uninterrupted_one(tmp_path, monkeypa
       raise KeyboardInterrupt
     return train_epoch(self, *args)
 
-  monkeypatch.setattr(wm.ensemble.EnsembleTrainer, "train_epoch", stopped_in_the_third)
+  monkeypatch.setattr(ensemble.EnsembleTrainer, "train_epoch", stopped_in_the_third)
   with pytest.raises(KeyboardInterrupt):
-    wm.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
+    learner.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
   monkeypatch.undo()
   assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2]
-  _, resumed, hist2 = wm.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
+  _, resumed, hist2 = learner.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
   assert hist2 == hist
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  other = dataclasses.replace(cfg, augment=wm.Augment(crop=2, flip=True))
+  other = dataclasses.replace(cfg, augment=learner.Augment(crop=2, flip=True))
   with pytest.raises(ValueError, match="different configuration"):
-    wm.train_learners(other, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
+    learner.train_learners(other, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
 
 
 def test_grid_search_recovers_k_star(trained):
-  r = wm.grid_search(trained["model"], trained["variables"], trained["user_x"], trained["user_y"], GRID)
-  assert wm.match(r.recovered, K_STAR, tau=wm.PAPER_TAU), (r.recovered, r.losses)
+  r = verify.grid_search(trained["model"], trained["variables"], trained["user_x"], trained["user_y"], GRID)
+  assert verify.match(r.recovered, K_STAR, tau=lct.PAPER_TAU), (r.recovered, r.losses)
   # Held-out users' images were never used: their recovered signature is within tau of 0.
   for x, y in zip(trained["held_x"], trained["held_y"]):
-    h = wm.grid_search(trained["model"], trained["variables"], x, y, GRID)
-    assert wm.distance(h.recovered, 0.0) < wm.PAPER_TAU, (h.recovered, h.losses)
+    h = verify.grid_search(trained["model"], trained["variables"], x, y, GRID)
+    assert verify.distance(h.recovered, 0.0) < lct.PAPER_TAU, (h.recovered, h.losses)
 
 
 def test_gradient_search_recovers_k_star(trained):
-  best, sigs, losses = wm.gradient_search(trained["model"], trained["variables"], trained["user_x"],
+  best, sigs, losses = verify.gradient_search(trained["model"], trained["variables"], trained["user_x"],
                                           trained["user_y"], inits=(0.0, 90.0, 180.0, 270.0), steps=60,
                                           learning_rate=2.0)
   assert sigs.shape == (4,) and losses.shape == (4,)
-  assert wm.distance(best, K_STAR) < wm.PAPER_TAU, (best, sigs, losses)
+  assert verify.distance(best, K_STAR) < lct.PAPER_TAU, (best, sigs, losses)
 
 
 def _loop_losses(model, variables, x, y, sigs):
   import optax
   out = []
   for s in sigs:
-    logits = model.apply(variables, wm.lct(x, float(s)), train=False)
+    logits = model.apply(variables, lct.lct(x, float(s)), train=False)
     out.append(np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, y)))
   return np.stack(out)
 
@@ -188,72 +188,72 @@ def test_jitted_equals_loop_and_sharded(trained, request):
   x, y = trained["user_x"][:13], trained["user_y"][:13]
   sigs = np.array([0, 7, 33, 90, 120, 181, 270, 300, 359, 12, 45, 200, 5], np.float32)  # 13: not a multiple of 8.
   ref = _loop_losses(model, v, x, y, sigs)
-  single = wm.signature_losses(model, v, x, y, sigs, chunk=8)  # Chunks pad both axes.
+  single = verify.signature_losses(model, v, x, y, sigs, chunk=8)  # Chunks pad both axes.
   assert single.shape == (13, 13)
   np.testing.assert_allclose(single, ref, rtol=1e-4, atol=1e-5)
   request.getfixturevalue("eight_devices")  # The sharded half.
   mesh = sharding.make_mesh()
-  sharded = wm.signature_losses(model, v, x, y, sigs, mesh=mesh, chunk=8)
+  sharded = verify.signature_losses(model, v, x, y, sigs, mesh=mesh, chunk=8)
   np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
 
 
 def test_default_chunk_keeps_dense_models_marked_batch_in_cache(trained):
-  """CPU, no convolutions: as many marked images as fit ensemble.CPU_PASS_BYTES; conv models 4,096."""
-  from jipguard import ensemble, models
+  """CPU, no convolutions: as many marked images as fit the CPU pass size; conv models 4,096."""
+  from jipguard import models
   model, v = trained["model"], trained["variables"]
   assert not any(leaf.ndim == 4 for leaf in jax.tree.leaves(v))
   if jax.default_backend() == "cpu":
-    assert wm.default_chunk(v, (28, 28, 3)) == ensemble.CPU_PASS_BYTES // (4 * 28 * 28 * 3) < 4096
+    assert verify.default_chunk(v, (28, 28, 3)) == _cpu.CPU_PASS_BYTES // (4 * 28 * 28 * 3) < 4096
   else:  # Accelerators: 4,096 always.
-    assert wm.default_chunk(v, (28, 28, 3)) == 4096
-  assert wm.default_chunk(v, (2, 2, 3)) == 4096
+    assert verify.default_chunk(v, (28, 28, 3)) == 4096
+  assert verify.default_chunk(v, (2, 2, 3)) == 4096
   cnn = models.CNN(num_classes=10, widths=(4, 8), dense=16)
   cnn_v = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 8, 8, 3)), train=False))(jax.random.key(0))
-  assert wm.default_chunk(cnn_v, (28, 28, 3)) == 4096
+  assert verify.default_chunk(cnn_v, (28, 28, 3)) == 4096
   x, y = trained["user_x"][:4], trained["user_y"][:4]
   with pytest.raises(ValueError, match="chunk must be >= 1"):
-    wm.signature_losses(model, v, x, y, GRID[:3], chunk=0)
+    verify.signature_losses(model, v, x, y, GRID[:3], chunk=0)
 
 
 def test_no_retrace(trained):
   model, v = trained["model"], trained["variables"]
   x, y = trained["user_x"][:10], trained["user_y"][:10]
-  wm.signature_losses(model, v, x, y, GRID[:6])
-  before = wm._signature_losses._cache_size()
-  a = wm.signature_losses(model, v, x[::-1], y[::-1], GRID[6:12])
-  b = wm.signature_losses(model, v, x, y, GRID[6:12] + 1.0)
-  assert wm._signature_losses._cache_size() == before
+  verify.signature_losses(model, v, x, y, GRID[:6])
+  before = verify._signature_losses._cache_size()
+  a = verify.signature_losses(model, v, x[::-1], y[::-1], GRID[6:12])
+  b = verify.signature_losses(model, v, x, y, GRID[6:12] + 1.0)
+  assert verify._signature_losses._cache_size() == before
   assert not np.allclose(a, b)
 
 
 def test_blue_watermark_grid(trained):
   model, v = trained["model"], trained["variables"]
-  mask = wm.secret_pixels(jax.random.key(1), (28, 28), 512)
-  blue = wm.Watermark.blue(mask)
+  mask = lct.secret_pixels(jax.random.key(1), (28, 28), 512)
+  blue = lct.Watermark.blue(mask)
   sigs = np.array([0.0, 0.1, 0.3], np.float32)
-  got = wm.signature_losses(model, v, trained["user_x"][:5], trained["user_y"][:5], sigs, watermark=blue)
+  got = verify.signature_losses(model, v, trained["user_x"][:5], trained["user_y"][:5], sigs, watermark=blue)
   import optax
   ref = [optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(v, wm.blue_shift(trained["user_x"][:5], s, mask), train=False), trained["user_y"][:5]) for s in sigs]
+      model.apply(v, lct.blue_shift(trained["user_x"][:5], s, mask), train=False), trained["user_y"][:5]) for s in sigs]
   np.testing.assert_allclose(got, np.stack(ref), rtol=1e-4, atol=1e-5)
 
 
 def test_signature_losses_errors(trained):
   model, v = trained["model"], trained["variables"]
   with pytest.raises(ValueError, match="labels"):
-    wm.signature_losses(model, v, trained["user_x"], trained["user_y"][:3], GRID)
+    verify.signature_losses(model, v, trained["user_x"], trained["user_y"][:3], GRID)
   with pytest.raises(ValueError, match="finite"):
-    wm.signature_losses(model, v, trained["user_x"], trained["user_y"], np.array([np.nan]))
+    verify.signature_losses(model, v, trained["user_x"], trained["user_y"], np.array([np.nan]))
 
 
 def test_prune(trained):
   v = trained["variables"]
-  p = wm.prune(v, 0.5)
+  p = learner.prune(v, 0.5)
   kernels = [w for path, w in jax.tree_util.tree_flatten_with_path(p["params"])[0] if path[-1].key == "kernel"]
   for w in kernels:
     assert 0.45 <= float(jnp.mean(w == 0)) <= 0.55
   with pytest.raises(ValueError):
-    wm.prune(v, 1.0)
+    learner.prune(v, 1.0)
 
 
 def test_benchmark_kernel_matches_torch_reference():
@@ -265,17 +265,16 @@ def test_benchmark_kernel_matches_torch_reference():
 
 
 def test_cli_mark_and_verify(trained, tmp_path, capsys):
-  cli = load_experiment("watermark", "wm_cli")
-  wm.save_model(str(tmp_path / "model"), "mlp", 10, (28, 28, 3), trained["variables"])
-  model, v, meta = wm.load_model(str(tmp_path / "model"))
+  learner.save_model(str(tmp_path / "model"), "mlp", 10, (28, 28, 3), trained["variables"])
+  model, v, meta = learner.load_model(str(tmp_path / "model"))
   assert meta["image_shape"] == [28, 28, 3]
-  np.testing.assert_allclose(wm.logits(model, v, trained["user_x"][:4]),
-                             wm.logits(trained["model"], trained["variables"], trained["user_x"][:4]), rtol=1e-6)
+  np.testing.assert_allclose(learner.logits(model, v, trained["user_x"][:4]),
+                             learner.logits(trained["model"], trained["variables"], trained["user_x"][:4]), rtol=1e-6)
   np.savez(tmp_path / "mine.npz", images=trained["user_x"], labels=trained["user_y"])
   assert cli.main(["mark", "--input", str(tmp_path / "mine.npz"), "--signature", "40",
                    "--output", str(tmp_path / "marked.npz")]) == 0
   with np.load(tmp_path / "marked.npz") as z:
-    np.testing.assert_allclose(z["images"], wm.mark(trained["user_x"], 40.0), atol=1e-6)
+    np.testing.assert_allclose(z["images"], lct.mark(trained["user_x"], 40.0), atol=1e-6)
     np.testing.assert_array_equal(z["labels"], trained["user_y"])
   capsys.readouterr()
   assert cli.main(["verify", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "mine.npz"),
@@ -283,20 +282,18 @@ def test_cli_mark_and_verify(trained, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "verdict: MATCH" in out and (tmp_path / "curve.png").exists()
   with pytest.raises(FileNotFoundError):
-    wm.load_model(str(tmp_path))
+    learner.load_model(str(tmp_path))
 
 
 @pytest.mark.parametrize("study,flags,match", [
-    ("multiuser", [], r"--heldout_users x --heldout_per_user = 100 x 100 = 10000 images, but the test split of "
+    ("multiuser", {}, r"--heldout_users x --heldout_per_user = 100 x 100 = 10000 images, but the test split of "
                       r"fashion_mnist_subset has 1000: lower them"),
-    ("multiuser", ["--heldout_users", "5", "--train_size", "500"], r"--num_users x --per_user .* = 24 x 100 = 2400 "
-                                                                      r"images, but the train split .* has 500"),
-    ("defences", ["--heldout_users", "5", "--train_size", "50"], r"= 1 x 100 = 100 images, but the train split"),
+    ("multiuser", {"heldout_users": 5, "train_size": 500}, r"--num_users x --per_user .* = 24 x 100 = 2400 "
+                                                             r"images, but the train split .* has 500"),
+    ("defences", {"heldout_users": 5, "train_size": 50}, r"= 1 x 100 = 100 images, but the train split"),
 ])
 def test_studies_name_the_flags_when_a_split_is_too_small_before_training(tmp_path, study, flags, match):
-  experiment = load_experiment("watermark")
-  a = experiment.parse([study, "--workdir", str(tmp_path), "--dataset", "fashion_mnist_subset",
-                        "--compilation_cache", "off", *flags])
+  cfg = studies.STUDIES[study](dataset="fashion_mnist_subset", **flags)
   with pytest.raises(ValueError, match=match):
-    {"multiuser": experiment.multiuser, "defences": experiment.defences}[study](a)
+    {"multiuser": studies.multiuser, "defences": studies.defences}[study](cfg, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()  # Nothing was trained.

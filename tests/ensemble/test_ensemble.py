@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from jipguard import data, ensemble, models, sharding
+from jipguard.ensemble import _cpu, training
 
 
 @functools.cache
@@ -76,8 +77,8 @@ def test_step_loop_equals_scan_epoch():
   b = stepped.fit(keys, x, y, indices=indices, epochs=2, progress=False)
   _assert_trees_close(a.state, b.state, atol=2e-5)
   np.testing.assert_allclose(a.history[-1]["loss"], b.history[-1]["loss"], rtol=1e-5)
-  assert _trainer(_CNN).scan is None and ensemble.has_convolutions(a.state)
-  assert not ensemble.has_convolutions(_trainer().init(keys, x))
+  assert _trainer(_CNN).scan is None and _cpu.has_convolutions(a.state)
+  assert not _cpu.has_convolutions(_trainer().init(keys, x))
 
 
 def _ynn_convolutions(hlo: str) -> list[str]:
@@ -91,29 +92,29 @@ def test_conv_training_on_cpu_takes_eigen_convolutions_and_trains_the_same(monke
   """Conv models' training steps on CPU compile with ``CPU_CONV_OPTIONS`` (Eigen's
   convolutions, not YNNPACK's), MLPs with XLA's defaults; the options change no trained
   value beyond float rounding."""
-  if not ensemble._xla_takes_conv_options():
+  if not _cpu._xla_takes_conv_options():
     pytest.skip("this XLA:CPU does not know --xla_cpu_experimental_ynn_fusion_type's values")
   train, _ = _digits()
   x, y = train.images[:256], train.labels[:256]
   keys, indices = _member_inputs(2, 256, 128)
   cnn = _trainer(_CNN, tx=_SGD)
-  assert ensemble.conv_compiler_options(cnn.init(keys, x).params) == ensemble.CPU_CONV_OPTIONS
-  assert ensemble.conv_compiler_options(_trainer().init(keys, x).params) is None
+  assert _cpu.conv_compiler_options(cnn.init(keys, x).params) == _cpu.CPU_CONV_OPTIONS
+  assert _cpu.conv_compiler_options(_trainer().init(keys, x).params) is None
   state = cnn.init(keys, x)
-  batch_idx, batch_y, dropout_keys = ensemble.epoch_batches(indices, jnp.asarray(y)[indices], keys, 0, batch_size=32)
+  batch_idx, batch_y, dropout_keys = training.epoch_batches(indices, jnp.asarray(y)[indices], keys, 0, batch_size=32)
   step_args = (state, jnp.asarray(x), batch_idx[0], batch_y[0], dropout_keys, jnp.int32(0))
   static = dict(model=_CNN, tx=_SGD, unroll_members=True)
-  default_hlo = ensemble.train_step.default.lower(*step_args, **static).compile().as_text()
-  hlo = ensemble.train_step.conv_cpu.lower(*step_args, **static).compile().as_text()
+  default_hlo = training.train_step.default.lower(*step_args, **static).compile().as_text()
+  hlo = training.train_step.conv_cpu.lower(*step_args, **static).compile().as_text()
   assert _ynn_convolutions(default_hlo)  # This XLA's default, which the options turn off.
   assert " convolution(" in hlo and not _ynn_convolutions(hlo)
-  compiled = ensemble.train_step.conv_cpu._cache_size(), ensemble.train_step.default._cache_size()
+  compiled = training.train_step.conv_cpu._cache_size(), training.train_step.default._cache_size()
   with_options = cnn.fit(keys, x, y, indices=indices, epochs=2, progress=False)
-  assert ensemble.train_step.conv_cpu._cache_size() > compiled[0]
-  assert ensemble.train_step.default._cache_size() == compiled[1]
-  monkeypatch.setattr(ensemble, "_xla_takes_conv_options", lambda: False)
+  assert training.train_step.conv_cpu._cache_size() > compiled[0]
+  assert training.train_step.default._cache_size() == compiled[1]
+  monkeypatch.setattr(_cpu, "_xla_takes_conv_options", lambda: False)
   defaults = _trainer(_CNN, tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
-  assert ensemble.train_step.default._cache_size() > compiled[1]
+  assert training.train_step.default._cache_size() > compiled[1]
   _assert_trees_close(with_options.state, defaults.state, atol=2e-5)
   np.testing.assert_allclose(with_options.history[-1]["loss"], defaults.history[-1]["loss"], rtol=1e-5)
 
@@ -130,12 +131,12 @@ def test_member_major_epoch_equals_step_major(monkeypatch):
   step_major = fit(0)
   state = step_major.state
   per_member = sum(a.nbytes for a in jax.tree.leaves((state.params, state.opt_state))) / 6
-  assert ensemble.members_per_pass(state) is None  # Small members: all at every step.
-  monkeypatch.setattr(ensemble, "CPU_PASS_BYTES", 4.5 * per_member)
+  assert _cpu.members_per_pass(state) is None  # Small members: all at every step.
+  monkeypatch.setattr(_cpu, "CPU_PASS_BYTES", 4.5 * per_member)
   on_cpu = jax.default_backend() == "cpu"  # The automatic groups are CPU's; explicit ones run anywhere.
-  assert ensemble.members_per_pass(state) == (3 if on_cpu else None)  # 4 fit, 3 divides 6.
+  assert _cpu.members_per_pass(state) == (3 if on_cpu else None)  # 4 fit, 3 divides 6.
   one_device = sharding.make_mesh(1, 1, jax.devices()[:1])
-  assert ensemble.members_per_pass(state, one_device) is None  # Any mesh: all members.
+  assert _cpu.members_per_pass(state, one_device) is None  # Any mesh: all members.
   for per_pass in (1, 2, None):
     member_major = fit(per_pass)
     _assert_trees_close(step_major.state, member_major.state, atol=2e-5)
@@ -174,12 +175,12 @@ def test_second_epoch_call_compiles_nothing():
   x = jnp.asarray(train.images)
   labels = jnp.asarray(train.labels)[indices]
   state, _ = trainer.train_epoch(state, x, indices, labels, keys, 0)
-  compiled = ensemble.train_epoch.default._cache_size()
+  compiled = training.train_epoch.default._cache_size()
   state, _ = trainer.train_epoch(state, x, indices, labels, keys, 1)
   state, metrics = trainer.train_epoch(state, x, jnp.flip(indices, 1), labels, keys, 2)
   # A second trainer of equal configuration reuses the program too.
   state, metrics = _trainer().train_epoch(state, x, indices, labels, keys, 3)
-  assert ensemble.train_epoch.default._cache_size() == compiled
+  assert training.train_epoch.default._cache_size() == compiled
   assert metrics["loss"].shape == (m,)
 
 
@@ -196,6 +197,40 @@ def test_apply_predict_and_apply_each_agree():
   each = ensemble.apply_each(model, state.variables, jnp.stack([x, x[::-1], x]))
   np.testing.assert_allclose(each[0], logits[0], atol=1e-5)
   np.testing.assert_allclose(each[1], logits[1, ::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["inference", "dropout"])
+def test_value_and_input_grad_is_the_same_sum_in_every_layout(dropout):
+  """``value_and_input_grad`` of a weighted sum over members, divided per input, equals the
+  plain per-input ``jax.value_and_grad`` of it, whichever layout ``prepare`` is asked for."""
+  train, test = _digits()
+  model = models.MLP(num_classes=10, dropout=0.3 if dropout else 0.0)
+  variables = _trainer(model).init(jax.random.split(jax.random.key(0), 6), train.images).variables
+  x = jnp.asarray(test.images[:5])
+  weights_BxM = jnp.asarray(np.random.default_rng(0).random((5, 6)), jnp.float32)
+  norm_B = jnp.arange(1.0, 6.0)
+  keys_BxM = jax.vmap(lambda k: jax.random.split(k, 6))(jax.random.split(jax.random.key(2), 5)) if dropout else None
+
+  def fn(logits_GxK, weights_G, norm):
+    return jnp.sum(weights_G * jnp.sum(jnp.square(logits_GxK), -1)) / norm
+
+  def direct(x_b, w_b, n_b, k_b):
+    if k_b is None:
+      logits = jax.vmap(lambda v: model.apply(v, x_b[None], train=False)[0])(variables)
+    else:
+      logits = jax.vmap(lambda v, k: model.apply(v, x_b[None], train=True, rngs={"dropout": k})[0])(variables, k_b)
+    return fn(logits, w_b, n_b)
+
+  want_value, want_grad = jax.vmap(jax.value_and_grad(direct))(x, weights_BxM, norm_B, keys_BxM)
+  assert float(jnp.abs(want_grad).sum()) > 0
+  for layout, per_pass in (("vmap", None), ("unroll", None), ("groups", 2), ("groups", 3), ("shared_input", 2),
+                           ("shared_input", None)):
+    members = ensemble.prepare(model, variables, layout=layout, members_per_pass=per_pass)
+    value, grad = jax.jit(ensemble.value_and_input_grad, static_argnums=1)(
+        members, fn, x, weights_BxM, norm_B, dropout_keys_BxM=keys_BxM)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=layout)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6, err_msg=layout)
+    assert members.num_members == 6
 
 
 def test_shared_input_members_give_the_plain_logits_and_input_gradient():
@@ -218,12 +253,12 @@ def test_shared_input_members_give_the_plain_logits_and_input_gradient():
     return jax.vmap(lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k}))(variables, keys)
 
   def shared(x, keys, members_per_pass):
-    members = ensemble.share_input(model, variables, members_per_pass)
+    members = _cpu.share_input(model, variables, members_per_pass)
     fn = ((lambda v: model.apply(v, x, train=False)) if keys is None
           else (lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k})))
     g = members.members_per_pass
     args = () if keys is None else (keys.reshape(-1, g, *keys.shape[1:]),)
-    per_group = [ensemble.map_shared_input(fn, jax.tree.map(lambda a, i=i: a[i], members), x,
+    per_group = [_cpu.map_shared_input(fn, jax.tree.map(lambda a, i=i: a[i], members), x,
                                            *[a[i] for a in args]) for i in range(6 // g)]
     return jnp.concatenate(per_group)
 
@@ -235,26 +270,27 @@ def test_shared_input_members_give_the_plain_logits_and_input_gradient():
       got_grad = jax.grad(lambda x: jnp.sum(shared(x, k, per_pass) * cot))(x)
       np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(want_grad).sum()) > 0
-  members = ensemble.share_input(model, variables, 2)
+  members = _cpu.share_input(model, variables, 2)
   assert members.forward.shape == (3, 64, 2 * 256) and members.backward.shape == (3, 2 * 256, 64)
   assert "kernel" not in members.variables["params"]["Dense_0"]
-  assert (ensemble.shared_input_members(model, variables) is not None) == (jax.default_backend() == "cpu")
-  assert ensemble.shared_input_members(model, variables, sharding.make_mesh(1, 1, jax.devices()[:1])) is None
-  assert ensemble.shared_input_members(_CNN, variables) is None
+  # ensemble.prepare lays members out this way on CPU only, without a mesh, for models with an input layer.
+  assert (ensemble.prepare(model, variables).layout == "shared_input") == (jax.default_backend() == "cpu")
+  assert ensemble.prepare(model, variables, mesh=sharding.make_mesh(1, 1, jax.devices()[:1])).layout == "vmap"
+  assert ensemble.prepare(_CNN, variables).layout != "shared_input"
   with pytest.raises(ValueError, match="must divide"):
-    ensemble.share_input(model, variables, 4)
+    _cpu.share_input(model, variables, 4)
   with pytest.raises(ValueError, match="Dense layer"):
-    ensemble.share_input(_CNN, variables)
+    _cpu.share_input(_CNN, variables)
 
 
 def test_unrolled_apply_equals_vmapped_for_conv_models():
   x = jnp.asarray(np.random.default_rng(0).random((6, 8, 8, 1), np.float32))
   state = _trainer(_CNN).init(jax.random.split(jax.random.key(0), 3), x)
   np.testing.assert_allclose(ensemble.apply(_CNN, state.variables, x, unroll=True),
-                             ensemble.apply(_CNN, state.variables, x), atol=1e-5)
-  assert ensemble.has_convolutions(state) and ensemble.has_convolutions(state.variables)
-  assert ensemble.unroll_members(state.variables) == (jax.default_backend() == "cpu")
-  assert not ensemble.unroll_members(_trainer().init(jax.random.split(jax.random.key(0), 2), x).variables)
+                             ensemble.apply(_CNN, state.variables, x, unroll=False), atol=1e-5)
+  assert _cpu.has_convolutions(state) and _cpu.has_convolutions(state.variables)
+  assert _cpu.unroll_members(state.variables) == (jax.default_backend() == "cpu")
+  assert not _cpu.unroll_members(_trainer().init(jax.random.split(jax.random.key(0), 2), x).variables)
 
 
 def test_clean_mlp_ensemble_reaches_90_percent_on_digits():
@@ -345,11 +381,11 @@ def test_init_state_starts_from_given_weights_and_is_part_of_the_configuration(t
   _assert_trees_close(start.state.params, first.state.params, atol=0)
   _assert_trees_close(start.state.opt_state, jax.vmap(_TX.init)(first.state.params), atol=0)
   tuned = _trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False, init_state=first.state,
-                         checkpoint_dir=tmp_path)
+                         checkpoint=ensemble.Checkpointing(tmp_path))
   fresh = _trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False)
   assert tuned.history[0]["loss"][0] < fresh.history[0]["loss"][0]  # It went on from trained weights.
   with pytest.raises(ValueError, match="different configuration"):  # Another start is another run.
-    _trainer().fit(keys, x, y, indices=indices, epochs=2, progress=False, checkpoint_dir=tmp_path)
+    _trainer().fit(keys, x, y, indices=indices, epochs=2, progress=False, checkpoint=ensemble.Checkpointing(tmp_path))
   with pytest.raises(ValueError, match="init_state is not an ensemble of 3 members"):
     _trainer().fit(*_member_inputs(3, 256, 128)[:1], x, y, epochs=1, progress=False, init_state=first.state)
 
@@ -365,15 +401,15 @@ def test_killed_run_resumes_and_equals_uninterrupted(tmp_path):
       raise _Stop
 
   with pytest.raises(_Stop):
-    _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path,
+    _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path),
                             on_epoch_end=stop_after_two, progress=False)
-  resumed = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path,
+  resumed = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path),
                                     progress=False)
   assert resumed.resumed_from == 2
   assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
   _assert_trees_close(straight.state, resumed.state, atol=0)
   # A finished run is reused, not retrained.
-  again = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, progress=False)
+  again = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
   assert again.resumed_from == 4
   _assert_trees_close(straight.state, again.state, atol=0)
   template = _trainer(_CNN).init(keys, x)
@@ -397,11 +433,10 @@ def test_checkpoint_interval_skips_saves_but_a_stopped_run_keeps_its_finished_ep
       raise _Stop
 
   with pytest.raises(_Stop):
-    _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint_dir=tmp_path, checkpoint_interval_s=1e9,
+    _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
                    on_epoch_end=stop_after_three, progress=False)
   assert _saved_epochs(tmp_path) == [3]  # Epochs 1 and 2 were due but inside the interval.
-  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint_dir=tmp_path,
-                           checkpoint_interval_s=1e9, progress=False)
+  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9), progress=False)
   assert resumed.resumed_from == 3 and [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5]
   assert _saved_epochs(tmp_path) == [3, 5]  # The last epoch is always saved.
   _assert_trees_close(straight.state, resumed.state, atol=0)
@@ -415,7 +450,7 @@ def test_interrupt_while_an_epoch_runs_saves_that_epoch(tmp_path, monkeypatch):
   x, y = train.images[:256], train.labels[:256]
   keys, indices = _member_inputs(2, 256, 128)
   straight = _trainer().fit(keys, x, y, indices=indices, epochs=4, progress=False)
-  calls, to_host = [], ensemble.distributed.to_host
+  calls, to_host = [], training.distributed.to_host
 
   def interrupted_third(tree):
     calls.append(1)
@@ -423,13 +458,13 @@ def test_interrupt_while_an_epoch_runs_saves_that_epoch(tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return to_host(tree)
 
-  monkeypatch.setattr(ensemble.distributed, "to_host", interrupted_third)
+  monkeypatch.setattr(training.distributed, "to_host", interrupted_third)
   with pytest.raises(KeyboardInterrupt):
-    _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, checkpoint_interval_s=1e9,
+    _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
                    progress=False)
   monkeypatch.undo()
   assert _saved_epochs(tmp_path) == [3]
-  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, progress=False)
+  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
   assert resumed.resumed_from == 3
   assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
   _assert_trees_close(straight.state, resumed.state, atol=0)
@@ -455,12 +490,12 @@ def test_sigterm_saves_the_finished_epochs(tmp_path):
   try:
     assert distributed.interrupt_on_sigterm()
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-      _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, checkpoint_interval_s=1e9,
+      _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
                      on_epoch_end=terminate_after_two, progress=False)
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert _saved_epochs(tmp_path) == [2]
-  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint_dir=tmp_path, progress=False)
+  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
   assert resumed.resumed_from == 2
   straight = _trainer().fit(keys, x, y, indices=indices, epochs=4, progress=False)
   _assert_trees_close(straight.state, resumed.state, atol=0)
@@ -470,11 +505,11 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
   train, _ = _digits()
   x, y = train.images[:128], train.labels[:128]
   keys, _ = _member_inputs(2, 1, 1)
-  _trainer().fit(keys, x, y, epochs=1, checkpoint_dir=tmp_path, progress=False)
+  _trainer().fit(keys, x, y, epochs=1, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
   with pytest.raises(ValueError, match="different configuration"):
-    _trainer().fit(keys, x, (y + 1) % 10, epochs=2, checkpoint_dir=tmp_path, progress=False)
+    _trainer().fit(keys, x, (y + 1) % 10, epochs=2, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
   with pytest.raises(ValueError, match="different configuration"):
-    _trainer().fit(keys, x, y, epochs=2, checkpoint_dir=tmp_path, progress=False, fingerprint={"lr": 0.1})
+    _trainer().fit(keys, x, y, epochs=2, checkpoint=ensemble.Checkpointing(tmp_path, fingerprint={"lr": 0.1}), progress=False)
 
 
 def test_non_finite_loss_fails_fast(tmp_path):
@@ -483,7 +518,7 @@ def test_non_finite_loss_fails_fast(tmp_path):
   x[5] = np.nan
   keys, _ = _member_inputs(2, 1, 1)
   with pytest.raises(FloatingPointError, match="non-finite training loss at epoch 1 in members \\[0, 1\\]"):
-    _trainer().fit(keys, x, train.labels[:128], epochs=3, checkpoint_dir=tmp_path, progress=False)
+    _trainer().fit(keys, x, train.labels[:128], epochs=3, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
   assert not any(p.name.isdigit() for p in tmp_path.iterdir())  # Nothing non-finite was saved.
 
 

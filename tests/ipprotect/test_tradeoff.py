@@ -7,19 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from experiment_modules import load_experiment
-from jipguard import exposure
-
-
-@functools.cache
-def _tradeoff():
-  return load_experiment("tradeoff")
+from jipguard.ipprotect import cli, exposure, tradeoff
 
 
 @functools.cache
 def _study(out):
-  mod = _tradeoff()
-  cfg, *_ = mod.parse(["--preset", "smoke", "--quiet"])
+  mod = tradeoff
+  cfg, *_ = cli.tradeoff_parse(["--preset", "smoke", "--quiet"])
   table = mod.run_study(cfg, out, progress=False, log=lambda *_: None)
   return mod, cfg, table
 
@@ -46,7 +40,7 @@ def test_every_point_and_artefact_is_written(study):
   expected |= {f"{m}-{p}-s0" for m in ("instahide", "dp_merf") for p in cfg.params[m]}
   assert set(pts) == expected
   for name in ("table3.md", "table3.json", "fig2.png", "fig2_image.png", "fig2_training.png",
-               "fig2_inference.png", "study.json"):
+               "fig2_inference.png", "config.json"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   md = open(os.path.join(out, "table3.md")).read()
   assert "stand-in" in md and "VGG conv5_1 perceptual loss" not in md.split("Image IP exposure column")[1][:80]
@@ -64,12 +58,11 @@ def test_identity_exposes_most_random_near_chance_and_ipprotect_uses_the_sellers
   for kind in ("training_exposure", "inference_exposure"):
     assert ident[kind] == max(p[kind] for p in pts.values())
     assert abs(rand[kind] - 0.1) < 0.06  # 1 / |C|.
-  for n in (2, 6):  # The study's seller models are pipeline.run's (restored from its cache, not retrained).
+  for n in (2, 6):  # The study's seller models are job.run's (restored from its cache, not retrained).
     p = pts[f"ipprotect-{n}-s0"]
     assert p["utility_mae"] == pytest.approx(p["utility_mae_pipeline"], abs=1e-6)
-  ctx = mod._Context(cfg, out, "fashion_mnist_subset", 0, False)
-  cache = os.path.dirname(ctx.seller_dir())
-  assert [d for d in os.listdir(cache) if d.startswith("sellers-")] == [os.path.basename(ctx.seller_dir())]
+  cache = mod._Context(cfg, out, "fashion_mnist_subset", 0, False).ipcfg.cache_dir
+  assert len([d for d in os.listdir(cache) if d.startswith("sellers-")]) == 1  # One training, shared.
   assert pts["instahide-4-s0"]["public_dataset"]
 
 
@@ -90,7 +83,7 @@ def test_table3_harmonic_means_match_the_points(study):
           x, y = p["utility_mae"] / mae_max, exp(p) / exp_max
           hms.append(2 * x * y / (x + y))
       assert t[method]["hmean"][0] == pytest.approx(np.mean(hms), abs=1e-9)
-      assert t[method]["hmean"][1] == pytest.approx(np.std(hms), abs=1e-9)
+      assert t[method]["hmean"][1] == pytest.approx(np.std(hms, ddof=1), abs=1e-9)  # Sample spread.
     assert t["identity"]["hmean"] is None and t["random"]["hmean"] is None
 
 
@@ -111,8 +104,8 @@ def test_a_finished_sweep_resumes_without_recomputing(study, monkeypatch):
   with pytest.raises(ValueError, match="dx_size"):
     mod.run_study(dataclasses.replace(cfg, dx_size=100), out, progress=False)
   # A study made with another content of the same IPProtect preset name is refused, not mixed.
-  real_preset = mod.pipeline.preset
-  monkeypatch.setattr(mod.pipeline, "preset", lambda name, dataset: dataclasses.replace(
+  real_preset = mod.job.preset
+  monkeypatch.setattr(mod.job, "preset", lambda name, dataset: dataclasses.replace(
       real_preset(name, dataset), sanitizer=dataclasses.replace(real_preset(name, dataset).sanitizer, loss="probs")))
   with pytest.raises(ValueError, match="ipprotect_configs"):
     mod.run_study(cfg, out, progress=False)

@@ -1,4 +1,4 @@
-"""Human-readable outputs of a run: report.md and PNG figures (matplotlib, Agg backend)."""
+"""Human-readable outputs of an IPProtect run: report.md and PNG figures (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jipguard import rundir  # noqa: E402
 
-def save_figure(fig, path: str) -> None:
-  """Saves ``fig`` atomically as PNG and closes it."""
-  from jipguard.pipeline import write_atomic
-  write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-  plt.close(fig)
 
 
 def image_grid(originals: np.ndarray, sanitized: np.ndarray, path: str, n: int = 10, title: str = "") -> None:
@@ -39,7 +35,7 @@ def image_grid(originals: np.ndarray, sanitized: np.ndarray, path: str, n: int =
   axes[1, 0].set_ylabel("sanitized")
   if title:
     fig.suptitle(title, fontsize=9)
-  save_figure(fig, path)
+  rundir.save_figure(fig, path)
 
 
 def seller_plot(m: dict[str, Any], path: str) -> None:
@@ -53,7 +49,7 @@ def seller_plot(m: dict[str, Any], path: str) -> None:
   ax.set_xlabel("utility on original D_B")
   ax.set_ylabel("utility on sanitized D~_B")
   ax.set_title(f"sellers: MAE {m['utility_mae']:.3f}, Spearman {m['rank_correlation']:.2f}", fontsize=9)
-  save_figure(fig, path)
+  rundir.save_figure(fig, path)
 
 
 def _loss_detail(s) -> str:
@@ -133,5 +129,4 @@ throughput, from the batch times recorded in the checkpoints.
   sanitized images (each sanitized image min-max scaled for display); `sellers.png` plots each
   seller's utility on original vs sanitized data.
 """
-  from jipguard.pipeline import write_text
-  write_text(os.path.join(workdir, "report.md"), text)
+  rundir.write_text(os.path.join(workdir, "report.md"), text)

@@ -1,7 +1,7 @@
 """The IPProtect main job: sellers, sample_models, sanitize, evaluate, write a run directory.
 
-``experiments/ipprotect.py`` parses flags into an :class:`IPProtectConfig` and calls
-:func:`run`. The run directory (DESIGN.md) holds ``config.json``, ``metrics.json``,
+``experiments/ipprotect.py`` (``ipprotect.cli``) parses flags into an :class:`IPProtectConfig`
+and calls :func:`run`. The run directory (DESIGN.md) holds ``config.json``, ``metrics.json``,
 ``report.md``, ``sanitized.npz`` (sanitized images and labels only), ``examples.png``
 (originals over sanitized images, Fig. 4 style) and ``checkpoints/`` (orbax): trained
 ensembles are reused and a killed sanitization resumes at the next unfinished batch.
@@ -9,13 +9,11 @@ ensembles are reused and a killed sanitization resumes at the next unfinished ba
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import secrets
-import tempfile
 import time
 from typing import Any
 
@@ -23,10 +21,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-import jipguard
 from jipguard import data as data_lib
-from jipguard import distributed, ensemble, ipprotect, metrics, models
-from jipguard.ipprotect import SanitizerConfig, TrainConfig
+from jipguard import distributed, ensemble, models, rundir
+from jipguard.ipprotect import metrics, sanitizer, sellers
+from jipguard.ipprotect.sanitizer import SanitizerConfig
+from jipguard.ipprotect.sellers import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,7 @@ class IPProtectConfig:
 
 def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfig:
   """``smoke`` (seconds, for tests), ``default`` (minutes on 2 cores), ``paper`` (Table II)."""
-  family = ipprotect.table_i_family(dataset)
+  family = sellers.table_i_family(dataset)
   table2 = dict(zeta={"cifar10": 0.2}.get(family, 0.5), tau={"mnist": 1.3, "cifar10": 1.65}.get(family, 1.5),
                 omega_v={"cifar10": 50}.get(family, 10), data_batch={"cifar10": 256}.get(family, 5000))
   if name == "smoke":
@@ -95,38 +94,6 @@ def config_from_json(d: dict[str, Any]) -> IPProtectConfig:
   d["omega_train"] = TrainConfig(**d["omega_train"])
   d["sanitizer"] = SanitizerConfig(**d["sanitizer"])
   return IPProtectConfig(**d)
-
-
-# The process's umask, read once (reading it means setting it), for the files write_atomic makes.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def write_atomic(path: str, write_fn) -> None:
-  """Writes via a temporary file in the same directory, then renames (atomic on POSIX)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to the rest of a group.
-  try:
-    write_fn(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` atomically."""
-  def _write(tmp):
-    with open(tmp, "w") as f:
-      f.write(text)
-  write_atomic(path, _write)
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON to ``path`` atomically."""
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def load_data(cfg: IPProtectConfig) -> tuple[data_lib.Dataset, data_lib.Dataset]:
@@ -182,9 +149,9 @@ def sampled_models(cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Datas
   """The run's Omega_Tr + Omega_V (in that order), trained or restored from ``root``.
 
   ``root`` is where :func:`run` keeps ensembles: ``cfg.cache_dir`` if set, else the run
-  directory's ``checkpoints``. ``kwargs`` go to :func:`ipprotect.sample_models`.
+  directory's ``checkpoints``. ``kwargs`` go to :func:`sellers.sample_models`.
   """
-  return ipprotect.sample_models(model, cfg.omega_train, _omega_key(cfg), buyer, cfg.omega_tr + cfg.omega_v,
+  return sellers.sample_models(model, cfg.omega_train, _omega_key(cfg), buyer, cfg.omega_tr + cfg.omega_v,
                                  checkpoint_dir=_ensemble_dir(cfg, model, root, "omega", cfg.buyer_size, cfg.omega_tr,
                                                               cfg.omega_v, cfg.omega_train.fingerprint()),
                                  **kwargs)
@@ -193,12 +160,12 @@ def sampled_models(cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Datas
 def seller_models(cfg: IPProtectConfig, model: nn.Module, pool: data_lib.Dataset, root: str,
                   **kwargs: Any) -> ensemble.EnsembleState:
   """The run's sellers (Table I label noise, ``cfg.models_per_seller`` models each), trained or
-  restored from ``root`` (as :func:`sampled_models`); ``kwargs`` go to :func:`ipprotect.train_models`."""
+  restored from ``root`` (as :func:`sampled_models`); ``kwargs`` go to :func:`sellers.train_models`."""
   key = jax.random.key(cfg.seed)
-  noise = ipprotect.TABLE_I_NOISE[ipprotect.table_i_family(pool.name)]
-  labels = ipprotect.seller_labels(jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller,
+  noise = sellers.TABLE_I_NOISE[sellers.table_i_family(pool.name)]
+  labels = sellers.seller_labels(jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller,
                                    pool.num_classes)
-  return ipprotect.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
+  return sellers.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
                                 num_members=len(labels),
                                 checkpoint_dir=_ensemble_dir(cfg, model, root, "sellers", cfg.seller_pool_size,
                                                              cfg.models_per_seller, cfg.seller_train.fingerprint()),
@@ -206,20 +173,19 @@ def seller_models(cfg: IPProtectConfig, model: nn.Module, pool: data_lib.Dataset
 
 
 def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
-  """The run's anchor secret: given, or drawn once and kept in the private checkpoints."""
+  """The run's anchor secret: given, or drawn once and kept in the private checkpoints (0600)."""
   if cfg.anchor_seed is not None:
     return cfg.anchor_seed
   path = os.path.join(ckpt, "anchor_secret.json")
   if os.path.exists(path):
-    with open(path) as f:
-      return int(json.load(f)["anchor_seed"])
+    return int(rundir.read_secret(path)["anchor_seed"])
   seed = secrets.randbits(64)
   if jax.process_count() > 1:  # Every host must use process 0's secret.
     from jax.experimental import multihost_utils  # noqa: PLC0415
     halves = multihost_utils.broadcast_one_to_all(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
     seed = (int(halves[0]) << 32) | int(halves[1])
   if distributed.is_main_process():
-    write_json(path, {"anchor_seed": seed, "note": "private to the buyer: never share"})
+    rundir.write_secret(path, {"anchor_seed": seed, "note": "private to the buyer: never share"})
   return seed
 
 
@@ -234,51 +200,43 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   checkpoints).
   """
   main = distributed.is_main_process()
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = os.path.join(workdir, "checkpoints")
-  os.makedirs(ckpt, exist_ok=True)
-  config_path = os.path.join(workdir, "config.json")
   cfg_json = config_to_json(cfg)
   cfg_json.pop("cache_dir")  # Where ensembles are cached does not change the results.
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      saved = json.load(f)["config"]
-    ensemble.check_same_config(saved, cfg_json, workdir)
-  if main:
-    write_json(config_path, {"config": cfg_json, "jipguard_version": jipguard.__version__,
-                             "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()]})
+  rundir.write_config(workdir, cfg_json, write=main)
+  ckpt = os.path.join(workdir, "checkpoints")
+  os.makedirs(ckpt, exist_ok=True)
 
   buyer, pool = load_data(cfg)
   model = run_model(cfg, buyer)
-  noise = ipprotect.TABLE_I_NOISE[ipprotect.table_i_family(buyer.name)]
+  noise = sellers.TABLE_I_NOISE[sellers.table_i_family(buyer.name)]
   timings = {}
 
   ens_dir = cfg.cache_dir or ckpt
 
   t = time.perf_counter()
-  sellers = seller_models(cfg, model, pool, ens_dir, progress=progress, mesh=mesh)
+  seller_ens = seller_models(cfg, model, pool, ens_dir, progress=progress, mesh=mesh)
   timings["sellers_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
   omega = sampled_models(cfg, model, buyer, ens_dir, desc="sample_models", progress=progress, mesh=mesh)
   # Host copies (small): evaluation runs locally; the sanitizer places them on the mesh.
-  omega_vars, seller_vars = distributed.to_host((omega.variables, sellers.variables))
+  omega_vars, seller_vars = distributed.to_host((omega.variables, seller_ens.variables))
   params_tr = jax.tree.map(lambda a: a[:cfg.omega_tr], omega_vars)
   params_v = jax.tree.map(lambda a: a[cfg.omega_tr:], omega_vars)
   timings["sample_models_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
   # The bootstraps sample_models trained Omega_Tr and Omega_V on.
-  boots = ipprotect.sample_bootstraps(_omega_key(cfg), len(buyer), cfg.omega_tr + cfg.omega_v)
-  mask = ipprotect.out_of_bag_mask(boots[:cfg.omega_tr], len(buyer)) if cfg.sanitizer.out_of_bag else None
-  result = ipprotect.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
+  boots = sellers.sample_bootstraps(_omega_key(cfg), len(buyer), cfg.omega_tr + cfg.omega_v)
+  mask = sellers.out_of_bag_mask(boots[:cfg.omega_tr], len(buyer)) if cfg.sanitizer.out_of_bag else None
+  result = sanitizer.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
                               cfg.sanitizer, seed=cfg.seed, anchor_seed=_anchor_seed(cfg, ckpt),
                               checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress, mesh=mesh,
                               member_mask=mask)
   timings["sanitize_s"] = time.perf_counter() - t
 
   out = evaluate(model, seller_vars, params_tr, params_v, buyer, result, cfg.models_per_seller,
-                 val_in_bag=ipprotect.in_bag(boots[cfg.omega_tr:], len(buyer)),
+                 val_in_bag=sellers.in_bag(boots[cfg.omega_tr:], len(buyer)),
                  reference=reference_set(cfg, len(buyer)))
   out["timings"] = timings
   # Throughput when the batches ran (recorded in the checkpoints, so a resumed run keeps it);
@@ -287,26 +245,25 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   out["images_per_second"] = len(buyer) / seconds if np.isfinite(seconds) and seconds > 0 else None
   out["num_images"] = len(buyer)
   out["data_source"] = {"buyer": buyer.source, "sellers": pool.source}
-  out["table_i"] = {"noise": list(noise), "resample_rate": [ipprotect.resample_rate(n) for n in noise],
-                    "paper_accuracy": list(ipprotect.TABLE_I_ACCURACY[ipprotect.table_i_family(buyer.name)])}
+  out["table_i"] = {"noise": list(noise), "resample_rate": [sellers.resample_rate(n) for n in noise],
+                    "paper_accuracy": list(sellers.TABLE_I_ACCURACY[sellers.table_i_family(buyer.name)])}
 
   if not main:
     return out
-  write_atomic(os.path.join(workdir, "sanitized.npz"),
-               lambda p: np.savez_compressed(p, images=result.images.astype(np.float32),
-                                             labels=buyer.labels.astype(np.int32)))
-  from jipguard import report  # Matplotlib only when writing the report.
+  rundir.write_npz(os.path.join(workdir, "sanitized.npz"), images=result.images.astype(np.float32),
+                   labels=buyer.labels.astype(np.int32))
+  from jipguard.ipprotect import report  # noqa: PLC0415 (matplotlib only when writing the report)
   report.write_ipprotect_report(workdir, cfg, out, buyer, result)
-  write_json(os.path.join(workdir, "metrics.json"), out)  # Last: its presence means "finished".
+  rundir.write_json(os.path.join(workdir, "metrics.json"), out)  # Last: its presence means "finished".
   return out
 
 
 def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
-             result: ipprotect.BatchResult, models_per_seller: int,
+             result: sanitizer.BatchResult, models_per_seller: int,
              val_in_bag: np.ndarray | None = None, reference: data_lib.Dataset | None = None) -> dict[str, Any]:
   """Every metric of the issue: utilities, MAE, compliance, risk, ranks, bounds, similarity.
 
-  With ``val_in_bag`` (``N x |Omega_V|``, :func:`ipprotect.in_bag`), also the buyer's own
+  With ``val_in_bag`` (``N x |Omega_V|``, :func:`sellers.in_bag`), also the buyer's own
   estimate of the sellers' utility error: Omega_V's utilities on the images outside each
   model's bootstrap (``utility_mae_val_oob``, ``utility_bias_val_oob``), which need no seller.
   With ``reference`` (:func:`reference_set`), ``utility_mae_fresh_images``: the sellers' utility MAE
@@ -354,95 +311,3 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
       final_val_loss_mean=float(np.nanmean(result.val_loss)) if np.isfinite(result.val_loss).any() else None,
   )
   return out
-
-
-# Command-line flags of experiments/ipprotect.py.
-
-
-def _mesh_shape(text: str) -> tuple[int, int]:
-  try:
-    member, data = (int(v) for v in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"--mesh takes MEMBER,DATA (two integers), got {text!r}") from None
-  return member, data
-
-
-def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
-  """The flags of ``experiments/ipprotect.py`` (its ablation and diagnostics take them too)."""
-  p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", default="default", choices=["smoke", "default", "paper"])
-  p.add_argument("--dataset", default="fashion_mnist_subset",
-                 help="fashion_mnist_subset (embedded), mnist, fashion_mnist, cifar10, or a path")
-  p.add_argument("--data_dir", help="local copy of a named dataset (IDX / npz / image folder) or tfds data_dir")
-  p.add_argument("--workdir", help="run directory (default runs/ipprotect-...)")
-  p.add_argument("--model", help="architecture: mlp, cnn, resnet8, resnet20 (default mlp/cnn by channels)")
-  add = lambda name, typ, help_: p.add_argument(f"--{name}", type=typ, help=help_)
-  add("buyer_size", int, "buyer images taken from the test split")
-  add("seller_pool_size", int, "seller images taken from the train split")
-  add("models_per_seller", int, "models trained per seller (Table I: 10)")
-  add("seller_epochs", int, "epochs of each seller model")
-  add("omega_epochs", int, "epochs of each sample_models model")
-  add("omega_tr", int, "|Omega_Tr|: models the images are fitted to")
-  add("omega_v", int, "|Omega_V|: held-out models of the stopping rule")
-  add("lam", float, "lambda: weight of the security hinge")
-  add("tau", float, "radius of the ball around the anchor (per-pixel RMS)")
-  add("zeta", float, "stop an image when its Omega_V loss changes less than this")
-  add("steps", int, "T: at most this many steps per image")
-  add("val_every", int, "check the stopping rule every this many steps")
-  add("min_steps", int, "never stop an image before this step")
-  add("model_batch", int, "B: models per step (default 0.95 |Omega_Tr|)")
-  add("data_batch", int, "B_D: images optimised together")
-  add("lr", float, "Adam step size on the pixels")
-  add("temperature", float, "with --loss probs: compare softmax(logits / temperature)")
-  add("margin", float, "with --loss margin: the logit margin each sampled model's class must win by")
-  add("input_noise", float, "robust option: sigma of Gaussian noise on x~ per step")
-  add("hidden_dropout", float, "robust option: dropout of the sampled models' hidden units")
-  add("seed", int, "seed of everything but the anchors")
-  add("anchor_seed", int, "64-bit anchor secret (default: drawn once, kept in checkpoints/)")
-  p.add_argument("--loss", choices=list(ipprotect.LOSSES),
-                 help="L: L2 of logits (paper), L2 of softmax probabilities, KL of the softmax outputs, or the "
-                      "hinge on the logit margin of each model's class on the original (Carlini-Wagner)")
-  add("weight_decay", float, "L2 coefficient of the platform's training (sellers and sample_models)")
-  p.add_argument("--no_val_stop", action="store_true", help="run T steps; Omega_V unused by the optimisation")
-  p.add_argument("--out_of_bag", action="store_true",
-                 help="fit each image only to the Omega_Tr models whose bootstrap left it out")
-  p.add_argument("--cache_dir", help="share trained sellers / sample_models between runs (ablations)")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
-  p.add_argument("--mesh", type=_mesh_shape,
-                 help="MEMBER,DATA device mesh over all devices of the job (e.g. 8,1 or 2,4); default: one device")
-  distributed.add_flags(p)
-  return p
-
-
-def config_from_flags(argv: list[str] | None = None, *, description: str | None = None
-                      ) -> tuple[IPProtectConfig, str, bool]:
-  """``(config, run directory, quiet)`` from :func:`flag_parser`'s flags: the preset, then the flags set."""
-  return config_from_args(flag_parser(description).parse_args(argv))
-
-
-def config_from_args(a: argparse.Namespace) -> tuple[IPProtectConfig, str, bool]:
-  """:func:`config_from_flags` for flags already parsed by :func:`flag_parser`."""
-  cfg = preset(a.preset, a.dataset)
-  top = {k: getattr(a, k) for k in ("data_dir", "model", "buyer_size", "seller_pool_size", "models_per_seller",
-                                    "omega_tr", "omega_v", "seed", "anchor_seed", "cache_dir") if getattr(a, k) is not None}
-  san = {k: getattr(a, src) for k, src in (("lam", "lam"), ("tau", "tau"), ("zeta", "zeta"), ("steps", "steps"),
-                                           ("val_every", "val_every"), ("min_steps", "min_steps"),
-                                           ("model_batch", "model_batch"), ("data_batch", "data_batch"),
-                                           ("learning_rate", "lr"), ("loss", "loss"), ("temperature", "temperature"),
-                                           ("margin", "margin"), ("input_noise", "input_noise"),
-                                           ("hidden_dropout", "hidden_dropout")) if getattr(a, src) is not None}
-  if a.no_val_stop:
-    san["val_stop"] = False
-  if a.out_of_bag:
-    san["out_of_bag"] = True
-  cfg = dataclasses.replace(cfg, **top, sanitizer=dataclasses.replace(cfg.sanitizer, **san))
-  if a.seller_epochs is not None:
-    cfg = dataclasses.replace(cfg, seller_train=dataclasses.replace(cfg.seller_train, epochs=a.seller_epochs))
-  if a.omega_epochs is not None:
-    cfg = dataclasses.replace(cfg, omega_train=dataclasses.replace(cfg.omega_train, epochs=a.omega_epochs))
-  if a.weight_decay is not None:  # The platform's `learn`: the same for sellers and sample_models.
-    cfg = dataclasses.replace(cfg, seller_train=dataclasses.replace(cfg.seller_train, weight_decay=a.weight_decay),
-                              omega_train=dataclasses.replace(cfg.omega_train, weight_decay=a.weight_decay))
-  name = os.path.basename(os.path.normpath(a.dataset))
-  workdir = a.workdir or os.path.join("runs", f"ipprotect-{name}-{a.preset}-tr{cfg.omega_tr}-s{cfg.seed}")
-  return cfg, workdir, a.quiet

@@ -131,8 +131,8 @@ class InstaHideDraws(NamedTuple):
   """The randomness of one InstaHide encoding pass (N = 1) over n private images."""
 
   other_N: jax.Array           # The second private image of each encoding (never the image itself).
-  public_NxK2: jax.Array       # k - 2 distinct public images per encoding.
-  coefficients_NxK: jax.Array  # Mixing weights: [own, other private, public...], sum 1, own the largest.
+  public_NxQ: jax.Array       # k - 2 distinct public images per encoding.
+  coefficients_NxJ: jax.Array  # Mixing weights: [own, other private, public...], sum 1, own the largest.
   signs_NxHxWxC: jax.Array     # The pixel-wise sign mask, +-1.
 
 
@@ -165,13 +165,13 @@ def instahide_draws(key: jax.Array, num_private: int, num_public: int, k: int,
 def _instahide_mix(key, private_NxHxWxC, public_PxHxWxC, *, k):
   n = private_NxHxWxC.shape[0]
   draws = instahide_draws(key, n, public_PxHxWxC.shape[0], k, private_NxHxWxC.shape[1:])
-  lam_NxK = draws.coefficients_NxK
+  lam_NxJ = draws.coefficients_NxJ
   signed = lambda x: 2 * x - 1  # [0, 1] -> [-1, 1], InstaHide's centred inputs.
-  w = lambda j: lam_NxK[:, j].reshape(n, 1, 1, 1)
+  w = lambda j: lam_NxJ[:, j].reshape(n, 1, 1, 1)
   mixed = w(0) * signed(private_NxHxWxC) + w(1) * signed(private_NxHxWxC[draws.other_N])
   for j in range(k - 2):
-    mixed = mixed + w(j + 2) * signed(public_PxHxWxC[draws.public_NxK2[:, j]])
-  return jnp.clip(mixed, -1, 1) * draws.signs_NxHxWxC, lam_NxK, draws.signs_NxHxWxC  # Clip: float rounding only.
+    mixed = mixed + w(j + 2) * signed(public_PxHxWxC[draws.public_NxQ[:, j]])
+  return jnp.clip(mixed, -1, 1) * draws.signs_NxHxWxC, lam_NxJ, draws.signs_NxHxWxC  # Clip: float rounding only.
 
 
 def instahide_mix(key: jax.Array, private_NxHxWxC: np.ndarray, public_PxHxWxC: np.ndarray, k: int
@@ -362,13 +362,13 @@ def _draw(key, batch, code_dim, num_classes):
 
 @functools.partial(jax.jit, static_argnames=("generator", "batch_size", "code_dim", "learning_rate"),
                    donate_argnums=(0, 1))
-def _train_chunk(params, opt_state, keys_S, active_S, target_FxC, frequencies, *, generator, batch_size, code_dim,
+def _train_chunk(params, opt_state, keys_S, active_S, target_FxK, frequencies, *, generator, batch_size, code_dim,
                  learning_rate):
   tx = optax.adam(learning_rate)
 
   def loss_fn(p, key):
     z, y = _draw(key, batch_size, code_dim, generator.num_classes)
-    return mmd2(mean_embedding(frequencies, generator.apply(p, z, y), y, generator.num_classes), target_FxC)
+    return mmd2(mean_embedding(frequencies, generator.apply(p, z, y), y, generator.num_classes), target_FxK)
 
   def step(carry, inputs):
     key, active = inputs
@@ -388,9 +388,9 @@ def _train_chunk(params, opt_state, keys_S, active_S, target_FxC, frequencies, *
 _CHUNK = 250  # Steps per jitted scan (the last is padded with no-op steps): a NaN stops training early.
 
 
-def dp_merf_train_generator(key: jax.Array, embedding_FxC: np.ndarray, frequencies_FxD: jax.Array,
+def dp_merf_train_generator(key: jax.Array, embedding_FxK: np.ndarray, frequencies_FxD: jax.Array,
                             image_shape: Sequence[int], config: DPMERFConfig = DPMERFConfig()) -> GeneratorFit:
-  """Trains a conditional generator whose samples' mean embedding matches ``embedding_FxC``.
+  """Trains a conditional generator whose samples' mean embedding matches ``embedding_FxK``.
 
   Each Adam step draws ``batch_size`` codes z ~ N(0, I) and labels uniform over the C
   classes (the buyer sets here are class-balanced) and minimises ``mmd2`` between their
@@ -401,7 +401,7 @@ def dp_merf_train_generator(key: jax.Array, embedding_FxC: np.ndarray, frequenci
     FloatingPointError: a non-finite loss.
   """
   _check_key(key)
-  target = jnp.asarray(embedding_FxC, jnp.float32)
+  target = jnp.asarray(embedding_FxK, jnp.float32)
   freq = jnp.asarray(frequencies_FxD, jnp.float32)
   shape = tuple(int(d) for d in image_shape)
   if target.ndim != 2 or target.shape[0] != 2 * freq.shape[0] or freq.shape[1] != math.prod(shape):

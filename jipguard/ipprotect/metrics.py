@@ -1,4 +1,4 @@
-"""Utility and security metrics of IPProtect (section VI-A4 and VI-B of the paper).
+"""Utility and security metrics of IPProtect (sections VI-A4 and VI-B of the paper).
 
 Scores are computed in JAX from logits; the statistics built on them (rank correlation,
 confidence bounds) run on the host in numpy / scipy.
@@ -14,12 +14,12 @@ import numpy as np
 import scipy.stats
 
 
-def utility(logits_MxNxC: jax.Array, labels_N: jax.Array, mask_MxN: np.ndarray | None = None) -> np.ndarray:
+def utility(logits_MxNxK: jax.Array, labels_N: jax.Array, mask_MxN: np.ndarray | None = None) -> np.ndarray:
   """Eq. 1: each model's accuracy on a dataset, ``U_g(D)``, shape (M,).
 
   With ``mask_MxN``, model m's accuracy on the images where ``mask[m]`` is true only.
   """
-  correct = jnp.argmax(logits_MxNxC, -1) == jnp.asarray(labels_N)[None]
+  correct = jnp.argmax(logits_MxNxK, -1) == jnp.asarray(labels_N)[None]
   if mask_MxN is None:
     return np.asarray(jnp.mean(correct, axis=-1))
   mask = jnp.asarray(mask_MxN, bool)
@@ -33,15 +33,15 @@ def utility_mae(u_original_M: np.ndarray, u_sanitized_M: np.ndarray) -> float:
   return float(np.mean(np.abs(np.asarray(u_sanitized_M) - np.asarray(u_original_M))))
 
 
-def compliance(logits_original_MxNxC: jax.Array, logits_sanitized_MxNxC: jax.Array) -> np.ndarray:
+def compliance(logits_original_MxNxK: jax.Array, logits_sanitized_MxNxK: jax.Array) -> np.ndarray:
   """Per model, the fraction of images whose argmax is the same on x~ and x, shape (M,)."""
-  same = jnp.argmax(logits_original_MxNxC, -1) == jnp.argmax(logits_sanitized_MxNxC, -1)
+  same = jnp.argmax(logits_original_MxNxK, -1) == jnp.argmax(logits_sanitized_MxNxK, -1)
   return np.asarray(jnp.mean(same, axis=-1))
 
 
-def estimated_risk(logits_original_MxNxC: jax.Array, logits_sanitized_MxNxC: jax.Array) -> np.ndarray:
+def estimated_risk(logits_original_MxNxK: jax.Array, logits_sanitized_MxNxK: jax.Array) -> np.ndarray:
   """Per model, the mean L2 distance between the logits on x~ and on x, shape (M,)."""
-  d = jnp.linalg.norm(logits_original_MxNxC - logits_sanitized_MxNxC, axis=-1)
+  d = jnp.linalg.norm(logits_original_MxNxK - logits_sanitized_MxNxK, axis=-1)
   return np.asarray(jnp.mean(d, axis=-1))
 
 
@@ -104,3 +104,9 @@ def ssim(a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray) -> np.ndarray:
   a = np.clip(np.asarray(a_NxHxWxC, np.float32), 0, 1)
   b = np.clip(np.asarray(b_NxHxWxC, np.float32), 0, 1)
   return np.asarray(_ssim(a, b))
+
+
+def sample_std(values: np.ndarray) -> float:
+  """Sample standard deviation (ddof = 1) of repetitions (seeds); NaN for fewer than two."""
+  v = np.asarray(values, np.float64)
+  return float(np.std(v, ddof=1)) if v.size > 1 else float("nan")
