@@ -70,7 +70,7 @@ class Kernel:
     sizes: ``sizes(quick)``: the sizes to run, smallest first; each has a ``label``.
     row: ``row(size, repeats, budget_s=None)``: times one size (``harness.time_calls``),
       returns a ``harness.make_row`` dict.
-    target: The largest ratio (JAX s / best torch s) issue 6 accepts on its 2-core CPU;
+    target: The goal for the ratio (JAX s / best torch s) on the 2-core CPU;
       None for rows that are references (the GEMM roofline).
   """
 
@@ -639,7 +639,7 @@ KERNELS: dict[str, Kernel] = {
     "ensemble_train_epoch": Kernel(ensemble_sizes, ensemble_row, target=0.5),
     "sanitize_step": Kernel(sanitize_sizes, sanitize_row, target=0.8),
     # Against the torch reference at the same schedule; the row's summary also gives the
-    # ratio against the paper's schedule (Algorithm 1), which is the issue's comparison.
+    # ratio against the paper's schedule (Algorithm 1), the comparison the target is set for.
     "sanitize_dataset": Kernel(dataset_sizes, sanitize_dataset_row, target=0.5),
 }
 

@@ -22,16 +22,16 @@ optax's per-member Adam.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import copy
 import functools
 import operator
-from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 
 class TorchMLP(nn.Module):

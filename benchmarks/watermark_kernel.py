@@ -13,8 +13,10 @@ Exposes ``SIZES(quick)`` and ``row(size, repeats, budget_s=None)`` in the style 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import sys
 
 import jax
 import numpy as np
@@ -33,7 +35,7 @@ NAME = "watermark_grid_search"
 def _kernels():
   """``benchmarks.kernels``, imported when first used: it registers this module at import time,
   so a module-level import would be circular when this module is imported first."""
-  from benchmarks import kernels  # pylint: disable=g-import-not-at-top
+  from benchmarks import kernels  # noqa: PLC0415 (kernels imports torch, which the package does not need)
   return kernels
 
 
@@ -150,8 +152,6 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
 
 def main(argv: list[str] | None = None) -> None:
   """Runs this kernel alone: ``python -m benchmarks.watermark_kernel --out DIR [--quick]``."""
-  import argparse
-  import sys
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="directory for results.json / results.md")
   p.add_argument("--quick", action="store_true")

@@ -5,7 +5,7 @@
         -- --preset smoke --quiet
     python experiments/sweep.py --out runs/sweep-omega ... --list           # the configs and their status
     # One config per array task (SLURM; --task_index defaults to $SLURM_ARRAY_TASK_ID):
-    sbatch --array=0-5 --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \$SLURM_ARRAY_TASK_ID"
+    sbatch --array=0-5 --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
 
 Every config is ``experiments/<experiment>.py`` with the arguments after ``--``, one
 ``--<name> <value>`` per grid axis and ``--workdir <out>/<config>``; finished configs are

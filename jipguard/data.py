@@ -1,6 +1,6 @@
 """Datasets: the embedded default, local files, and named datasets via tfds.
 
-Data strategy (DESIGN.md, "Data, offline"):
+Data strategy (docs/scaling.md, "Data"):
 
 * **Embedded default.** `load()` returns a small real, class-balanced subset of Fashion-MNIST
   (10,000 train + 1,000 test, 28x28x1) shipped as `jipguard/_data/fashion_mnist_subset.npz`; it
@@ -413,7 +413,7 @@ def _load_embedded(split: str) -> Dataset:
 
 
 def _load_digits(split: str) -> Dataset:
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sk_datasets  # noqa: PLC0415 (sklearn only for digits)
   digits = sk_datasets.load_digits()
   parts = _stratified_indices(digits.target, _DIGITS_TEST_FRACTION, jax.random.key(_DIGITS_SEED))
   idx = parts[SPLITS.index(split)]
@@ -509,7 +509,7 @@ def _load_npz(path: str, split: str) -> Dataset:
 
 def _read_image(file: str) -> np.ndarray:
   """uint8 (H, W, 1) for grayscale, (H, W, 3) for colour (alpha dropped)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # noqa: PLC0415 (Pillow only for image folders)
   try:
     with Image.open(file) as img:
       mode = img.mode
@@ -581,7 +581,7 @@ def _missing_message(name: str, split: str, data_dir: str | None, err: Exception
 
 def _load_tfds(name: str, split: str, data_dir, download: bool) -> Dataset:
   """Reads a prepared tfds copy: tfds.load with TensorFlow, tfds.data_source without."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (tfds is slow to import; named datasets only)
   data_dir = None if data_dir is None else os.fspath(data_dir)
   if _has_tensorflow():
     try:

@@ -32,8 +32,8 @@ import threading
 from typing import Any
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 # Environment variables that mean "a cluster launched this process as one of several".
 _CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",

@@ -1,6 +1,6 @@
 """Run directories: atomic writes, config.json, refusal of another config, secrets, tables.
 
-Every experiment writes one directory (DESIGN.md, "Run directory") through this module:
+Every experiment writes one directory (docs/scaling.md, "Run directories") through this module:
 
 * :func:`write_atomic` (and :func:`write_text`, :func:`write_json`, :func:`write_npz`,
   :func:`save_figure`): a temporary file in the same directory, flushed to disk (fsync),

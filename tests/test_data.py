@@ -8,8 +8,8 @@ import struct
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from jipguard import data
 

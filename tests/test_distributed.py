@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 
-
 _WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
 

@@ -16,6 +16,7 @@ import sys
 from jipguard import distributed, sharding
 from jipguard.ipprotect import ablation, job, sanitizer, saturation, tradeoff
 
+
 def _mesh_shape(text: str) -> tuple[int, int]:
   try:
     member, data = (int(v) for v in text.split(","))

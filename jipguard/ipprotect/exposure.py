@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import math
-import warnings
 from typing import Any
+import warnings
 
 import flax.linen as nn
 import jax
@@ -64,7 +64,7 @@ def pixel_mse(a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray) -> np.ndarray:
 def image_exposure(originals_NxHxWxC: np.ndarray, sanitized_NxHxWxC: np.ndarray, *,
                    pair_randomly: bool = False, seed: int = 0,
                    vgg: VGGWeights | None = None, vgg_size: int = 224,
-                   feature_zoo: "FittedZoo | None" = None) -> dict[str, float]:
+                   feature_zoo: FittedZoo | None = None) -> dict[str, float]:
   """Image IP exposure of a dataset (Def. 2) and / or its named stand-ins.
 
   Args:
@@ -247,8 +247,9 @@ class _Encoded:
 
 def make_model(name: str, cfg: ZooConfig, image_shape: Sequence[int], num_classes: int):
   """A fresh, unfitted member ``name`` of G with ``fit(x_NxD, y)`` / ``predict(x_NxD)``."""
-  from sklearn import discriminant_analysis, ensemble as sk_ensemble, linear_model, naive_bayes, neural_network
-  from sklearn import svm, tree
+  # scikit-learn is imported only when a zoo is built (seconds of start-up otherwise).
+  from sklearn import discriminant_analysis, linear_model, naive_bayes, neural_network, svm, tree  # noqa: PLC0415
+  from sklearn import ensemble as sk_ensemble  # noqa: PLC0415
   n, seed = cfg.n_estimators, cfg.seed
   if name == "logistic_regression":
     return linear_model.LogisticRegression(max_iter=cfg.max_iter)
@@ -277,7 +278,7 @@ def make_model(name: str, cfg: ZooConfig, image_shape: Sequence[int], num_classe
     return sk_ensemble.GradientBoostingClassifier(n_estimators=n, random_state=seed,
                                                   max_features=cfg.gradient_boosting_max_features)
   if name == "xgboost":
-    import xgboost
+    import xgboost  # noqa: PLC0415 (only for the XGBoost member of the zoo)
     return _Encoded(xgboost.XGBClassifier(n_estimators=n, tree_method="hist", random_state=seed, n_jobs=1,
                                           verbosity=0))
   raise ValueError(f"unknown zoo model {name!r}; choose from {ZOO}")
@@ -309,8 +310,8 @@ def _parallel(fn: Callable, names: Sequence[str], n_jobs: int) -> list:
   One BLAS thread per job: with OpenBLAS' own threads competing with the jobs (or with
   other processes), logistic regression on 300 images took 9 s instead of 0.4 s.
   """
-  import joblib
-  import threadpoolctl
+  import joblib  # noqa: PLC0415 (with scikit-learn, only when a zoo is fitted)
+  import threadpoolctl  # noqa: PLC0415
   with threadpoolctl.threadpool_limits(1):
     return joblib.Parallel(n_jobs=n_jobs, prefer="threads")(joblib.delayed(fn)(n) for n in names)
 

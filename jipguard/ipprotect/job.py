@@ -1,7 +1,7 @@
 """The IPProtect main job: sellers, sample_models, sanitize, evaluate, write a run directory.
 
 ``experiments/ipprotect.py`` (``ipprotect.cli``) parses flags into an :class:`IPProtectConfig`
-and calls :func:`run`. The run directory (DESIGN.md) holds ``config.json``, ``metrics.json``,
+and calls :func:`run`. The run directory (docs/scaling.md) holds ``config.json``, ``metrics.json``,
 ``report.md``, ``sanitized.npz`` (sanitized images and labels only), ``examples.png``
 (originals over sanitized images, Fig. 4 style) and ``checkpoints/`` (orbax): trained
 ensembles are reused and a killed sanitization resumes at the next unfinished batch.
@@ -261,7 +261,7 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
 def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
              result: sanitizer.BatchResult, models_per_seller: int,
              val_in_bag: np.ndarray | None = None, reference: data_lib.Dataset | None = None) -> dict[str, Any]:
-  """Every metric of the issue: utilities, MAE, compliance, risk, ranks, bounds, similarity.
+  """Every metric of a run: utilities, MAE, compliance, risk, ranks, bounds, similarity.
 
   With ``val_in_bag`` (``N x |Omega_V|``, :func:`sellers.in_bag`), also the buyer's own
   estimate of the sellers' utility error: Omega_V's utilities on the images outside each

@@ -14,7 +14,6 @@ import numpy as np  # noqa: E402
 from jipguard import rundir  # noqa: E402
 
 
-
 def image_grid(originals: np.ndarray, sanitized: np.ndarray, path: str, n: int = 10, title: str = "") -> None:
   """Fig. 4 style: originals (top row) over sanitized images (bottom row).
 

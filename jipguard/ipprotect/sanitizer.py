@@ -10,7 +10,7 @@ image x_k is replaced by
 over models f_n sampled by training on bootstraps of D_B (``sample_models``), starting
 from N(0, 1) noise, with x_N ~ N(0, 1) a fresh anchor per image.
 
-Interpretations of the paper (documented in README too):
+Interpretations of the paper (docs/ipprotect.md too):
 
 * **L** is the L2 distance between the two logit vectors, ``||f(x~) - f(x)||_2`` (not
   squared), averaged over the step's model subset. ``loss="probs"`` compares softmax
@@ -19,7 +19,7 @@ Interpretations of the paper (documented in README too):
   is the hinge max(max_{j != c} f_j(x~) - f_c(x~) + margin, 0) with c = argmax f(x): each
   model must keep its decision on x, by a logit margin. The probability loss has no
   gradient where a model is saturated on a wrong class, and on larger buyer sets most
-  images reach such a point within 50 steps and stay there (README, Ablation); the hinge's
+  images reach such a point within 50 steps and stay there (docs/ipprotect.md); the hinge's
   gradient there is +-1 on the two logits.
 * **D** is the per-pixel RMS distance ``||x~ - x_N||_2 / sqrt(d)``: the paper's
   tau = 1.3-1.65 only makes sense on a per-pixel scale (an N(0, 1) anchor is at RMS
@@ -36,7 +36,7 @@ Interpretations of the paper (documented in README too):
 * The optimiser is optax (Adam by default) on the pixels, elementwise, so sanitizing a
   batch equals sanitizing its images one at a time with the same keys.
 
-Robust-sanitization options (not in the paper; the issue's lead for closing the gap
+Robust-sanitization options (not in the paper; candidates for closing the gap
 between the buyer's sampled models and unseen sellers): ``input_noise`` averages the
 utility loss over Gaussian perturbations of x~ (one draw per step), ``hidden_dropout``
 drops hidden units of the sampled models at every step (MLP only).
@@ -134,7 +134,7 @@ def _distance(a: jax.Array, b: jax.Array, kind: str, temperature: float = 1.0, m
   ``margin``: the hinge max(max_{j != c} a_j - a_c + margin, 0) towards the target's class
   c = argmax b (Carlini-Wagner): zero once the model predicts c by the margin, and its
   gradient does not vanish where the model is saturated on a wrong class (where "probs" is
-  stuck, README).
+  stuck, docs/ipprotect.md).
   """
   if kind == "margin":
     c = jnp.argmax(b, axis=-1)

@@ -285,7 +285,7 @@ def _numpy(x) -> np.ndarray:
 def load_torch(path: str) -> Mapping[str, Any]:
   """A state dict from a ``.pth`` file (a bare state dict, or ``{"state_dict": ...}``)."""
   try:
-    import torch
+    import torch  # noqa: PLC0415 (optional: only to read a .pth file)
   except ImportError as e:
     raise ImportError("reading a .pth file needs PyTorch: pip install 'jipguard[bench]' (or torch)") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -304,7 +304,7 @@ def convert_keras_h5(path: str, arch: str = "vgg16", up_to: str = "conv5_1") -> 
   its rank-4 array is the kernel (already HWIO) and its rank-1 array the bias.
   """
   try:
-    import h5py
+    import h5py  # noqa: PLC0415 (optional: only to read Keras .h5 weights)
   except ImportError as e:
     raise ImportError("reading Keras .h5 weights needs h5py: pip install h5py") from e
   shapes = vgg_layer_shapes(arch, up_to)
@@ -315,7 +315,7 @@ def convert_keras_h5(path: str, arch: str = "vgg16", up_to: str = "conv5_1") -> 
       if group is None:
         raise ValueError(f"{path}: no layer {layer} ({name} of {arch})")
       arrays = []
-      group.visititems(lambda _, obj: arrays.append(np.asarray(obj, np.float32)) if isinstance(obj, h5py.Dataset)
+      group.visititems(lambda _, obj, arrays=arrays: arrays.append(np.asarray(obj, np.float32)) if isinstance(obj, h5py.Dataset)
                        else None)
       kernels = [a for a in arrays if a.ndim == 4]
       biases = [a for a in arrays if a.ndim == 1]

@@ -28,8 +28,8 @@ Shape suffixes (``losses_KxN``):
 | I, J, B | in signature_losses: image chunks, signatures per chunk, images per chunk |
 """
 
-from jipguard.watermark.learner import Augment, LearnerConfig, load_model, prune, save_model, train_learners
 from jipguard.watermark.lct import PAPER_SPACE, PAPER_TAU, Watermark, blue_shift, colorize, mark, mark_users
+from jipguard.watermark.learner import Augment, LearnerConfig, load_model, prune, save_model, train_learners
 from jipguard.watermark.verify import GridResult, adv_p, gradient_search, grid_search, match, signature_losses
 
 __all__ = [

@@ -119,7 +119,7 @@ class Watermark:
   kind: str = flax.struct.field(pytree_node=False, default="lct")
 
   @classmethod
-  def hue(cls, transform: jax.Array | None = None) -> "Watermark":
+  def hue(cls, transform: jax.Array | None = None) -> Watermark:
     """LCT with T_YIQ (default) or a user transform."""
     t = T_YIQ if transform is None else transform
     if np.shape(t) != (3, 3):
@@ -127,7 +127,7 @@ class Watermark:
     return cls(transform=jnp.asarray(t, jnp.float32))
 
   @classmethod
-  def blue(cls, mask_HxW: jax.Array) -> "Watermark":
+  def blue(cls, mask_HxW: jax.Array) -> Watermark:
     return cls(transform=jnp.asarray(T_YIQ), mask=jnp.asarray(mask_HxW, bool), kind="blue")
 
   @property

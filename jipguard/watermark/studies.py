@@ -329,7 +329,7 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
   train = train.subset(slice(0, cfg.train_size))
   check_user_counts(cfg, len(train), len(test), 1, max(over.get("num_marked", cfg.per_user) for over in SWEEPS[cfg.vary]))
   points = []
-  for i, over in enumerate(SWEEPS[cfg.vary]):
+  for over in SWEEPS[cfg.vary]:
     p = {**dict(model_name=cfg.model, k_star=cfg.signature, num_marked=cfg.per_user, augment=cfg.augment), **over}
     name = "-".join(f"{k}={v}" for k, v in over.items())
     path = os.path.join(workdir, "results", f"{name}.json")

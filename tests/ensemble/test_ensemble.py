@@ -263,11 +263,11 @@ def test_shared_input_members_give_the_plain_logits_and_input_gradient():
     return jnp.concatenate(per_group)
 
   for k in (None, keys):
-    want_grad = jax.grad(lambda x: jnp.sum(plain(x, k) * cot))(x)
+    want_grad = jax.grad(lambda x, k=k: jnp.sum(plain(x, k) * cot))(x)
     for per_pass in (1, 2, None):
       got = shared(x, k, per_pass)
       np.testing.assert_allclose(got, plain(x, k), rtol=1e-5, atol=1e-5)
-      got_grad = jax.grad(lambda x: jnp.sum(shared(x, k, per_pass) * cot))(x)
+      got_grad = jax.grad(lambda x, k=k, per_pass=per_pass: jnp.sum(shared(x, k, per_pass) * cot))(x)
       np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(want_grad).sum()) > 0
   members = _cpu.share_input(model, variables, 2)

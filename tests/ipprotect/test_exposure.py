@@ -10,7 +10,6 @@ import pytest
 from jipguard import data
 from jipguard.ipprotect import exposure, vgg
 
-
 # ---------------------------------------------------------------------------------------------
 # VGG: layer names, torchvision / Keras mapping, the loader.
 

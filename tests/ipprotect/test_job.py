@@ -10,7 +10,6 @@ import pytest
 from jipguard.ipprotect import ablation, cli, job
 
 
-
 def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   cfg = job.preset("smoke")
   m = job.run(cfg, str(tmp_path), progress=False)

@@ -74,7 +74,7 @@ def test_table3_harmonic_means_match_the_points(study):
   for kind in ("image", "training", "inference"):
     t = table["tables"]["fashion_mnist_subset"][kind]
     hm_pts = [p for p in pts if p["method"] in ("ipprotect", "dp_merf", "instahide")]
-    exp = lambda p: float(p["image_exposure"]["own_cnn_feature"]) if kind == "image" else p[f"{kind}_exposure"]
+    exp = lambda p, kind=kind: float(p["image_exposure"]["own_cnn_feature"]) if kind == "image" else p[f"{kind}_exposure"]
     mae_max, exp_max = max(p["utility_mae"] for p in hm_pts), max(exp(p) for p in hm_pts)
     for method in ("ipprotect", "dp_merf", "instahide"):
       hms = []

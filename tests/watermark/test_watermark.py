@@ -11,7 +11,7 @@ import pytest
 
 from jipguard import data, ensemble, sharding
 from jipguard.ensemble import _cpu
-from jipguard.watermark import cli, learner, lct, studies, verify
+from jipguard.watermark import cli, lct, learner, studies, verify
 
 K_STAR = 120.0
 GRID = np.arange(0, 360, 10, dtype=np.float32)
