@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
       run[2].append(time.perf_counter() - t0)
   medians = {name: float(np.median(run[2])) for name, run in runs.items()}
   for name, run in runs.items():
-    print(f"M={a.members} N={a.n} B={a.batch_size} {name}: median epoch {medians[name]:.3f} s "
-          f"({', '.join(f'{t:.3f}' for t in run[2])})")
+    print(
+      f"M={a.members} N={a.n} B={a.batch_size} {name}: median epoch {medians[name]:.3f} s "
+      f"({', '.join(f'{t:.3f}' for t in run[2])})"
+    )
   print(f"adam / sgd: {medians['adam'] / medians['sgd']:.3f}")
   return medians
 

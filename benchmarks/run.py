@@ -23,8 +23,10 @@ import jax  # noqa: E402
 try:
   import torch  # noqa: E402
 except ModuleNotFoundError as e:  # The reference side is an optional dependency.
-  raise SystemExit("benchmarks/run.py times jipguard against PyTorch, which is not installed here: "
-                   "pip install -e '.[bench]' (a CPU build of torch is enough)") from e
+  raise SystemExit(
+    "benchmarks/run.py times jipguard against PyTorch, which is not installed here: "
+    "pip install -e '.[bench]' (a CPU build of torch is enough)"
+  ) from e
 
 from benchmarks import harness, kernels  # noqa: E402
 from jipguard import rundir  # noqa: E402
@@ -35,16 +37,28 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="small sizes (M=10, short epoch), 3 repeats")
   parser.add_argument("--out", help="directory for results.json / results.md (required unless --retable)")
-  parser.add_argument("--retable", metavar="JSON", default=None,
-                      help="print the table of a results.json written earlier with today's targets and "
-                           "derived columns (target, met, JAX roofline for target); times nothing")
+  parser.add_argument(
+    "--retable",
+    metavar="JSON",
+    default=None,
+    help="print the table of a results.json written earlier with today's targets and "
+    "derived columns (target, met, JAX roofline for target); times nothing",
+  )
   parser.add_argument("--kernels", nargs="+", default=list(kernels.KERNELS), choices=list(kernels.KERNELS))
   parser.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5, quick 3)")
-  parser.add_argument("--budget-s", type=float, default=300.0,
-                      help="per implementation and size: fewer timed runs (>= 1) if repeats x warm-up exceeds it")
+  parser.add_argument(
+    "--budget-s",
+    type=float,
+    default=300.0,
+    help="per implementation and size: fewer timed runs (>= 1) if repeats x warm-up exceeds it",
+  )
   parser.add_argument("--match", default=None, help="only sizes whose label contains this, e.g. 'M=100'")
-  parser.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
-                      help="float32 matrix products on a GPU: full fp32 on both sides (default), or TF32 on both")
+  parser.add_argument(
+    "--precision",
+    choices=("fp32", "tf32"),
+    default="fp32",
+    help="float32 matrix products on a GPU: full fp32 on both sides (default), or TF32 on both",
+  )
   args = parser.parse_args(argv)
   if args.retable:
     try:
@@ -71,9 +85,15 @@ def main(argv: list[str] | None = None) -> None:
   torch.set_num_threads(os.cpu_count())
   machine = harness.machine_info([sys.argv[0], *argv])
   # The table so far is rewritten after every row: a run stopped part-way keeps what it timed.
-  rows = harness.run(kernels.KERNELS, args.kernels, quick=args.quick, repeats=repeats,
-                     budget_s=args.budget_s, match=args.match,
-                     on_row=lambda rows: harness.write(args.out, rows, machine))
+  rows = harness.run(
+    kernels.KERNELS,
+    args.kernels,
+    quick=args.quick,
+    repeats=repeats,
+    budget_s=args.budget_s,
+    match=args.match,
+    on_row=lambda rows: harness.write(args.out, rows, machine),
+  )
   machine["loadavg_end"] = list(os.getloadavg())
   out = harness.write(args.out, rows, machine)
   rundir.write_text(str(out / "machine.json"), json.dumps(machine, indent=1) + "\n")

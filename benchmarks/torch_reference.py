@@ -57,16 +57,26 @@ class TorchCNN(nn.Module):
   flax with the biased one, which changes no training loss).
   """
 
-  def __init__(self, in_channels: int = 3, image_hw: int = 32, num_classes: int = 10,
-               widths: Sequence[int] = (32, 64), dense: int = 512,
-               conv_dropout: float = 0.25, dense_dropout: float = 0.5):
+  def __init__(
+    self,
+    in_channels: int = 3,
+    image_hw: int = 32,
+    num_classes: int = 10,
+    widths: Sequence[int] = (32, 64),
+    dense: int = 512,
+    conv_dropout: float = 0.25,
+    dense_dropout: float = 0.5,
+  ):
     super().__init__()
     layers: list[nn.Module] = []
     c = in_channels
     for width in widths:
       for _ in range(2):
-        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(width, eps=1e-5, momentum=0.1), nn.ReLU()]
+        layers += [
+          nn.Conv2d(c, width, 3, padding=1, bias=False),
+          nn.BatchNorm2d(width, eps=1e-5, momentum=0.1),
+          nn.ReLU(),
+        ]
         c = width
       layers += [nn.MaxPool2d(2), nn.Dropout(conv_dropout)]
     self.features = nn.Sequential(*layers)
@@ -104,16 +114,21 @@ def _mlp_state(params: dict[str, Any], image_hwc: tuple[int, int, int]) -> dict[
   return state
 
 
-def _cnn_state(module: TorchCNN, params: dict[str, Any], batch_stats: dict[str, Any]
-               ) -> dict[str, np.ndarray]:
+def _cnn_state(module: TorchCNN, params: dict[str, Any], batch_stats: dict[str, Any]) -> dict[str, np.ndarray]:
   convs = [i for i, layer in enumerate(module.features) if isinstance(layer, nn.Conv2d)]
   norms = [i for i, layer in enumerate(module.features) if isinstance(layer, nn.BatchNorm2d)]
   state = {}
   for j, (ci, ni) in enumerate(zip(convs, norms, strict=True)):
     state[f"features.{ci}.weight"] = params[f"Conv_{j}"]["kernel"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
     bn, stats = params[f"BatchNorm_{j}"], batch_stats[f"BatchNorm_{j}"]
-    state.update({f"features.{ni}.weight": bn["scale"], f"features.{ni}.bias": bn["bias"],
-                  f"features.{ni}.running_mean": stats["mean"], f"features.{ni}.running_var": stats["var"]})
+    state.update(
+      {
+        f"features.{ni}.weight": bn["scale"],
+        f"features.{ni}.bias": bn["bias"],
+        f"features.{ni}.running_mean": stats["mean"],
+        f"features.{ni}.running_var": stats["var"],
+      }
+    )
   c = module.features[convs[-1]].out_channels
   hw = int(round((params["Dense_0"]["kernel"].shape[0] // c) ** 0.5))
   dense0 = _chw_rows(params["Dense_0"]["kernel"], (hw, hw, c))
@@ -127,8 +142,9 @@ def _map(fn, tree: Mapping[str, Any]) -> dict[str, Any]:
   return {k: _map(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
 
 
-def from_flax(make_module, params: dict[str, Any], batch_stats: dict[str, Any] | None,
-              image_hwc: tuple[int, int, int]) -> list[nn.Module]:
+def from_flax(
+  make_module, params: dict[str, Any], batch_stats: dict[str, Any] | None, image_hwc: tuple[int, int, int]
+) -> list[nn.Module]:
   """One torch module per member, holding member m's flax weights.
 
   Args:
@@ -153,7 +169,8 @@ def from_flax(make_module, params: dict[str, Any], batch_stats: dict[str, Any] |
     else:
       state = _mlp_state(member(params), image_hwc)
     result = module.load_state_dict(
-        {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}, strict=False)
+      {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}, strict=False
+    )
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
       raise ValueError(f"flax -> torch: missing {missing}, unexpected {result.unexpected_keys}")
@@ -210,8 +227,7 @@ class LoopEnsemble:
     return torch.stack(losses)
 
 
-def random_order(indices_MxS: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+def random_order(indices_MxS: torch.Tensor, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
   """Pool indices of one epoch's batches: a fresh permutation per member, ``(M, S // B, B)``."""
   m, s = indices_MxS.shape
   steps = s // batch_size
@@ -219,10 +235,16 @@ def random_order(indices_MxS: torch.Tensor, batch_size: int, generator: torch.Ge
   return indices_MxS.gather(1, perm_MxS[:, : steps * batch_size]).view(m, steps, batch_size)
 
 
-def train_epoch(trainer: EnsembleTrainerLike, images_NxCxHxW: torch.Tensor, labels_N: torch.Tensor,
-                indices_MxS: torch.Tensor | None = None, batch_size: int = 128, *,
-                order_MxTxB: torch.Tensor | None = None, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+def train_epoch(
+  trainer: EnsembleTrainerLike,
+  images_NxCxHxW: torch.Tensor,
+  labels_N: torch.Tensor,
+  indices_MxS: torch.Tensor | None = None,
+  batch_size: int = 128,
+  *,
+  order_MxTxB: torch.Tensor | None = None,
+  generator: torch.Generator | None = None,
+) -> torch.Tensor:
   """One epoch of every member; returns the M mean training losses (as jipguard does).
 
   Args:
@@ -247,8 +269,9 @@ def train_epoch(trainer: EnsembleTrainerLike, images_NxCxHxW: torch.Tensor, labe
 # ----------------------------------------------------------------- IPProtect sanitize step
 
 
-def _distance(a: torch.Tensor, b: torch.Tensor, kind: str, temperature: float = 1.0, margin: float = 1.0
-              ) -> torch.Tensor:
+def _distance(
+  a: torch.Tensor, b: torch.Tensor, kind: str, temperature: float = 1.0, margin: float = 1.0
+) -> torch.Tensor:
   """``jipguard.ipprotect.sanitizer._distance``: L2 over the last axis, of logits or of softmax(logits / T), or the
   hinge on the logit margin of b's class in a."""
   if kind == "margin":
@@ -274,9 +297,21 @@ class Sanitizer:
   ``functional_call`` over stacked weights; ``variant="loop"`` loops over the modules.
   """
 
-  def __init__(self, modules: Sequence[nn.Module], x_BxCxHxW: torch.Tensor, anchors_BxCxHxW: torch.Tensor,
-               targets_BxMxC: torch.Tensor, *, variant: str, lr: float, lam: float, tau: float,
-               loss: str = "logits", temperature: float = 1.0, margin: float = 1.0):
+  def __init__(
+    self,
+    modules: Sequence[nn.Module],
+    x_BxCxHxW: torch.Tensor,
+    anchors_BxCxHxW: torch.Tensor,
+    targets_BxMxC: torch.Tensor,
+    *,
+    variant: str,
+    lr: float,
+    lam: float,
+    tau: float,
+    loss: str = "logits",
+    temperature: float = 1.0,
+    margin: float = 1.0,
+  ):
     self.modules = [m.eval().requires_grad_(False) for m in modules]
     self.x = x_BxCxHxW.clone().requires_grad_(True)
     self.anchors, self.targets = anchors_BxCxHxW, targets_BxMxC
@@ -312,12 +347,27 @@ class Sanitizer:
     return utility_B.detach()
 
 
-def sanitize_dataset(tr_modules: Sequence[nn.Module], v_modules: Sequence[nn.Module], images_BxCxHxW: torch.Tensor,
-                     x0_BxCxHxW: torch.Tensor, anchors_BxCxHxW: torch.Tensor, *, variant: str, steps: int,
-                     model_batch: int, val_every: int, min_steps: int, zeta: float, lr: float, lam: float,
-                     tau: float, loss: str, temperature: float = 1.0, margin: float = 1.0,
-                     generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def sanitize_dataset(
+  tr_modules: Sequence[nn.Module],
+  v_modules: Sequence[nn.Module],
+  images_BxCxHxW: torch.Tensor,
+  x0_BxCxHxW: torch.Tensor,
+  anchors_BxCxHxW: torch.Tensor,
+  *,
+  variant: str,
+  steps: int,
+  model_batch: int,
+  val_every: int,
+  min_steps: int,
+  zeta: float,
+  lr: float,
+  lam: float,
+  tau: float,
+  loss: str,
+  temperature: float = 1.0,
+  margin: float = 1.0,
+  generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
   """The paper's Algorithm 1 on one batch of images, in PyTorch, as jipguard defines it.
 
   Each step every image draws its own subset of ``model_batch`` of the |Omega_Tr| models;
@@ -334,8 +384,19 @@ def sanitize_dataset(tr_modules: Sequence[nn.Module], v_modules: Sequence[nn.Mod
     targets_v = torch.stack([m.eval()(images_BxCxHxW) for m in v_modules], dim=1)
   for m in v_modules:
     m.requires_grad_(False)
-  san = Sanitizer(tr_modules, x0_BxCxHxW, anchors_BxCxHxW, targets, variant=variant, lr=lr, lam=lam, tau=tau,
-                  loss=loss, temperature=temperature, margin=margin)
+  san = Sanitizer(
+    tr_modules,
+    x0_BxCxHxW,
+    anchors_BxCxHxW,
+    targets,
+    variant=variant,
+    lr=lr,
+    lam=lam,
+    tau=tau,
+    loss=loss,
+    temperature=temperature,
+    margin=margin,
+  )
   b, dev = images_BxCxHxW.shape[0], images_BxCxHxW.device
   active = torch.ones(b, dtype=torch.bool, device=dev)
   prev = torch.full((b,), float("inf"), device=dev)

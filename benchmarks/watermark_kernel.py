@@ -36,6 +36,7 @@ def _kernels():
   """``benchmarks.kernels``, imported when first used: it registers this module at import time,
   so a module-level import would be circular when this module is imported first."""
   from benchmarks import kernels  # noqa: PLC0415 (kernels imports torch, which the package does not need)
+
   return kernels
 
 
@@ -97,8 +98,9 @@ def _torch_module(size: GridSize, variables) -> torch.nn.Module:
   return module.eval().to(_kernels().torch_device())
 
 
-def torch_grid_losses(module: torch.nn.Module, images_NxHxWx3: torch.Tensor, labels_N: torch.Tensor,
-                      signatures: np.ndarray) -> torch.Tensor:
+def torch_grid_losses(
+  module: torch.nn.Module, images_NxHxWx3: torch.Tensor, labels_N: torch.Tensor, signatures: np.ndarray
+) -> torch.Tensor:
   """The PyTorch reference: a loop over signatures, ``K x N`` cross-entropies."""
   out = []
   t_yiq = torch.from_numpy(lct.T_YIQ.copy())
@@ -106,8 +108,13 @@ def torch_grid_losses(module: torch.nn.Module, images_NxHxWx3: torch.Tensor, lab
     for k in signatures:
       theta = torch.deg2rad(torch.tensor(float(k)))
       c, s = torch.cos(theta), torch.sin(theta)
-      rot = torch.stack([torch.stack([torch.ones(()), torch.zeros(()), torch.zeros(())]),
-                         torch.stack([torch.zeros(()), c, -s]), torch.stack([torch.zeros(()), s, c])])
+      rot = torch.stack(
+        [
+          torch.stack([torch.ones(()), torch.zeros(()), torch.zeros(())]),
+          torch.stack([torch.zeros(()), c, -s]),
+          torch.stack([torch.zeros(()), s, c]),
+        ]
+      )
       g = torch.linalg.solve(t_yiq, rot @ t_yiq).to(images_NxHxWx3.device)  # Eq. 5: T^-1 T_k T.
       x = torch.clamp(images_NxHxWx3 @ g.T, 0.0, 1.0).permute(0, 3, 1, 2)
       out.append(F.cross_entropy(module(x), labels_N, reduction="none"))
@@ -119,8 +126,11 @@ def max_rel_err(size: GridSize) -> float:
   model, variables, images, labels, sigs = _setup(size)
   module = _torch_module(size, variables)
   dev = _kernels().torch_device()
-  ref = torch_grid_losses(module, torch.from_numpy(images).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev),
-                          sigs).cpu().numpy()
+  ref = (
+    torch_grid_losses(module, torch.from_numpy(images).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev), sigs)
+    .cpu()
+    .numpy()
+  )
   got = verify.signature_losses(model, variables, images, labels, sigs)
   return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
 
@@ -145,9 +155,19 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
   torch_t = harness.time_calls(torch_call, repeats, budget_s)
   ref = last["torch"].cpu().numpy()
   err = float(np.max(np.abs(last["jax"] - ref)) / max(np.max(np.abs(ref)), 1e-12))
-  return harness.make_row(NAME, size.label, size.flops, jax_t, clock.seconds, None, torch_t,
-                          signatures=size.signatures, images=size.images,
-                          check_max_rel_err=err, check_passed=err < CHECK_RTOL)
+  return harness.make_row(
+    NAME,
+    size.label,
+    size.flops,
+    jax_t,
+    clock.seconds,
+    None,
+    torch_t,
+    signatures=size.signatures,
+    images=size.images,
+    check_max_rel_err=err,
+    check_passed=err < CHECK_RTOL,
+  )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,20 +44,29 @@ _EMBEDDED_SOURCE = "embedded subset jipguard/_data/fashion_mnist_subset.npz"
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SEED = 0
 
-_FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-            "Bag", "Ankle boot")
-_CLASS_NAMES = {"fashion_mnist_subset": _FASHION, "fashion_mnist": _FASHION,
-                "mnist": tuple("0123456789"), "digits": tuple("0123456789"),
-                "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                            "horse", "ship", "truck")}
+_FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_CLASS_NAMES = {
+  "fashion_mnist_subset": _FASHION,
+  "fashion_mnist": _FASHION,
+  "mnist": tuple("0123456789"),
+  "digits": tuple("0123456789"),
+  "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 
 # IDX type codes -> big-endian numpy dtypes.
-_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+  0x08: np.dtype("u1"),
+  0x09: np.dtype("i1"),
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
+}
 _IDX_MAX_NDIM = 32  # numpy's array rank limit (1.x); real IDX files use 1-3.
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
-_IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                               ".ppm", ".pgm", ".pbm"})
+_IMAGE_EXTENSIONS = frozenset(
+  {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
 
 
 class DataError(ValueError):
@@ -88,11 +97,15 @@ class Dataset:
     """Checks structure (cheaply; `validate` checks pixel values)."""
     im, lab, what = self.images, self.labels, f"Dataset {self.name!r}"
     if not (isinstance(im, np.ndarray) and im.dtype == np.float32 and im.ndim == 4):
-      raise DataError(f"{what}: images must be a float32 NHWC numpy array, got "
-                      f"{type(im).__name__} {getattr(im, 'dtype', '')} {getattr(im, 'shape', '')}")
+      raise DataError(
+        f"{what}: images must be a float32 NHWC numpy array, got "
+        f"{type(im).__name__} {getattr(im, 'dtype', '')} {getattr(im, 'shape', '')}"
+      )
     if not (isinstance(lab, np.ndarray) and lab.dtype == np.int32 and lab.shape == im.shape[:1]):
-      raise DataError(f"{what}: labels must be an int32 numpy array of shape {im.shape[:1]}, "
-                      f"got {getattr(lab, 'dtype', type(lab))} {getattr(lab, 'shape', '')}")
+      raise DataError(
+        f"{what}: labels must be an int32 numpy array of shape {im.shape[:1]}, "
+        f"got {getattr(lab, 'dtype', type(lab))} {getattr(lab, 'shape', '')}"
+      )
     if self.num_classes < 1 or (lab.size and not 0 <= lab.min() <= lab.max() < self.num_classes):
       raise DataError(f"{what}: labels must lie in [0, {self.num_classes})")
     if self.class_names and len(self.class_names) != self.num_classes:
@@ -111,8 +124,7 @@ class Dataset:
     return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
 
 
-def validate(images, labels, *, num_classes: int | None = None,
-             what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+def validate(images, labels, *, num_classes: int | None = None, what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
   """Checks and normalises an image/label pair.
 
   Args:
@@ -132,8 +144,7 @@ def validate(images, labels, *, num_classes: int | None = None,
   """
   images, labels = np.asarray(images), np.asarray(labels)
   if images.ndim not in (3, 4):
-    raise DataError(f"{what}: images must have rank 3 (N, H, W) or 4 (N, H, W, C), got shape "
-                    f"{images.shape}")
+    raise DataError(f"{what}: images must have rank 3 (N, H, W) or 4 (N, H, W, C), got shape {images.shape}")
   if labels.ndim != 1:
     raise DataError(f"{what}: labels must have shape (N,), got shape {labels.shape}")
   if len(images) != len(labels):
@@ -148,8 +159,9 @@ def validate(images, labels, *, num_classes: int | None = None,
       raise DataError(f"{what}: {bad} pixel values are NaN or infinite")
     lo, hi = float(images.min()), float(images.max())
     if lo < 0 or hi > 1:
-      raise DataError(f"{what}: float pixels must lie in [0, 1], found min {lo} and max {hi} "
-                      "(scale uint8 data by 1/255)")
+      raise DataError(
+        f"{what}: float pixels must lie in [0, 1], found min {lo} and max {hi} (scale uint8 data by 1/255)"
+      )
     images = images.astype(np.float32)
   else:
     raise DataError(f"{what}: images must be uint8 or float, got {images.dtype}")
@@ -162,8 +174,13 @@ def validate(images, labels, *, num_classes: int | None = None,
   return (images[..., None] if images.ndim == 3 else images), labels.astype(np.int32)
 
 
-def load(name: str = DEFAULT_DATASET, split: str = "train", *,
-         data_dir: str | os.PathLike | None = None, download: bool = False) -> Dataset:
+def load(
+  name: str = DEFAULT_DATASET,
+  split: str = "train",
+  *,
+  data_dir: str | os.PathLike | None = None,
+  download: bool = False,
+) -> Dataset:
   """Loads a dataset split by name or path, with no fallback between datasets.
 
   * `fashion_mnist_subset` (alias `embedded`): the embedded npz.
@@ -196,11 +213,14 @@ def load(name: str = DEFAULT_DATASET, split: str = "train", *,
   if key not in DATASETS:
     if isinstance(name, (str, os.PathLike)) and os.path.exists(name):
       return load_local(name, split)
-    raise DataError(f"unknown dataset {name!r}: expected one of {DATASETS} (or 'embedded'), or "
-                    "the path of an existing file or folder")
+    raise DataError(
+      f"unknown dataset {name!r}: expected one of {DATASETS} (or 'embedded'), or the path of an existing file or folder"
+    )
   if key in ("fashion_mnist_subset", "digits") and data_dir is not None:
-    raise DataError(f"dataset {key!r} does not read data_dir={os.fspath(data_dir)!r}; to load "
-                    "your own files pass their path as the name, or use load_local")
+    raise DataError(
+      f"dataset {key!r} does not read data_dir={os.fspath(data_dir)!r}; to load "
+      "your own files pass their path as the name, or use load_local"
+    )
   if key == "fashion_mnist_subset":
     return _load_embedded(split)
   if key == "digits":
@@ -251,9 +271,11 @@ def load_local(path: str | os.PathLike, split: str = "train") -> Dataset:
   if layout is None:
     if not os.path.exists(path):
       raise DataError(f"{path}: no such file or folder")
-    raise DataError(f"{path}: holds no local dataset: looked for IDX files "
-                    "(train-images-idx3-ubyte[.gz], ...), an .npz file, or class sub-folders of "
-                    "images")
+    raise DataError(
+      f"{path}: holds no local dataset: looked for IDX files "
+      "(train-images-idx3-ubyte[.gz], ...), an .npz file, or class sub-folders of "
+      "images"
+    )
   return {"idx": _load_idx_dir, "npz": _load_npz, "images": _load_image_folder}[layout](path, split)
 
 
@@ -303,14 +325,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   dtype, count = _IDX_DTYPES[code], math.prod(dims)
   expected, found = count * dtype.itemsize, len(raw) - start
   if found != expected:
-    raise DataError(f"{path}: IDX payload has {found} bytes but dimensions {dims} of {dtype.name} "
-                    f"imply {expected} bytes")
+    raise DataError(
+      f"{path}: IDX payload has {found} bytes but dimensions {dims} of {dtype.name} imply {expected} bytes"
+    )
   array = np.frombuffer(raw, dtype, count, start) if count else np.zeros(0, dtype)
   return array.reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def bootstrap_indices(key: jax.Array, n: int, num_members: int,
-                      size: int | None = None) -> np.ndarray:
+def bootstrap_indices(key: jax.Array, n: int, num_members: int, size: int | None = None) -> np.ndarray:
   """Bootstrap resamples (with replacement), one row per ensemble member.
 
   Args:
@@ -324,8 +346,10 @@ def bootstrap_indices(key: jax.Array, n: int, num_members: int,
   """
   size = n if size is None else size
   if min(n, num_members, size) < 1 or n >= 2**31:
-    raise DataError(f"bootstrap_indices needs 1 <= n < 2**31, num_members >= 1, size >= 1; got "
-                    f"n={n}, num_members={num_members}, size={size}")
+    raise DataError(
+      f"bootstrap_indices needs 1 <= n < 2**31, num_members >= 1, size >= 1; got "
+      f"n={n}, num_members={num_members}, size={size}"
+    )
   draw = lambda m: jax.random.randint(jax.random.fold_in(key, m), (size,), 0, n, jnp.int32)
   return np.asarray(jax.vmap(draw)(jnp.arange(num_members)), dtype=np.int32)
 
@@ -377,8 +401,7 @@ def train_test_split(ds: Dataset, test_fraction: float, key) -> tuple[Dataset, D
     raise DataError(f"test_fraction must lie in (0, 1), got {test_fraction}")
   train_idx, test_idx = _stratified_indices(ds.labels, test_fraction, key)
   if not len(train_idx) or not len(test_idx):
-    raise DataError(f"splitting {len(ds)} examples with test_fraction={test_fraction} leaves a "
-                    "part empty")
+    raise DataError(f"splitting {len(ds)} examples with test_fraction={test_fraction} leaves a part empty")
   return ds.subset(train_idx), ds.subset(test_idx)
 
 
@@ -396,31 +419,31 @@ def _stratified_indices(labels: np.ndarray, fraction: float, key) -> tuple[np.nd
   mask = np.zeros(len(labels), bool)
   for c in np.unique(labels):
     members = perm[labels[perm] == c]  # class c in random order
-    mask[members[:int(round(fraction * len(members)))]] = True
+    mask[members[: int(round(fraction * len(members)))]] = True
   return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def _load_embedded(split: str) -> Dataset:
   resource = importlib.resources.files("jipguard") / "_data" / _EMBEDDED_FILE
   if not resource.is_file():
-    raise DataError(f"the embedded subset {_EMBEDDED_FILE} is missing from this installation: "
-                    "reinstall jipguard, or rebuild it with scripts/make_embedded_subset.py "
-                    "(after `apt-get install dataset-fashion-mnist`)")
+    raise DataError(
+      f"the embedded subset {_EMBEDDED_FILE} is missing from this installation: "
+      "reinstall jipguard, or rebuild it with scripts/make_embedded_subset.py "
+      "(after `apt-get install dataset-fashion-mnist`)"
+    )
   with resource.open("rb") as f, np.load(f, allow_pickle=False) as z:
-    images, labels = validate(z[f"x_{split}"], z[f"y_{split}"], num_classes=10,
-                              what=_EMBEDDED_SOURCE)
+    images, labels = validate(z[f"x_{split}"], z[f"y_{split}"], num_classes=10, what=_EMBEDDED_SOURCE)
   return Dataset(images, labels, 10, "fashion_mnist_subset", _EMBEDDED_SOURCE, _FASHION)
 
 
 def _load_digits(split: str) -> Dataset:
   from sklearn import datasets as sk_datasets  # noqa: PLC0415 (sklearn only for digits)
+
   digits = sk_datasets.load_digits()
   parts = _stratified_indices(digits.target, _DIGITS_TEST_FRACTION, jax.random.key(_DIGITS_SEED))
   idx = parts[SPLITS.index(split)]
-  images, labels = validate(digits.images[idx] / 16.0, digits.target[idx], num_classes=10,
-                            what="sklearn digits")
-  return Dataset(images, labels, 10, "digits", "sklearn.datasets.load_digits",
-                 _CLASS_NAMES["digits"])
+  images, labels = validate(digits.images[idx] / 16.0, digits.target[idx], num_classes=10, what="sklearn digits")
+  return Dataset(images, labels, 10, "digits", "sklearn.datasets.load_digits", _CLASS_NAMES["digits"])
 
 
 def _idx_names(split: str, kind: str) -> list[str]:
@@ -430,8 +453,7 @@ def _idx_names(split: str, kind: str) -> list[str]:
 
 
 def _find_idx(path: str, split: str, kind: str) -> str | None:
-  return next((os.path.join(path, n) for n in _idx_names(split, kind)
-               if os.path.isfile(os.path.join(path, n))), None)
+  return next((os.path.join(path, n) for n in _idx_names(split, kind) if os.path.isfile(os.path.join(path, n))), None)
 
 
 def _is_image(name: str) -> bool:
@@ -442,13 +464,17 @@ def _class_dirs(path: str) -> list[str]:
   """Sorted non-hidden sub-folders of `path` holding at least one image file."""
   if not os.path.isdir(path):
     return []
-  return [e for e in sorted(os.listdir(path)) if not e.startswith(".")
-          and os.path.isdir(os.path.join(path, e))
-          and any(_is_image(f) for f in os.listdir(os.path.join(path, e)))]
+  return [
+    e
+    for e in sorted(os.listdir(path))
+    if not e.startswith(".")
+    and os.path.isdir(os.path.join(path, e))
+    and any(_is_image(f) for f in os.listdir(os.path.join(path, e)))
+  ]
 
 
 def _layout(path: str | os.PathLike) -> str | None:
-  """"idx", "npz" or "images": the kind of local dataset at `path`; None if none."""
+  """ "idx", "npz" or "images": the kind of local dataset at `path`; None if none."""
   path = os.fspath(path)
   if os.path.isfile(path):
     return "npz" if path.endswith(".npz") else None
@@ -470,15 +496,13 @@ def _load_idx_dir(path: str, split: str) -> Dataset:
     raise DataError(f"{path}: missing IDX files for split {split!r}: looked for {wanted}")
   images, labels = read_idx(images_file), read_idx(labels_file)
   if images.ndim != 3 or labels.ndim != 1:
-    raise DataError(f"{path}: IDX images must be (N, H, W) and labels (N,), got {images.shape} "
-                    f"and {labels.shape}")
+    raise DataError(f"{path}: IDX images must be (N, H, W) and labels (N,), got {images.shape} and {labels.shape}")
   num_classes = int(labels.max(initial=0)) + 1
   other = _find_idx(path, SPLITS[1 - SPLITS.index(split)], "labels")
   if other is not None:
     num_classes = max(num_classes, int(read_idx(other).max(initial=0)) + 1)
   images, labels = validate(images, labels, what=images_file)
-  return Dataset(images, labels, num_classes, os.path.basename(os.path.normpath(path)),
-                 f"IDX files in {path}")
+  return Dataset(images, labels, num_classes, os.path.basename(os.path.normpath(path)), f"IDX files in {path}")
 
 
 def _load_npz(path: str, split: str) -> Dataset:
@@ -498,18 +522,19 @@ def _load_npz(path: str, split: str) -> Dataset:
   elif "images" in arrays and "labels" in arrays and split == "train":
     images, labels = arrays["images"], arrays["labels"]
   else:
-    raise DataError(f"{path}: no {split!r} split: expected keys x_{split}/y_{split} (or "
-                    f"images/labels, a single train split), found {sorted(arrays) or 'none'}")
+    raise DataError(
+      f"{path}: no {split!r} split: expected keys x_{split}/y_{split} (or "
+      f"images/labels, a single train split), found {sorted(arrays) or 'none'}"
+    )
   images, labels = validate(images, labels, what=path)
-  num_classes = 1 + max(int(np.max(y, initial=0)) for k, y in arrays.items()
-                        if k in ("y_train", "y_test", "labels"))
-  return Dataset(images, labels, num_classes, os.path.splitext(os.path.basename(path))[0],
-                 f"npz file {path}")
+  num_classes = 1 + max(int(np.max(y, initial=0)) for k, y in arrays.items() if k in ("y_train", "y_test", "labels"))
+  return Dataset(images, labels, num_classes, os.path.splitext(os.path.basename(path))[0], f"npz file {path}")
 
 
 def _read_image(file: str) -> np.ndarray:
   """uint8 (H, W, 1) for grayscale, (H, W, 3) for colour (alpha dropped)."""
   from PIL import Image  # noqa: PLC0415 (Pillow only for image folders)
+
   try:
     with Image.open(file) as img:
       mode = img.mode
@@ -533,8 +558,10 @@ def _load_image_folder(path: str, split: str) -> Dataset:
       raise DataError(f"{path}: has train/ but no {split}/ with class sub-folders of images")
     classes = sorted(set(_class_dirs(train_dir)) | set(_class_dirs(root)))
   elif split == "test":
-    raise DataError(f"{path}: an image folder without train/ and test/ sub-folders is a single "
-                    "'train' split; split it with train_test_split")
+    raise DataError(
+      f"{path}: an image folder without train/ and test/ sub-folders is a single "
+      "'train' split; split it with train_test_split"
+    )
   else:
     root, classes = path, _class_dirs(path)
   images, labels = [], []
@@ -545,13 +572,16 @@ def _load_image_folder(path: str, split: str) -> Dataset:
       images.append(_read_image(file))
       labels.append(label)
       if images[-1].shape != images[0].shape:
-        raise DataError(f"{file}: image shape {images[-1].shape} (H, W, C) differs from "
-                        f"{images[0].shape} of the first image; all images must share one shape")
+        raise DataError(
+          f"{file}: image shape {images[-1].shape} (H, W, C) differs from "
+          f"{images[0].shape} of the first image; all images must share one shape"
+        )
   if not images:
     raise DataError(f"{root}: no class sub-folders of images")
   images, labels = validate(np.stack(images), np.asarray(labels), what=root)
-  return Dataset(images, labels, len(classes), os.path.basename(os.path.normpath(path)),
-                 f"image folder {path}", tuple(classes))
+  return Dataset(
+    images, labels, len(classes), os.path.basename(os.path.normpath(path)), f"image folder {path}", tuple(classes)
+  )
 
 
 def _has_tensorflow() -> bool:
@@ -560,41 +590,54 @@ def _has_tensorflow() -> bool:
 
 def _missing_message(name: str, split: str, data_dir: str | None, err: Exception) -> str:
   where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets (tfds's default)")
-  no_tf = ("" if _has_tensorflow() else " Without the `tensorflow` package, tfds reads only a "
-           "copy prepared in ArrayRecord format, and cannot prepare one.")
-  lines = [f"dataset {name!r} (split {split!r}) is not available offline: tensorflow-datasets "
-           f"has no prepared copy in {where}.{no_tf}",
-           f"  (tfds: {type(err).__name__}: {str(err).strip()[:400]})", "To get it, either:"]
+  no_tf = (
+    ""
+    if _has_tensorflow()
+    else " Without the `tensorflow` package, tfds reads only a "
+    "copy prepared in ArrayRecord format, and cannot prepare one."
+  )
+  lines = [
+    f"dataset {name!r} (split {split!r}) is not available offline: tensorflow-datasets "
+    f"has no prepared copy in {where}.{no_tf}",
+    f"  (tfds: {type(err).__name__}: {str(err).strip()[:400]})",
+    "To get it, either:",
+  ]
   if name == "fashion_mnist":
-    lines.append(f"  - `apt-get install dataset-fashion-mnist` (IDX files in "
-                 f"{DEBIAN_FASHION_MNIST}, used automatically when data_dir is None);")
+    lines.append(
+      f"  - `apt-get install dataset-fashion-mnist` (IDX files in "
+      f"{DEBIAN_FASHION_MNIST}, used automatically when data_dir is None);"
+    )
   lines += [
-      "  - pass data_dir= (--data_dir) a folder holding IDX files (train-images-idx3-ubyte.gz, "
-      "...), an .npz (x_train, y_train, x_test, y_test) or an image folder with one sub-folder "
-      "per class;",
-      f"  - online, after `pip install tensorflow`: load({name!r}, download=True) once, or "
-      f"`tfds build {name} --data_dir DIR` and pass data_dir=DIR;",
-      f"  - without tensorflow: copy in a version prepared elsewhere with `tfds build {name} "
-      "--file_format=array_record --data_dir DIR` and pass data_dir=DIR."]
+    "  - pass data_dir= (--data_dir) a folder holding IDX files (train-images-idx3-ubyte.gz, "
+    "...), an .npz (x_train, y_train, x_test, y_test) or an image folder with one sub-folder "
+    "per class;",
+    f"  - online, after `pip install tensorflow`: load({name!r}, download=True) once, or "
+    f"`tfds build {name} --data_dir DIR` and pass data_dir=DIR;",
+    f"  - without tensorflow: copy in a version prepared elsewhere with `tfds build {name} "
+    "--file_format=array_record --data_dir DIR` and pass data_dir=DIR.",
+  ]
   return "\n".join(lines)
 
 
 def _load_tfds(name: str, split: str, data_dir, download: bool) -> Dataset:
   """Reads a prepared tfds copy: tfds.load with TensorFlow, tfds.data_source without."""
   import tensorflow_datasets as tfds  # noqa: PLC0415 (tfds is slow to import; named datasets only)
+
   data_dir = None if data_dir is None else os.fspath(data_dir)
   if _has_tensorflow():
     try:
-      (images, labels), info = tfds.load(name, split=split, data_dir=data_dir, batch_size=-1,
-                                         as_supervised=True, download=download, with_info=True)
+      (images, labels), info = tfds.load(
+        name, split=split, data_dir=data_dir, batch_size=-1, as_supervised=True, download=download, with_info=True
+      )
       images, labels = tfds.as_numpy(images), tfds.as_numpy(labels)
     except Exception as err:  # tfds raises many types (AssertionError, KeyError, ...) for this.
       raise DataError(_missing_message(name, split, data_dir, err)) from err
     backend = "tfds.load"
   else:  # tfds needs TensorFlow to encode images when preparing: read only, never download.
     try:
-      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                builder_kwargs={"file_format": "array_record"})
+      source = tfds.data_source(
+        name, split=split, data_dir=data_dir, download=False, builder_kwargs={"file_format": "array_record"}
+      )
       examples = [source[i] for i in range(len(source))]
     except Exception as err:  # tfds raises many types (KeyError, NotImplementedError, ...).
       raise DataError(_missing_message(name, split, data_dir, err)) from err
@@ -606,5 +649,6 @@ def _load_tfds(name: str, split: str, data_dir, download: bool) -> Dataset:
   num_classes = int(info.features["label"].num_classes)
   images, labels = validate(images, labels, num_classes=num_classes, what=f"tfds:{name}")
   names = _CLASS_NAMES[name] if num_classes == len(_CLASS_NAMES[name]) else ()
-  return Dataset(images, labels, num_classes, name,
-                 f"tfds:{name} (data_dir={data_dir or 'tfds default'}, {backend})", names)
+  return Dataset(
+    images, labels, num_classes, name, f"tfds:{name} (data_dir={data_dir or 'tfds default'}, {backend})", names
+  )

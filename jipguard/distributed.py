@@ -36,16 +36,25 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 # Environment variables that mean "a cluster launched this process as one of several".
-_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS",
-                "MEGASCALE_COORDINATOR_ADDRESS")
+_CLUSTER_ENV = (
+  "SLURM_NTASKS",
+  "OMPI_COMM_WORLD_SIZE",
+  "TPU_WORKER_HOSTNAMES",
+  "JAX_COORDINATOR_ADDRESS",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
   """The experiments' multi-host flags."""
   g = parser.add_argument_group("multi-host (jax.distributed)")
-  g.add_argument("--distributed", choices=("off", "auto", "on"), default="off",
-                 help="'auto': initialise when a cluster environment is detected (TPU pod, SLURM, MPI); "
-                      "'on': always (with the flags below or JAX's own detection)")
+  g.add_argument(
+    "--distributed",
+    choices=("off", "auto", "on"),
+    default="off",
+    help="'auto': initialise when a cluster environment is detected (TPU pod, SLURM, MPI); "
+    "'on': always (with the flags below or JAX's own detection)",
+  )
   g.add_argument("--coordinator_address", help="host:port of process 0")
   g.add_argument("--num_processes", type=int, help="number of processes in the job")
   g.add_argument("--process_id", type=int, help="this process's rank, 0..num_processes-1")
@@ -54,10 +63,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_compilation_cache_flag(parser: argparse.ArgumentParser) -> None:
   """``--compilation_cache`` (see :func:`enable_compilation_cache`), for every experiment."""
-  parser.add_argument("--compilation_cache", default=default_compilation_cache(),
-                      help="directory of JAX's persistent compilation cache, or 'off' (default: "
-                           "$JIPGUARD_COMPILATION_CACHE, else $XDG_CACHE_HOME/jipguard/xla or ~/.cache/jipguard/xla; "
-                           "$JAX_COMPILATION_CACHE_DIR, when set, takes precedence)")
+  parser.add_argument(
+    "--compilation_cache",
+    default=default_compilation_cache(),
+    help="directory of JAX's persistent compilation cache, or 'off' (default: "
+    "$JIPGUARD_COMPILATION_CACHE, else $XDG_CACHE_HOME/jipguard/xla or ~/.cache/jipguard/xla; "
+    "$JAX_COMPILATION_CACHE_DIR, when set, takes precedence)",
+  )
 
 
 def default_compilation_cache() -> str:
@@ -132,8 +144,12 @@ def detected_cluster() -> bool:
   return any(v in os.environ for v in _CLUSTER_ENV[2:])
 
 
-def initialize(mode: str = "auto", coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+  mode: str = "auto",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Starts ``jax.distributed`` when asked or detected; returns whether it did.
 
   Args:
@@ -154,16 +170,21 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   if mode == "off" or (mode == "auto" and explicit[0] is None and not detected_cluster()):
     return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Used by CPU devices only.
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   return True
 
 
 def initialize_from_flags(args: argparse.Namespace) -> bool:
   """:func:`enable_compilation_cache`, then :func:`initialize`, from :func:`add_flags`' flags."""
   enable_compilation_cache(getattr(args, "compilation_cache", None))
-  return initialize(args.distributed if args.coordinator_address is None else "on", args.coordinator_address,
-                    args.num_processes, args.process_id)
+  return initialize(
+    args.distributed if args.coordinator_address is None else "on",
+    args.coordinator_address,
+    args.num_processes,
+    args.process_id,
+  )
 
 
 def is_main_process() -> bool:

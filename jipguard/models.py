@@ -176,10 +176,10 @@ class ResNet(nn.Module):
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": MLP,
-    "cnn": CNN,
-    "resnet8": functools.partial(ResNet, stage_sizes=(1, 1, 1)),
-    "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3)),
+  "mlp": MLP,
+  "cnn": CNN,
+  "resnet8": functools.partial(ResNet, stage_sizes=(1, 1, 1)),
+  "resnet20": functools.partial(ResNet, stage_sizes=(3, 3, 3)),
 }
 
 

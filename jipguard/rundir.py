@@ -153,14 +153,18 @@ def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], wher
   if saved != current:
     diff = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
     raise ConfigMismatch(
-        f"{where} holds work of a different configuration (differs in {diff}); "
-        "use another directory or delete it to start afresh")
+      f"{where} holds work of a different configuration (differs in {diff}); "
+      "use another directory or delete it to start afresh"
+    )
 
 
 def environment() -> dict[str, Any]:
   """The versions and devices a run records next to its configuration."""
-  return {"jipguard_version": jipguard.__version__, "jax_version": jax.__version__,
-          "devices": [str(d) for d in jax.devices()]}
+  return {
+    "jipguard_version": jipguard.__version__,
+    "jax_version": jax.__version__,
+    "devices": [str(d) for d in jax.devices()],
+  }
 
 
 def fingerprint(cfg: Any, **added: Any) -> dict[str, Any]:
@@ -171,8 +175,14 @@ def fingerprint(cfg: Any, **added: Any) -> dict[str, Any]:
   return {k: v for k, v in d.items() if not (k in added and v == added[k])}
 
 
-def write_config(directory: str | os.PathLike, config: Mapping[str, Any], *, ignore: Iterable[str] = (),
-                 name: str = "config.json", write: bool = True) -> None:
+def write_config(
+  directory: str | os.PathLike,
+  config: Mapping[str, Any],
+  *,
+  ignore: Iterable[str] = (),
+  name: str = "config.json",
+  write: bool = True,
+) -> None:
   """Writes ``<directory>/config.json``: ``{"config": config, versions, devices}``.
 
   A directory that already holds a config.json is refused unless its ``config`` equals this one
@@ -195,8 +205,11 @@ def write_config(directory: str | os.PathLike, config: Mapping[str, Any], *, ign
     saved = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(saved, dict):
       raise ConfigMismatch(f"{path} is not a jipguard config.json; use another directory")
-    check_same_config({k: v for k, v in saved.items() if k not in ignored},
-                      {k: v for k, v in config.items() if k not in ignored}, directory)
+    check_same_config(
+      {k: v for k, v in saved.items() if k not in ignored},
+      {k: v for k, v in config.items() if k not in ignored},
+      directory,
+    )
   if write:
     write_json(path, {"config": dict(config), **environment()})
 
@@ -219,8 +232,9 @@ def read_secret(path: str | os.PathLike) -> Any:
   """Reads a :func:`write_secret` file; PermissionError if others may read it."""
   st = os.stat(path)
   if st.st_mode & 0o077:
-    raise PermissionError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); "
-                          f"restrict it with `chmod 600 {path}`")
+    raise PermissionError(
+      f"{path} is readable by others (mode {st.st_mode & 0o777:o}); restrict it with `chmod 600 {path}`"
+    )
   return read_json(path)
 
 
@@ -241,8 +255,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *,
   return "\n".join(lines) + "\n"
 
 
-def write_table(path_stem: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *,
-                title: str = "", fmt: str = ".4g") -> None:
+def write_table(
+  path_stem: str | os.PathLike,
+  rows: Sequence[Mapping[str, Any]],
+  columns: Sequence[str],
+  *,
+  title: str = "",
+  fmt: str = ".4g",
+) -> None:
   """Writes ``<path_stem>.md`` (markdown, under ``title``) and ``<path_stem>.csv`` (full precision)."""
   stem = os.fspath(path_stem)
   head = f"# {title}\n\n" if title else ""
@@ -253,4 +273,3 @@ def write_table(path_stem: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
   for r in rows:
     writer.writerow([r.get(c, "") for c in columns])
   write_text(stem + ".csv", buf.getvalue())
-

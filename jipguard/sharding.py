@@ -23,9 +23,7 @@ MEMBER = "member"
 DATA = "data"
 
 
-def make_mesh(
-    member: int | None = None, data: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
+def make_mesh(member: int | None = None, data: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ``(member, data)`` mesh over ``devices`` (default: all devices).
 
   Args:
@@ -40,13 +38,8 @@ def make_mesh(
   if member is None:
     member = len(devices) // data
   if member * data != len(devices):
-    raise ValueError(
-        f"mesh {member} (member) x {data} (data) needs {member * data} devices, "
-        f"have {len(devices)}"
-    )
-  return jax.make_mesh(
-      (member, data), (MEMBER, DATA), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
-  )
+    raise ValueError(f"mesh {member} (member) x {data} (data) needs {member * data} devices, have {len(devices)}")
+  return jax.make_mesh((member, data), (MEMBER, DATA), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def member_sharding(mesh: Mesh) -> NamedSharding:

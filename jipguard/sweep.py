@@ -35,17 +35,16 @@ from typing import Any
 
 from jipguard import distributed, rundir
 
-HEADLINE = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "correlation_mean",
-            "ssim_mean")
+HEADLINE = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "correlation_mean", "ssim_mean")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """One point of the grid."""
 
-  name: str                 # Directory name under --out, e.g. "omega_tr=10,seed=0".
-  params: dict[str, str]    # Grid values (as given on the command line).
-  argv: tuple[str, ...]     # The experiment's arguments, --workdir included.
+  name: str  # Directory name under --out, e.g. "omega_tr=10,seed=0".
+  params: dict[str, str]  # Grid values (as given on the command line).
+  argv: tuple[str, ...]  # The experiment's arguments, --workdir included.
   workdir: str
 
 
@@ -104,8 +103,9 @@ def run_config(config: Config, experiment: pathlib.Path, out: str, env: dict[str
   with open(log_path, "a") as log:
     log.write(f"$ {sys.executable} {experiment} {' '.join(config.argv)}\n")
     log.flush()
-    proc = subprocess.Popen([sys.executable, str(experiment), *config.argv], stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
+    proc = subprocess.Popen(
+      [sys.executable, str(experiment), *config.argv], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
     try:
       rc = proc.wait()
     except KeyboardInterrupt as e:
@@ -123,8 +123,12 @@ def run_config(config: Config, experiment: pathlib.Path, out: str, env: dict[str
 def summary(configs: list[Config], statuses: dict[str, str]) -> list[dict[str, Any]]:
   rows = []
   for c in configs:
-    row: dict[str, Any] = {"name": c.name, "params": c.params, "workdir": c.workdir,
-                           "status": statuses.get(c.name, "done" if is_finished(c) else "pending")}
+    row: dict[str, Any] = {
+      "name": c.name,
+      "params": c.params,
+      "workdir": c.workdir,
+      "status": statuses.get(c.name, "done" if is_finished(c) else "pending"),
+    }
     if is_finished(c):
       with open(os.path.join(c.workdir, "metrics.json")) as f:
         m = json.load(f)
@@ -135,8 +139,11 @@ def summary(configs: list[Config], statuses: dict[str, str]) -> list[dict[str, A
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
   keys = [k for k in HEADLINE if any(k in r.get("metrics", {}) for r in rows)]
-  lines = [f"# Sweep\n\nCommand: `{command}`\n", "| config | status | " + " | ".join(keys) + " |",
-           "|---|---|" + "---|" * len(keys)]
+  lines = [
+    f"# Sweep\n\nCommand: `{command}`\n",
+    "| config | status | " + " | ".join(keys) + " |",
+    "|---|---|" + "---|" * len(keys),
+  ]
   for r in rows:
     vals = [f"{r['metrics'][k]:.4g}" if k in r.get("metrics", {}) else "-" for k in keys]
     lines.append(f"| {r['name']} | {r['status']} | " + " | ".join(vals) + " |")
@@ -147,23 +154,38 @@ def main(argv: list[str] | None = None, *, experiments: str | os.PathLike, descr
   """The sweep of ``experiments/sweep.py``; ``experiments``: the folder of the experiment scripts."""
   argv = sys.argv[1:] if argv is None else argv
   experiments = pathlib.Path(experiments)
-  ours, base = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  ours, base = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
   p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--experiment", default="ipprotect",
-                 help="experiments/<name>.py (default ipprotect), or a path to any script taking --workdir "
-                      "and writing metrics.json last")
+  p.add_argument(
+    "--experiment",
+    default="ipprotect",
+    help="experiments/<name>.py (default ipprotect), or a path to any script taking --workdir "
+    "and writing metrics.json last",
+  )
   p.add_argument("--out", required=True, help="sweep directory: one run directory per config")
-  p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
-                 help="a grid axis: the experiment's flag --NAME takes each value (repeatable)")
-  p.add_argument("--task_index", type=int, default=None,
-                 help="run one array task's share (default: $SLURM_ARRAY_TASK_ID if set, else all configs)")
-  p.add_argument("--num_tasks", type=int, default=None,
-                 help="with --task_index: the number of array tasks sharing the grid (default: one config each)")
+  p.add_argument(
+    "--grid",
+    action="append",
+    default=[],
+    metavar="NAME=V1,V2,...",
+    help="a grid axis: the experiment's flag --NAME takes each value (repeatable)",
+  )
+  p.add_argument(
+    "--task_index",
+    type=int,
+    default=None,
+    help="run one array task's share (default: $SLURM_ARRAY_TASK_ID if set, else all configs)",
+  )
+  p.add_argument(
+    "--num_tasks",
+    type=int,
+    default=None,
+    help="with --task_index: the number of array tasks sharing the grid (default: one config each)",
+  )
   p.add_argument("--list", action="store_true", help="print the configs and their status; run nothing")
   a = p.parse_args(ours)
 
-  experiment = (pathlib.Path(a.experiment) if a.experiment.endswith(".py")
-                else experiments / f"{a.experiment}.py")
+  experiment = pathlib.Path(a.experiment) if a.experiment.endswith(".py") else experiments / f"{a.experiment}.py"
   if not experiment.is_file() or experiment.resolve() == (experiments / "sweep.py").resolve():
     p.error(f"no experiment {a.experiment!r}: expected {experiment}")
   try:
@@ -211,4 +233,3 @@ def main(argv: list[str] | None = None, *, experiments: str | os.PathLike, descr
   rundir.write_text(os.path.join(a.out, f"sweep{tag}.md"), markdown(rows, command))
   print(markdown(rows, command))
   return 1 if failed else 0
-

@@ -28,15 +28,14 @@ from jipguard import data  # pylint: disable=g-import-not-at-top,wrong-import-po
 SEED = 20240601
 PER_CLASS = {"train": 1000, "test": 100}
 NUM_CLASSES = 10
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "jipguard", "_data", "fashion_mnist_subset.npz")
+DEFAULT_OUT = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jipguard", "_data", "fashion_mnist_subset.npz"
+)
 
 
-def stratified_indices(labels: np.ndarray, per_class: int,
-                       rng: np.random.Generator) -> np.ndarray:
+def stratified_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
   """Ascending indices of `per_class` examples of each class, drawn without replacement."""
-  chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
-            for c in range(NUM_CLASSES)]
+  chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(NUM_CLASSES)]
   return np.sort(np.concatenate(chosen)).astype(np.int32)
 
 
@@ -54,8 +53,7 @@ def write_npz_deterministic(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--source", default=data.DEBIAN_FASHION_MNIST,
-                      help="folder with the Fashion-MNIST IDX files")
+  parser.add_argument("--source", default=data.DEBIAN_FASHION_MNIST, help="folder with the Fashion-MNIST IDX files")
   parser.add_argument("--out", default=DEFAULT_OUT, help="npz file to write")
   args = parser.parse_args()
   if not os.path.isdir(args.source):
@@ -74,8 +72,10 @@ def main() -> None:
     digest = hashlib.sha256(f.read()).hexdigest()
   print(f"wrote {args.out}: {os.path.getsize(args.out)} bytes, sha256 {digest}")
   for split in ("train", "test"):
-    print(f"  {split}: {len(arrays[f'y_{split}'])} images, per class "
-          f"{np.bincount(arrays[f'y_{split}'], minlength=NUM_CLASSES).tolist()}")
+    print(
+      f"  {split}: {len(arrays[f'y_{split}'])} images, per class "
+      f"{np.bincount(arrays[f'y_{split}'], minlength=NUM_CLASSES).tolist()}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,15 +42,22 @@ def main(argv=None) -> int:
   fit = trainer.fit(keys, x, y, indices=indices, epochs=2, progress=False)
   params = distributed.to_host(fit.state.params)
   variables = fit.state.variables
-  cfg = sanitizer.SanitizerConfig(steps=20, data_batch=8, loss="probs", learning_rate=0.1, zeta=0.02,
-                                  val_every=5, min_steps=10)
+  cfg = sanitizer.SanitizerConfig(
+    steps=20, data_batch=8, loss="probs", learning_rate=0.1, zeta=0.02, val_every=5, min_steps=10
+  )
   tr = jax.tree.map(lambda a: a[:4], variables)
   va = jax.tree.map(lambda a: a[4:6], variables)
   san = sanitizer.sanitize(model, tr, va, x[:8], cfg, seed=3, anchor_seed=11, progress=False, mesh=mesh)
   if distributed.is_main_process():
     flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(params)}
-    np.savez(args.out, loss=np.asarray([h["loss"] for h in fit.history]), images=san.images, steps=san.steps,
-             process_count=jax.process_count(), **flat)
+    np.savez(
+      args.out,
+      loss=np.asarray([h["loss"] for h in fit.history]),
+      images=san.images,
+      steps=san.steps,
+      process_count=jax.process_count(),
+      **flat,
+    )
   return 0
 
 

@@ -20,8 +20,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Makes `b
 from benchmarks import harness, kernels  # noqa: E402
 from jipguard.ipprotect import sanitizer  # noqa: E402
 
-_ROW_KEYS = {"kernel", "size", "jax_s", "jax_compile_s", "torch_best_s", "torch_func_s", "torch_loop_s",
-             "ratio", "gflops", "torch_gflops", "check_max_rel_err", "check_passed"}
+_ROW_KEYS = {
+  "kernel",
+  "size",
+  "jax_s",
+  "jax_compile_s",
+  "torch_best_s",
+  "torch_func_s",
+  "torch_loop_s",
+  "ratio",
+  "gflops",
+  "torch_gflops",
+  "check_max_rel_err",
+  "check_passed",
+}
 
 
 def test_smallest_ensemble_row_has_keys_and_passes_equivalence_check(tmp_path):
@@ -54,8 +66,10 @@ def test_equivalence_check_compares_all_three_implementations():
 
 
 def test_roofline_fraction_is_relative_to_best_gemm():
-  rows = [{"kernel": "gemm_roofline", "gflops": 50.0, "torch_gflops": 100.0},
-          {"kernel": "ensemble_train_epoch", "gflops": 25.0, "torch_gflops": 10.0}]
+  rows = [
+    {"kernel": "gemm_roofline", "gflops": 50.0, "torch_gflops": 100.0},
+    {"kernel": "ensemble_train_epoch", "gflops": 25.0, "torch_gflops": 10.0},
+  ]
   harness.add_roofline(rows)
   assert rows[1]["roofline_fraction"] == 0.25 and rows[1]["torch_roofline_fraction"] == 0.1
   assert rows[0]["roofline_fraction"] == 0.5
@@ -65,9 +79,11 @@ def test_roofline_fraction_is_relative_to_best_gemm():
 def test_roofline_for_target_is_where_the_ratio_meets_the_target():
   """At equal FLOPs ratio = torch roofline / JAX roofline: a JAX row at ``roofline_for_target``
   of the peak has exactly the target ratio; a faster torch row asks for more than the peak."""
-  rows = [{"kernel": "gemm_roofline", "gflops": 100.0, "torch_gflops": 80.0},
-          {"kernel": "k", "gflops": 60.0, "torch_gflops": 40.0, "ratio": 40.0 / 60.0, "target": 0.5},
-          {"kernel": "k", "gflops": 90.0, "torch_gflops": 60.0, "ratio": 60.0 / 90.0, "target": 0.5}]
+  rows = [
+    {"kernel": "gemm_roofline", "gflops": 100.0, "torch_gflops": 80.0},
+    {"kernel": "k", "gflops": 60.0, "torch_gflops": 40.0, "ratio": 40.0 / 60.0, "target": 0.5},
+    {"kernel": "k", "gflops": 90.0, "torch_gflops": 60.0, "ratio": 60.0 / 90.0, "target": 0.5},
+  ]
   harness.add_roofline(rows)
   assert rows[1]["roofline_for_target"] == pytest.approx(0.8)
   assert rows[1]["torch_roofline_fraction"] / rows[1]["roofline_for_target"] == pytest.approx(rows[1]["target"])
@@ -76,11 +92,18 @@ def test_roofline_for_target_is_where_the_ratio_meets_the_target():
 
 def test_run_marks_rows_against_their_kernel_targets():
   timing = harness.Timing(1.0, (1.0,))
-  registry = {"gemm_roofline": kernels.Kernel(lambda q: [_Size("gemm")], lambda *a: harness.make_row(
-                  "gemm_roofline", "gemm", 1e11, timing, 0.0, None, timing)),
-              "k": kernels.Kernel(lambda q: [_Size("fast"), _Size("slow |Omega|=4")], lambda size, *a: harness.make_row(
-                  "k", size.label, 5e10, harness.Timing(1.0, (0.4 if size.label == "fast" else 0.6,)), 0.0,
-                  None, timing), target=0.5)}
+  registry = {
+    "gemm_roofline": kernels.Kernel(
+      lambda q: [_Size("gemm")], lambda *a: harness.make_row("gemm_roofline", "gemm", 1e11, timing, 0.0, None, timing)
+    ),
+    "k": kernels.Kernel(
+      lambda q: [_Size("fast"), _Size("slow |Omega|=4")],
+      lambda size, *a: harness.make_row(
+        "k", size.label, 5e10, harness.Timing(1.0, (0.4 if size.label == "fast" else 0.6,)), 0.0, None, timing
+      ),
+      target=0.5,
+    ),
+  }
   rows = harness.run(registry, list(registry), quick=True, repeats=1, log=lambda s: None)
   assert [r["met"] for r in rows] == [None, True, False]
   assert [r["target"] for r in rows] == [None, 0.5, 0.5]
@@ -90,8 +113,12 @@ def test_run_marks_rows_against_their_kernel_targets():
   cells = [len(re.split(r"(?<!\\)\|", line)) for line in table.splitlines() if line.startswith("|")]
   assert len(cells) == 5 and len(set(cells)) == 1, cells  # The label's "|" is escaped, not a new cell.
   assert {k: kernels.KERNELS[k].target for k in kernels.KERNELS} == {
-      "gemm_roofline": None, "ensemble_train_epoch": 0.5, "sanitize_step": 0.8, "sanitize_dataset": 0.5,
-      "watermark_grid_search": 0.5}
+    "gemm_roofline": None,
+    "ensemble_train_epoch": 0.5,
+    "sanitize_step": 0.8,
+    "sanitize_dataset": 0.5,
+    "watermark_grid_search": 0.5,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +149,11 @@ def test_analytic_flops_match_xla_cost_analysis(model, hwc):
 
   def kernel_grads(v, x, y):
     def loss(params):
-      logits, _ = net.apply({**v, "params": params}, x, train=True, rngs={"dropout": jax.random.key(1)},
-                            mutable=["batch_stats"])
+      logits, _ = net.apply(
+        {**v, "params": params}, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     return jax.grad(loss)(v["params"])
 
   # XLA also counts biases, ReLUs, batch norm, pooling, dropout and the loss, but skips the taps
@@ -161,6 +190,7 @@ def test_torch_reference_loss_equals_the_sanitizers(loss):
   import torch
 
   from benchmarks import torch_reference
+
   rng = np.random.default_rng(0)
   a, b = (rng.standard_normal((6, 4, 10)).astype(np.float32) * 3 for _ in range(2))
   want = sanitizer._distance(jnp.asarray(a), jnp.asarray(b), loss, 2.0, 1.5)
@@ -203,8 +233,14 @@ def test_run_writes_finished_rows_before_a_later_row_fails(tmp_path):
 
   machine = harness.machine_info(["benchmarks/run.py"])
   with pytest.raises(RuntimeError, match="part-way"):
-    harness.run({"fake": Fake()}, ["fake"], quick=True, repeats=1, log=lambda s: None,
-                on_row=lambda rows: harness.write(tmp_path, rows, machine))
+    harness.run(
+      {"fake": Fake()},
+      ["fake"],
+      quick=True,
+      repeats=1,
+      log=lambda s: None,
+      on_row=lambda rows: harness.write(tmp_path, rows, machine),
+    )
   rows = json.loads((tmp_path / "results.json").read_text())
   assert [r["size"] for r in rows] == ["first"] and rows[0]["ratio"] == 1.0
   assert "| fake | first |" in (tmp_path / "results.md").read_text()
@@ -218,8 +254,10 @@ def test_run_writes_finished_rows_before_a_later_row_fails(tmp_path):
 def test_retable_fills_targets_of_an_old_results_file(tmp_path, capsys):
   from benchmarks import run  # noqa: PLC0415
 
-  old = [{"kernel": "gemm_roofline", "size": "mm", "ratio": 1.0, "gflops": 100.0, "torch_gflops": 90.0},
-         {"kernel": "watermark_grid_search", "size": "K=3 x N=2", "ratio": 0.6, "gflops": 90.0, "torch_gflops": 54.0}]
+  old = [
+    {"kernel": "gemm_roofline", "size": "mm", "ratio": 1.0, "gflops": 100.0, "torch_gflops": 90.0},
+    {"kernel": "watermark_grid_search", "size": "K=3 x N=2", "ratio": 0.6, "gflops": 90.0, "torch_gflops": 54.0},
+  ]
   (tmp_path / "results.json").write_text(json.dumps(old))
   run.main(["--retable", str(tmp_path / "results.json")])
   lines = capsys.readouterr().out.splitlines()
@@ -246,8 +284,10 @@ def test_run_without_torch_says_how_to_install_it():
   import subprocess  # noqa: PLC0415
 
   root = pathlib.Path(__file__).resolve().parents[1]
-  code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py', '--quick', '--out', 'unused']; "
-          "runpy.run_path('benchmarks/run.py', run_name='__main__')")
+  code = (
+    "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py', '--quick', '--out', 'unused']; "
+    "runpy.run_path('benchmarks/run.py', run_name='__main__')"
+  )
   r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
   assert r.returncode == 1, r.stderr
   assert "PyTorch, which is not installed here: pip install -e '.[bench]'" in r.stderr

@@ -14,8 +14,14 @@ import pytest
 from jipguard import data
 
 DEBIAN = data.DEBIAN_FASHION_MNIST
-_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype("i2"): 0x0B,
-          np.dtype("i4"): 0x0C, np.dtype("f4"): 0x0D, np.dtype("f8"): 0x0E}
+_CODES = {
+  np.dtype("u1"): 0x08,
+  np.dtype("i1"): 0x09,
+  np.dtype("i2"): 0x0B,
+  np.dtype("i4"): 0x0C,
+  np.dtype("f4"): 0x0D,
+  np.dtype("f8"): 0x0E,
+}
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -91,14 +97,16 @@ def test_embedded_subset_sha256_matches_readme():
 
 def test_digits_shapes_stratified_disjoint_split():
   from sklearn.datasets import load_digits
+
   train, test = data.load("digits", "train"), data.load("digits", "test")
   assert train.images.shape[1:] == test.images.shape[1:] == (8, 8, 1)
   assert len(train) + len(test) == 1797 and train.images.max() <= 1.0
   full = load_digits()
   # Train and test together are exactly the full set (so disjoint, nothing lost).
   rows = lambda x, y: sorted(zip(map(bytes, (x * 16).round().astype(np.uint8).reshape(len(x), -1)), y, strict=True))
-  assert rows(np.concatenate([train.images, test.images]),
-              np.concatenate([train.labels, test.labels])) == rows(full.images / 16, full.target)
+  assert rows(np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])) == rows(
+    full.images / 16, full.target
+  )
   per_class = np.bincount(full.target)
   np.testing.assert_array_equal(np.bincount(test.labels), [round(0.2 * c) for c in per_class])
   np.testing.assert_array_equal(data.load("digits", "test").labels, test.labels)
@@ -117,7 +125,9 @@ def test_idx_round_trip(tmp_path, dtype, suffix):
   np.testing.assert_array_equal(out, array)
 
 
-@pytest.mark.parametrize("content,message", [
+@pytest.mark.parametrize(
+  "content,message",
+  [
     (b"\x00\x00", "truncated IDX header"),
     (b"\x00\x00\x08\x03\x00\x00\x00\x02", "truncated IDX header"),
     (b"\x01\x02\x08\x01\x00\x00\x00\x01\x05", "wrong IDX magic"),
@@ -125,7 +135,8 @@ def test_idx_round_trip(tmp_path, dtype, suffix):
     (b"\x00\x00\x08\x01\x00\x00\x00\x04\x01\x02", "has 2 bytes but .* imply 4 bytes"),
     (b"\x00\x00\x08\x01\x00\x00\x00\x01\x01\x02", "has 2 bytes but .* imply 1 bytes"),
     (b"\x00\x00\x08\x00", "rank 0"),
-])
+  ],
+)
 def test_idx_errors(tmp_path, content, message):
   path = tmp_path / "bad-idx1-ubyte"
   path.write_bytes(content)
@@ -161,7 +172,7 @@ def test_idx_fuzz_returns_declared_shape_or_raises_data_error(tmp_path):
       for pos in rng.integers(0, len(base), rng.integers(1, 4)):
         base[pos] = int(rng.integers(0, 256))
     elif kind == 1:  # truncation or extension
-      base = base[:rng.integers(0, len(base))] if i % 8 == 1 else base + rng.bytes(3)
+      base = base[: rng.integers(0, len(base))] if i % 8 == 1 else base + rng.bytes(3)
     elif kind == 2:  # garbage, sometimes with a plausible prefix
       base = bytearray([b"", b"\x1f\x8b", b"\x00\x00\x08\x01"][i % 3] + rng.bytes(rng.integers(0, 64)))
     else:  # header fields set to random values
@@ -174,7 +185,7 @@ def test_idx_fuzz_returns_declared_shape_or_raises_data_error(tmp_path):
       outcomes["error"] += 1
       continue
     content = gzip.decompress(bytes(base)) if base[:2] == b"\x1f\x8b" else bytes(base)
-    dims = struct.unpack(f">{content[3]}I", content[4:4 + 4 * content[3]])
+    dims = struct.unpack(f">{content[3]}I", content[4 : 4 + 4 * content[3]])
     assert isinstance(out, np.ndarray) and out.shape == dims
     outcomes["ok"] += 1
   assert outcomes["ok"] > 0 and outcomes["error"] > 100, outcomes
@@ -183,7 +194,9 @@ def test_idx_fuzz_returns_declared_shape_or_raises_data_error(tmp_path):
 # --------------------------------------------------------------------------- validate
 
 
-@pytest.mark.parametrize("images,labels,kwargs,message", [
+@pytest.mark.parametrize(
+  "images,labels,kwargs,message",
+  [
     (np.zeros((2, 3, 3)), np.zeros(3, int), {}, "2 images but 3 labels"),
     (np.full((2, 3, 3), np.nan), np.zeros(2, int), {}, "18 pixel values are NaN"),
     (np.array([[[0.5, np.inf]]]), np.zeros(1, int), {}, "1 pixel values are NaN or infinite"),
@@ -195,7 +208,8 @@ def test_idx_fuzz_returns_declared_shape_or_raises_data_error(tmp_path):
     (np.zeros((2, 2, 2)), np.array([0, -1]), {}, "labels must be >= 0"),
     (np.zeros((2, 2, 2)), np.array([0, 3]), {"num_classes": 3}, "labels must be < num_classes=3"),
     (np.zeros((2, 2, 2), np.int64), np.array([0, 1]), {}, "uint8 or float"),
-])
+  ],
+)
 def test_validate_errors(images, labels, kwargs, message):
   with pytest.raises(data.DataError, match=message):
     data.validate(images, labels, **kwargs)
@@ -286,8 +300,7 @@ def test_fashion_mnist_from_debian():
 def test_npz_loader(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
-  np.savez(tmp_path / "two.npz", x_train=x, y_train=np.arange(6) % 4,
-           x_test=x[:2], y_test=np.array([0, 1]))
+  np.savez(tmp_path / "two.npz", x_train=x, y_train=np.arange(6) % 4, x_test=x[:2], y_test=np.array([0, 1]))
   train, test = data.load_local(tmp_path / "two.npz"), data.load(str(tmp_path / "two.npz"), "test")
   assert train.image_shape == (4, 4, 3) and len(test) == 2 and train.num_classes == 4
   np.testing.assert_allclose(train.images, x / 255.0, rtol=1e-6)
@@ -394,8 +407,7 @@ def test_train_test_split_stratified_and_deterministic():
   ds = data.load("digits", "train")
   train, test = data.train_test_split(ds, 0.25, jax.random.key(1))
   assert len(train) + len(test) == len(ds)
-  np.testing.assert_array_equal(np.bincount(test.labels),
-                                [round(0.25 * c) for c in np.bincount(ds.labels)])
+  np.testing.assert_array_equal(np.bincount(test.labels), [round(0.25 * c) for c in np.bincount(ds.labels)])
   again = data.train_test_split(ds, 0.25, jax.random.key(1))[1]
   np.testing.assert_array_equal(again.images, test.images)
   other = data.train_test_split(ds, 0.25, jax.random.key(2))[1]

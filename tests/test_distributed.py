@@ -27,10 +27,27 @@ def test_two_processes_equal_one(tmp_path):
   subprocess.run([sys.executable, _WORKER, "--out", str(one)], env=_env(4), check=True, timeout=600)
   two = tmp_path / "two.npz"
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, _WORKER, "--out", str(two), "--coordinator_address",
-                             f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
-                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        _WORKER,
+        "--out",
+        str(two),
+        "--coordinator_address",
+        f"localhost:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+      ],
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -59,8 +76,12 @@ def test_compilation_cache_is_reused_by_the_next_process(tmp_path):
   """A second process finds the first one's compiled program on disk and computes the same."""
   cache = tmp_path / "xla"
   env = {k: v for k, v in _env(1).items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JIPGUARD_COMPILATION_CACHE")}
-  runs = [subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(cache)], env=env, capture_output=True, text=True,
-                         check=True).stdout.split() for _ in range(2)]
+  runs = [
+    subprocess.run(
+      [sys.executable, "-c", _CACHE_CHILD, str(cache)], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for _ in range(2)
+  ]
   assert runs[0][0] == runs[1][0] == str(cache)
   assert runs[0][1] == runs[1][1]  # Same value from the cached program.
   assert int(runs[0][2]) == 0 and int(runs[1][2]) >= 1
@@ -91,8 +112,12 @@ def test_every_experiment_takes_the_compilation_cache_flag(tmp_path):
   from jipguard.watermark import studies  # noqa: PLC0415
 
   assert cli.tradeoff_parse(["--compilation_cache", where])[-1] == where
-  for cmd in (["multiuser"], ["sweep", "--vary", sorted(studies.SWEEPS)[0]], ["defences"], ["mark", "--input", "a",
-              "--output", "b", "--signature", "1"]):
+  for cmd in (
+    ["multiuser"],
+    ["sweep", "--vary", sorted(studies.SWEEPS)[0]],
+    ["defences"],
+    ["mark", "--input", "a", "--output", "b", "--signature", "1"],
+  ):
     assert watermark_cli.parser().parse_args([*cmd, "--compilation_cache", where]).compilation_cache == where
   assert cli.flag_parser().parse_args(["--compilation_cache", where]).compilation_cache == where
 
@@ -103,8 +128,9 @@ def test_compilation_cache_shared_by_concurrent_processes(tmp_path):
   cache = tmp_path / "xla"
   env = {k: v for k, v in _env(1).items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JIPGUARD_COMPILATION_CACHE")}
   child = [sys.executable, "-c", _CACHE_CHILD, str(cache)]
-  procs = [subprocess.Popen(child, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for _ in range(4)]
+  procs = [
+    subprocess.Popen(child, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
   values = {out.split()[1] for out, _ in outs}

@@ -59,8 +59,10 @@ def violations(root: pathlib.Path = _PACKAGE) -> list[str]:
       if top in FORBIDDEN_TOP:
         found.setdefault((where, top), f"{where}: jipguard imports {target}")
       elif theirs is not None and theirs != own:
-        found.setdefault((where, theirs), f"{where}: {'the ground floor' if own is None else 'paper ' + own} "
-                                          f"imports paper {theirs} ({target})")
+        found.setdefault(
+          (where, theirs),
+          f"{where}: {'the ground floor' if own is None else 'paper ' + own} imports paper {theirs} ({target})",
+        )
   return list(found.values())
 
 
@@ -92,11 +94,13 @@ def test_every_sub_package_names_its_public_api():
     if init.parent.name.startswith("_"):
       continue
     tree = ast.parse(init.read_text())
-    names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
-             if isinstance(t, ast.Name)]
+    names = [
+      t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
+    ]
     assert "__all__" in names, init
     assert ast.get_docstring(tree) and "| letter | meaning |" in ast.get_docstring(tree), (
-        f"{init}: its docstring defines the letters of the shape suffixes")
+      f"{init}: its docstring defines the letters of the shape suffixes"
+    )
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (_ROOT / "experiments").glob("*.py")))

@@ -9,14 +9,14 @@ from jipguard import models
 
 
 @pytest.mark.parametrize(
-    "name,shape,count",
-    [
-        ("mlp", (28, 28, 1), 269_322),  # 784-256-256-10
-        ("mlp", (8, 8, 1), 85_002),
-        ("cnn", (32, 32, 3), 2_168_554),
-        ("resnet8", (32, 32, 3), 78_042),
-        ("resnet20", (32, 32, 3), 272_474),
-    ],
+  "name,shape,count",
+  [
+    ("mlp", (28, 28, 1), 269_322),  # 784-256-256-10
+    ("mlp", (8, 8, 1), 85_002),
+    ("cnn", (32, 32, 3), 2_168_554),
+    ("resnet8", (32, 32, 3), 78_042),
+    ("resnet20", (32, 32, 3), 272_474),
+  ],
 )
 def test_documented_parameter_counts(name, shape, count):
   model = models.get_model(name, 10)
@@ -32,8 +32,7 @@ def test_logits_shape_and_train_mode(name):
   logits = model.apply(variables, x)
   assert logits.shape == (4, 7)
   assert bool(jnp.all(jnp.isfinite(logits)))
-  out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                             mutable=["batch_stats"])
+  out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
   assert out.shape == (4, 7)
   if "batch_stats" in variables:  # Training mode updates the running statistics.
     before = jax.tree.leaves(variables["batch_stats"])

@@ -11,8 +11,16 @@ from jipguard import rundir
 
 
 def test_write_json_is_strict_json():
-  text = rundir.dumps({"a": float("nan"), "b": [1.0, float("inf"), -float("inf")], "c": np.float32(0.5),
-                       "d": np.arange(3), "e": (1, 2), "f": np.int64(7)})
+  text = rundir.dumps(
+    {
+      "a": float("nan"),
+      "b": [1.0, float("inf"), -float("inf")],
+      "c": np.float32(0.5),
+      "d": np.arange(3),
+      "e": (1, 2),
+      "f": np.int64(7),
+    }
+  )
   assert "NaN" not in text and "Infinity" not in text
   assert json.loads(text) == {"a": None, "b": [1.0, None, None], "c": 0.5, "d": [0, 1, 2], "e": [1, 2], "f": 7}
 

@@ -10,7 +10,7 @@ from jipguard import sweep
 _EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
 # A stand-in experiment: records each run, fails for --omega_tr 13, writes metrics.json last.
-_FAKE = '''
+_FAKE = """
 import argparse, json, os
 p = argparse.ArgumentParser()
 p.add_argument("--workdir"); p.add_argument("--omega_tr", type=int); p.add_argument("--seed", type=int)
@@ -23,7 +23,7 @@ if a.omega_tr == 13:
   raise SystemExit("boom")
 with open(os.path.join(a.workdir, "metrics.json"), "w") as f:
   json.dump({"utility_mae": a.omega_tr / 1000 + a.seed, "preset": a.preset}, f)
-'''
+"""
 
 
 def _runs(out, name):
@@ -35,7 +35,16 @@ def test_grid_expansion_and_names():
   axes = sweep.parse_grid(["omega_tr=10,50", "--seed=0,1,2"])
   configs = sweep.expand("/o", axes, ["--preset", "smoke"])
   assert len(configs) == 6 and configs[0].name == "omega_tr=10,seed=0" and configs[-1].name == "omega_tr=50,seed=2"
-  assert configs[1].argv == ("--preset", "smoke", "--omega_tr", "10", "--seed", "1", "--workdir", "/o/omega_tr=10,seed=1")
+  assert configs[1].argv == (
+    "--preset",
+    "smoke",
+    "--omega_tr",
+    "10",
+    "--seed",
+    "1",
+    "--workdir",
+    "/o/omega_tr=10,seed=1",
+  )
   assert [c.name for c in sweep.my_configs(configs, 1, 4)] == ["omega_tr=10,seed=1", "omega_tr=50,seed=2"]
   assert [c.name for c in sweep.my_configs(configs, 5, None)] == ["omega_tr=50,seed=2"]
   for bad in (["omega_tr"], ["omega_tr="], ["a=1", "a=2"], ["a=x/y"]):
@@ -49,8 +58,19 @@ def test_sweep_skips_finished_configs_and_logs_failures(tmp_path, capsys):
   fake = tmp_path / "fake.py"
   fake.write_text(_FAKE)
   out = str(tmp_path / "sweep")
-  argv = ["--experiment", str(fake), "--out", out, "--grid", "omega_tr=10,13", "--grid", "seed=0,1", "--",
-          "--preset", "smoke"]
+  argv = [
+    "--experiment",
+    str(fake),
+    "--out",
+    out,
+    "--grid",
+    "omega_tr=10,13",
+    "--grid",
+    "seed=0,1",
+    "--",
+    "--preset",
+    "smoke",
+  ]
   # One array task first: exactly its config runs.
   assert sweep.main(argv[:4] + ["--task_index", "1"] + argv[4:], experiments=_EXPERIMENTS) == 0
   assert sorted(d for d in os.listdir(out) if "=" in d) == ["omega_tr=10,seed=1"]
@@ -106,8 +126,20 @@ def test_sigterm_to_a_sweep_lets_its_running_config_save(tmp_path, also_child):
   fake = tmp_path / "long.py"
   fake.write_text(_LONG.format(root=root))
   out = tmp_path / "sweep"
-  proc = subprocess.Popen([sys.executable, os.path.join(root, "experiments", "sweep.py"), "--experiment", str(fake),
-                           "--out", str(out), "--grid", "seed=0,1"], stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(root, "experiments", "sweep.py"),
+      "--experiment",
+      str(fake),
+      "--out",
+      str(out),
+      "--grid",
+      "seed=0,1",
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   started = out / "seed=0" / "started"
   deadline = time.monotonic() + 120
   while not (started.exists() and started.read_text()) and time.monotonic() < deadline:

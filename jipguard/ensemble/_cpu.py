@@ -61,7 +61,8 @@ def group_members(a: jax.Array, members_per_pass: int, axis: int = 0) -> jax.Arr
 # leaves YNNPACK (311 ms); with ``ELTWISE`` added, 303 ms (``benchmarks/README.md``, "Eigen
 # convolutions for training").
 CPU_CONV_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 
 
 @functools.cache
@@ -190,13 +191,16 @@ def share_input(model: nn.Module, variables: PyTree, members_per_pass: int | Non
   m, d, o = kernel.shape
   g = members_per_pass or m
   grouped = group_members(kernel, g)  # (M / G, G, D, O)
-  rest = {**variables, "params": {**variables["params"],
-                                  layer: {k: v for k, v in variables["params"][layer].items() if k != "kernel"}}}
+  rest = {
+    **variables,
+    "params": {**variables["params"], layer: {k: v for k, v in variables["params"][layer].items() if k != "kernel"}},
+  }
   return SharedInputMembers(
-      variables=jax.tree.map(functools.partial(group_members, members_per_pass=g), rest),
-      forward=jnp.transpose(grouped, (0, 2, 1, 3)).reshape(m // g, d, g * o),
-      backward=jnp.transpose(grouped, (0, 1, 3, 2)).reshape(m // g, g * o, d),
-      layer=layer)
+    variables=jax.tree.map(functools.partial(group_members, members_per_pass=g), rest),
+    forward=jnp.transpose(grouped, (0, 2, 1, 3)).reshape(m // g, d, g * o),
+    backward=jnp.transpose(grouped, (0, 1, 3, 2)).reshape(m // g, g * o, d),
+    layer=layer,
+  )
 
 
 @jax.custom_vjp
@@ -218,8 +222,9 @@ def _input_product_bwd(residuals, g_NxF):
 _input_product.defvjp(_input_product_fwd, _input_product_bwd)
 
 
-def map_shared_input(fn: Callable[..., jax.Array], group: SharedInputMembers, x_NxHxWxC: jax.Array,
-                     *member_args: PyTree) -> jax.Array:
+def map_shared_input(
+  fn: Callable[..., jax.Array], group: SharedInputMembers, x_NxHxWxC: jax.Array, *member_args: PyTree
+) -> jax.Array:
   """``fn(variables_g, *member_args_g)`` for each member g of ONE group (``group``'s leaves
   without the group axis: variables ``(G, ...)``, forward ``(D, G * O)``), vmapped, where
   ``fn`` applies the model to ``x_NxHxWxC``: the input layer's pre-activations of all G

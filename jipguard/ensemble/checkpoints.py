@@ -76,8 +76,9 @@ class EpochCheckpoints:
 
   def __init__(self, cfg: Checkpointing, meta: Mapping[str, Any], num_members: int, desc: str):
     self.cfg, self.meta, self.m, self.desc = cfg, {**meta, **dict(cfg.fingerprint)}, num_members, desc
-    self.manager = ocp.CheckpointManager(os.path.abspath(cfg.directory),
-                                         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    self.manager = ocp.CheckpointManager(
+      os.path.abspath(cfg.directory), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
     self.saved = 0
     self.last_save = time.monotonic()
     # Saves are collective across processes: each process's clock and exceptions are its own,
@@ -92,30 +93,40 @@ class EpochCheckpoints:
     saved_meta = self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     rundir.check_same_config(saved_meta, self.meta, f"checkpoint {self.manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = self.manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+      epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore())
+    )
     self.saved = int(epoch)
     return restored["state"], list(restored["history"]), int(epoch)
 
   def save(self, epoch: int, state: EnsembleState, history: list[dict[str, Any]]) -> None:
     """Saves the real members' ``state`` after ``epoch`` (1-based) epochs."""
-    self.manager.save(epoch, args=ocp.args.Composite(
+    self.manager.save(
+      epoch,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(state.member(slice(0, self.m))),
         history=ocp.args.JsonSave(history),
         meta=ocp.args.JsonSave(self.meta),
-    ))
+      ),
+    )
     self.saved, self.last_save = epoch, time.monotonic()
 
   def after_epoch(self, epoch: int, epochs: int, state: EnsembleState, history: list[dict[str, Any]]) -> None:
     """Saves after ``epoch`` of ``epochs`` when due (every ``cfg.every``, at most every
     ``cfg.interval_s`` seconds on one process) and always after the last."""
     due = epoch % self.cfg.every == 0 and (
-        not self.single_process or time.monotonic() - self.last_save >= self.cfg.interval_s)
+      not self.single_process or time.monotonic() - self.last_save >= self.cfg.interval_s
+    )
     if due or epoch == epochs:
       self.save(epoch, state, history)
 
-  def on_exit(self, finished: tuple[int, EnsembleState], in_flight: tuple[int, EnsembleState, Any] | None,
-              history: list[dict[str, Any]], record: Callable[..., dict[str, Any]]) -> None:
+  def on_exit(
+    self,
+    finished: tuple[int, EnsembleState],
+    in_flight: tuple[int, EnsembleState, Any] | None,
+    history: list[dict[str, Any]],
+    record: Callable[..., dict[str, Any]],
+  ) -> None:
     """Keeps the finished epochs when an exception stops training (single process only).
 
     Args:

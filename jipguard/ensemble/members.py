@@ -127,8 +127,9 @@ def predict(model: nn.Module, variables: PyTree, x_NxHxWxC: jax.Array, batch_siz
   return _predict(model, variables, jnp.asarray(x_NxHxWxC), batch_size=min(batch_size, len(x_NxHxWxC)))
 
 
-def accuracy(model: nn.Module, variables: PyTree, x_NxHxWxC: jax.Array, y_N: jax.Array,
-             batch_size: int = 1024) -> np.ndarray:
+def accuracy(
+  model: nn.Module, variables: PyTree, x_NxHxWxC: jax.Array, y_N: jax.Array, batch_size: int = 1024
+) -> np.ndarray:
   """Accuracy of every member on ``(x, y)``: a numpy array of M floats."""
   logits_MxNxK = predict(model, variables, x_NxHxWxC, batch_size)
   return np.asarray(jnp.mean(jnp.argmax(logits_MxNxK, -1) == jnp.asarray(y_N)[None], axis=-1))
@@ -184,8 +185,14 @@ class Members:
     return _cpu.conv_compiler_options(self.tree["params"]) if self.layout == "unroll" else None
 
 
-def prepare(model: nn.Module, variables: PyTree, *, mesh: jax.sharding.Mesh | None = None,
-            layout: str | None = None, members_per_pass: int | None = None) -> Members:
+def prepare(
+  model: nn.Module,
+  variables: PyTree,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  layout: str | None = None,
+  members_per_pass: int | None = None,
+) -> Members:
   """Members ``variables`` (leading member axis M) of ``model``, laid out for a shared input.
 
   Args:
@@ -211,8 +218,9 @@ def prepare(model: nn.Module, variables: PyTree, *, mesh: jax.sharding.Mesh | No
       layout = "unroll"
     else:
       members_per_pass = _cpu.members_per_pass(variables, mesh) if members_per_pass is None else members_per_pass
-      layout = ("shared_input" if models.input_layer(model) is not None
-                else "vmap" if members_per_pass is None else "groups")
+      layout = (
+        "shared_input" if models.input_layer(model) is not None else "vmap" if members_per_pass is None else "groups"
+      )
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if layout == "shared_input":
@@ -241,9 +249,15 @@ def _group_logits(members: Members, tree: PyTree, x_HxWxC: jax.Array, keys_G: ja
   return map_members(call, tree, *args, unroll=members.layout == "unroll")
 
 
-def value_and_input_grad(members: Members, fn: Callable[..., jax.Array], x_BxHxWxC: jax.Array,
-                         member_args: PyTree, image_args: PyTree = None, *,
-                         dropout_keys_BxM: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def value_and_input_grad(
+  members: Members,
+  fn: Callable[..., jax.Array],
+  x_BxHxWxC: jax.Array,
+  member_args: PyTree,
+  image_args: PyTree = None,
+  *,
+  dropout_keys_BxM: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Per input, a sum over the members and its gradient with respect to the input.
 
   For every input b: ``value_b = fn(logits_MxK(x_b), member_args[b], image_args[b])``, where

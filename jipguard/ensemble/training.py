@@ -71,7 +71,7 @@ def _member_step(model, tx, params, batch_stats, opt_state, x, y, key):
 
   def loss_fn(p):
     logits, updates = model.apply(
-        {**variables, "params": p}, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
+      {**variables, "params": p}, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, (logits, updates)
@@ -97,8 +97,9 @@ def _epoch_batches(indices_MxS, labels_MxS, keys_M, epoch, *, batch_size):
   return jnp.swapaxes(batch_idx, 0, 1), jnp.swapaxes(batch_y, 0, 1), dropout_keys
 
 
-def _train_step(state, images, idx_MxB, y_MxB, dropout_keys_M, step, *, model, tx, unroll_members=False,
-                batch_sharding=None):
+def _train_step(
+  state, images, idx_MxB, y_MxB, dropout_keys_M, step, *, model, tx, unroll_members=False, batch_sharding=None
+):
   """One step of every member (:func:`_member_step` vmapped, or unrolled over members).
 
   ``batch_sharding`` (a ``NamedSharding`` of ``(member, data)``) splits every member's
@@ -117,8 +118,20 @@ def _train_step(state, images, idx_MxB, y_MxB, dropout_keys_M, step, *, model, t
   return EnsembleState(params=params, batch_stats=batch_stats, opt_state=opt_state), (loss, acc)
 
 
-def _train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, *, model, tx, batch_size,
-                 batch_sharding=None, members_per_pass=None):
+def _train_epoch(
+  state,
+  images,
+  indices_MxS,
+  labels_MxS,
+  keys_M,
+  epoch,
+  *,
+  model,
+  tx,
+  batch_size,
+  batch_sharding=None,
+  members_per_pass=None,
+):
   """One epoch of every member: a scan over steps of a vmapped member step.
 
   ``members_per_pass`` G (a divisor of M) makes the epoch member-major: a ``lax.map``
@@ -133,8 +146,9 @@ def _train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, *, model
 
   def run(state, idx_TxGxB, y_TxGxB, keys_G):
     def body(state, step):
-      return _train_step(state, images, idx_TxGxB[step], y_TxGxB[step], keys_G, step, model=model, tx=tx,
-                         batch_sharding=batch_sharding)
+      return _train_step(
+        state, images, idx_TxGxB[step], y_TxGxB[step], keys_G, step, model=model, tx=tx, batch_sharding=batch_sharding
+      )
 
     state, (loss_TxG, acc_TxG) = jax.lax.scan(body, state, steps)
     return state, (loss_TxG.mean(0), acc_TxG.mean(0))
@@ -145,27 +159,30 @@ def _train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, *, model
   else:
     group = functools.partial(_cpu.group_members, members_per_pass=members_per_pass)
     state, (loss_M, acc_M) = jax.lax.map(
-        lambda args: run(*args),
-        (jax.tree.map(group, state), group(batch_idx, axis=1), group(batch_y, axis=1), group(dropout_keys)))
+      lambda args: run(*args),
+      (jax.tree.map(group, state), group(batch_idx, axis=1), group(batch_y, axis=1), group(dropout_keys)),
+    )
     state, loss_M, acc_M = jax.tree.map(lambda a: a.reshape(m, *a.shape[2:]), (state, loss_M, acc_M))
   return state, {"loss": loss_M, "train_accuracy": acc_M}
 
+
 train_epoch = _cpu.ConvJit(
-    _train_epoch, static_argnames=("model", "tx", "batch_size", "batch_sharding", "members_per_pass"),
-    donate_argnums=(0,))
+  _train_epoch, static_argnames=("model", "tx", "batch_size", "batch_sharding", "members_per_pass"), donate_argnums=(0,)
+)
 train_epoch.__doc__ = """Jitted :func:`_train_epoch`: ``(state, images, indices_MxS, labels_MxS, keys_M, epoch)``."""
 epoch_batches = jax.jit(_epoch_batches, static_argnames=("batch_size",))
-train_step = _cpu.ConvJit(_train_step, static_argnames=("model", "tx", "unroll_members", "batch_sharding"),
-                          donate_argnums=(0,))
+train_step = _cpu.ConvJit(
+  _train_step, static_argnames=("model", "tx", "unroll_members", "batch_sharding"), donate_argnums=(0,)
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Data:
   """A training's checked data: the pool, and each member's sample and labels of it."""
 
-  images: jax.Array       # The pool, N x H x W x C float32.
+  images: jax.Array  # The pool, N x H x W x C float32.
   indices_MxS: jax.Array  # Member m trains on images[indices_MxS[m]].
-  labels_MxS: jax.Array   # labels_MxS[m, s] labels images[indices_MxS[m, s]].
+  labels_MxS: jax.Array  # labels_MxS[m, s] labels images[indices_MxS[m, s]].
 
 
 def _check_data(keys_M: jax.Array, images: Any, labels: Any, indices: Any, batch_size: int) -> _Data:
@@ -190,8 +207,12 @@ class _Placement:
   """Members padded to a multiple of the mesh's member shards and placed on it; the pool
   replicated. Padding members never reach the caller (results are sliced to the real M)."""
 
-  def __init__(self, mesh: jax.sharding.Mesh | None, data: _Data,
-               epoch_data: Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None):
+  def __init__(
+    self,
+    mesh: jax.sharding.Mesh | None,
+    data: _Data,
+    epoch_data: Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None,
+  ):
     self.mesh, self.data, self.epoch_data = mesh, data, epoch_data
     self.shards = sharding.num_member_shards(mesh)
     self._fixed = None if epoch_data is not None else self._place(data.images, data.labels_MxS)
@@ -210,8 +231,9 @@ class _Placement:
     d = self.data
     x, y = self.epoch_data(epoch, d.images, d.labels_MxS)
     if x.shape != d.images.shape or y.shape != d.labels_MxS.shape:
-      raise ValueError(f"epoch_data changed the shapes: images {d.images.shape} -> {x.shape}, "
-                       f"labels {d.labels_MxS.shape} -> {y.shape}")
+      raise ValueError(
+        f"epoch_data changed the shapes: images {d.images.shape} -> {x.shape}, labels {d.labels_MxS.shape} -> {y.shape}"
+      )
     return self._place(x, y)
 
 
@@ -239,9 +261,16 @@ class EnsembleTrainer:
       Needs an unsharded ensemble (no ``mesh``).
   """
 
-  def __init__(self, model: nn.Module, tx: optax.GradientTransformation, *, batch_size: int,
-               mesh: jax.sharding.Mesh | None = None, scan: bool | None = None,
-               members_per_pass: int | None = None):
+  def __init__(
+    self,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+    scan: bool | None = None,
+    members_per_pass: int | None = None,
+  ):
     self.model = model
     self.tx = tx
     self.batch_size = batch_size
@@ -252,16 +281,23 @@ class EnsembleTrainer:
     self.members_per_pass = members_per_pass
     self.batch_sharding = sharding.batch_sharding(mesh)
     if self.batch_sharding is not None and batch_size % mesh.shape[sharding.DATA]:
-      raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's data axis "
-                       f"({mesh.shape[sharding.DATA]})")
+      raise ValueError(
+        f"batch_size={batch_size} must be divisible by the mesh's data axis ({mesh.shape[sharding.DATA]})"
+      )
 
   def init(self, keys_M: jax.Array, sample_x: jax.Array) -> EnsembleState:
     """Initialises one member per key (typed PRNG keys, shape (M,))."""
     return init(keys_M, jnp.asarray(sample_x[:1]), model=self.model, tx=self.tx)
 
-  def train_epoch(self, state: EnsembleState, images: jax.Array, indices_MxS: jax.Array,
-                  labels_MxS: jax.Array, keys_M: jax.Array, epoch: int
-                  ) -> tuple[EnsembleState, dict[str, jax.Array]]:
+  def train_epoch(
+    self,
+    state: EnsembleState,
+    images: jax.Array,
+    indices_MxS: jax.Array,
+    labels_MxS: jax.Array,
+    keys_M: jax.Array,
+    epoch: int,
+  ) -> tuple[EnsembleState, dict[str, jax.Array]]:
     """One epoch of every member (donates ``state``). Metrics are per member, shape (M,).
 
     With ``scan`` (the default, except for conv models on CPU) the epoch is one jitted
@@ -281,35 +317,54 @@ class EnsembleTrainer:
     if scan:
       per_pass = self.members_per_pass
       per_pass = _cpu.members_per_pass(state, self.mesh) if per_pass is None else (per_pass or None)
-      return train_epoch(state, images, indices_MxS, labels_MxS, keys_M, epoch, model=self.model, tx=self.tx,
-                         batch_size=self.batch_size, batch_sharding=self.batch_sharding, members_per_pass=per_pass)
-    batch_idx, batch_y, dropout_keys = epoch_batches(indices_MxS, labels_MxS, keys_M, epoch,
-                                                     batch_size=self.batch_size)
+      return train_epoch(
+        state,
+        images,
+        indices_MxS,
+        labels_MxS,
+        keys_M,
+        epoch,
+        model=self.model,
+        tx=self.tx,
+        batch_size=self.batch_size,
+        batch_sharding=self.batch_sharding,
+        members_per_pass=per_pass,
+      )
+    batch_idx, batch_y, dropout_keys = epoch_batches(indices_MxS, labels_MxS, keys_M, epoch, batch_size=self.batch_size)
     step_fn = train_step.for_members(state)
     losses, accs = [], []
     for step in range(batch_idx.shape[0]):
-      state, (loss, acc) = step_fn(state, images, batch_idx[step], batch_y[step], dropout_keys,
-                                   jnp.int32(step), model=self.model, tx=self.tx, unroll_members=True,
-                                   batch_sharding=self.batch_sharding)
+      state, (loss, acc) = step_fn(
+        state,
+        images,
+        batch_idx[step],
+        batch_y[step],
+        dropout_keys,
+        jnp.int32(step),
+        model=self.model,
+        tx=self.tx,
+        unroll_members=True,
+        batch_sharding=self.batch_sharding,
+      )
       losses.append(loss)
       accs.append(acc)
     return state, {"loss": jnp.mean(jnp.stack(losses), 0), "train_accuracy": jnp.mean(jnp.stack(accs), 0)}
 
   def fit(
-      self,
-      keys_M: jax.Array,
-      images: np.ndarray | jax.Array,
-      labels: np.ndarray | jax.Array,
-      *,
-      epochs: int,
-      indices: np.ndarray | jax.Array | None = None,
-      eval_data: tuple[np.ndarray, np.ndarray] | None = None,
-      checkpoint: Checkpointing | None = None,
-      progress: bool = True,
-      desc: str = "train",
-      on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-      epoch_data: Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
-      init_state: EnsembleState | None = None,
+    self,
+    keys_M: jax.Array,
+    images: np.ndarray | jax.Array,
+    labels: np.ndarray | jax.Array,
+    *,
+    epochs: int,
+    indices: np.ndarray | jax.Array | None = None,
+    eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+    checkpoint: Checkpointing | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    epoch_data: Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+    init_state: EnsembleState | None = None,
   ) -> FitResult:
     """Trains M members for ``epochs`` epochs, resuming from ``checkpoint`` if possible.
 
@@ -356,28 +411,45 @@ class EnsembleTrainer:
     try:
       state, history, start = (state, [], 0) if ckpt is None else ckpt.restore(state)
       placement = _Placement(self.mesh, data, epoch_data)
-      state = self._epochs(placement, state, keys_M, history, range(start, epochs), ckpt=ckpt,
-                           eval_data=eval_data, on_epoch_end=on_epoch_end,
-                           bar=tqdm.tqdm(total=epochs, initial=start, desc=desc, disable=not progress, leave=False))
+      state = self._epochs(
+        placement,
+        state,
+        keys_M,
+        history,
+        range(start, epochs),
+        ckpt=ckpt,
+        eval_data=eval_data,
+        on_epoch_end=on_epoch_end,
+        bar=tqdm.tqdm(total=epochs, initial=start, desc=desc, disable=not progress, leave=False),
+      )
     finally:
       if ckpt is not None:
         ckpt.close()
     return FitResult(state=state.member(slice(0, m)), history=history, resumed_from=start)
 
-  def _start(self, keys_M: jax.Array, data: _Data, init_state: EnsembleState | None
-             ) -> tuple[EnsembleState, dict[str, Any]]:
+  def _start(
+    self, keys_M: jax.Array, data: _Data, init_state: EnsembleState | None
+  ) -> tuple[EnsembleState, dict[str, Any]]:
     """The members' starting state (fresh, or ``init_state``'s weights with a fresh optimiser)
     and the configuration a checkpoint must match."""
     m = keys_M.shape[0]
-    meta = {"model": repr(self.model), "batch_size": self.batch_size, "num_members": m,
-            "data": digest(keys_M, data.images, data.indices_MxS, data.labels_MxS)}
+    meta = {
+      "model": repr(self.model),
+      "batch_size": self.batch_size,
+      "num_members": m,
+      "data": digest(keys_M, data.images, data.indices_MxS, data.labels_MxS),
+    }
     state = self.init(keys_M, data.images)
     if init_state is not None:
       if jax.tree.structure(init_state.params) != jax.tree.structure(state.params) or any(
-          a.shape != b.shape for a, b in zip(jax.tree.leaves(init_state.params), jax.tree.leaves(state.params))):
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(init_state.params), jax.tree.leaves(state.params))
+      ):
         raise ValueError(f"init_state is not an ensemble of {m} members of this trainer's model")
-      state = EnsembleState(params=init_state.params, batch_stats=init_state.batch_stats,
-                            opt_state=jax.vmap(self.tx.init)(init_state.params))
+      state = EnsembleState(
+        params=init_state.params,
+        batch_stats=init_state.batch_stats,
+        opt_state=jax.vmap(self.tx.init)(init_state.params),
+      )
       meta["init"] = digest(init_state.params)
     return state, meta
 
@@ -391,8 +463,19 @@ class EnsembleTrainer:
       record["eval_accuracy"] = accuracy(self.model, state.member(slice(0, m)).variables, *eval_data).tolist()
     return record
 
-  def _epochs(self, placement: _Placement, state: EnsembleState, keys_M: jax.Array, history: list[dict[str, Any]],
-              epochs: range, *, ckpt: EpochCheckpoints | None, eval_data, on_epoch_end, bar) -> EnsembleState:
+  def _epochs(
+    self,
+    placement: _Placement,
+    state: EnsembleState,
+    keys_M: jax.Array,
+    history: list[dict[str, Any]],
+    epochs: range,
+    *,
+    ckpt: EpochCheckpoints | None,
+    eval_data,
+    on_epoch_end,
+    bar,
+  ) -> EnsembleState:
     """Runs ``epochs`` (appending to ``history``); on an exception, ``ckpt`` keeps the finished ones.
 
     Each epoch's metrics are fetched (and checked finite) after the epoch is dispatched; an
@@ -411,8 +494,9 @@ class EnsembleTrainer:
         history.append(record(epoch, state, epoch_metrics))
         in_flight, finished = None, (epoch + 1, state)
         acc = np.asarray(history[-1].get("eval_accuracy", history[-1]["train_accuracy"]))
-        bar.set_postfix_str(f"loss {np.mean(history[-1]['loss']):.3f} acc {acc.mean():.3f} "
-                            f"[{acc.min():.3f}, {acc.max():.3f}]")
+        bar.set_postfix_str(
+          f"loss {np.mean(history[-1]['loss']):.3f} acc {acc.mean():.3f} [{acc.min():.3f}, {acc.max():.3f}]"
+        )
         bar.update(1)
         if ckpt is not None:
           ckpt.after_epoch(epoch + 1, epochs.stop, state, history)

@@ -35,15 +35,15 @@ from jipguard.ipprotect.sanitizer import LOSSES, BatchResult, SanitizerConfig, s
 from jipguard.ipprotect.sellers import TrainConfig, sample_models, train_models
 
 __all__ = [
-    "LOSSES",
-    "BatchResult",
-    "IPProtectConfig",
-    "SanitizerConfig",
-    "TrainConfig",
-    "preset",
-    "run",
-    "sample_models",
-    "sanitize",
-    "sanitize_batch",
-    "train_models",
+  "LOSSES",
+  "BatchResult",
+  "IPProtectConfig",
+  "SanitizerConfig",
+  "TrainConfig",
+  "preset",
+  "run",
+  "sample_models",
+  "sanitize",
+  "sanitize_batch",
+  "train_models",
 ]

@@ -46,8 +46,12 @@ import scipy.stats
 
 from jipguard import data as data_lib
 
-PARAMS: dict[str, list] = {"identity": [None], "random": [None], "instahide": [4, 6, 10, 15],
-                           "dp_merf": [5, 10, 15, 30, 40]}
+PARAMS: dict[str, list] = {
+  "identity": [None],
+  "random": [None],
+  "instahide": [4, 6, 10, 15],
+  "dp_merf": [5, 10, 15, 30, 40],
+}
 PUBLIC_SOURCE = "digits"  # Default public dataset of InstaHide (any `data.load` name works).
 
 
@@ -59,8 +63,10 @@ def _check_key(key: Any) -> None:
     return
   if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
     return
-  raise TypeError(f"key must be one JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
-                  f"{type(key).__name__} {getattr(key, 'dtype', '')} {getattr(key, 'shape', '')}")
+  raise TypeError(
+    f"key must be one JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
+    f"{type(key).__name__} {getattr(key, 'dtype', '')} {getattr(key, 'shape', '')}"
+  )
 
 
 def _check_images(images: Any, what: str = "images") -> np.ndarray:
@@ -130,14 +136,15 @@ def public_dataset(image_shape: Sequence[int], source: str = PUBLIC_SOURCE) -> n
 class InstaHideDraws(NamedTuple):
   """The randomness of one InstaHide encoding pass (N = 1) over n private images."""
 
-  other_N: jax.Array           # The second private image of each encoding (never the image itself).
-  public_NxQ: jax.Array       # k - 2 distinct public images per encoding.
+  other_N: jax.Array  # The second private image of each encoding (never the image itself).
+  public_NxQ: jax.Array  # k - 2 distinct public images per encoding.
   coefficients_NxJ: jax.Array  # Mixing weights: [own, other private, public...], sum 1, own the largest.
-  signs_NxHxWxC: jax.Array     # The pixel-wise sign mask, +-1.
+  signs_NxHxWxC: jax.Array  # The pixel-wise sign mask, +-1.
 
 
-def instahide_draws(key: jax.Array, num_private: int, num_public: int, k: int,
-                    image_shape: Sequence[int]) -> InstaHideDraws:
+def instahide_draws(
+  key: jax.Array, num_private: int, num_public: int, k: int, image_shape: Sequence[int]
+) -> InstaHideDraws:
   """All of InstaHide's random choices, from one uniform draw (one threefry call compiles fast).
 
   * The other private image is uniform over the rest of the private set.
@@ -151,13 +158,13 @@ def instahide_draws(key: jax.Array, num_private: int, num_public: int, k: int,
   u = jax.random.uniform(key, (n, 1 + num_public + k + d), minval=jnp.finfo(jnp.float32).tiny)
   other = (jnp.arange(n) + 1 + jnp.floor(u[:, 0] * (n - 1)).astype(jnp.int32)) % n
   other = jnp.where(other == jnp.arange(n), (other + 1) % n, other)  # u -> 1 rounding guard.
-  scores = u[:, 1:1 + num_public]
+  scores = u[:, 1 : 1 + num_public]
   public = jax.lax.top_k(scores, k - 2)[1].astype(jnp.int32) if k > 2 else jnp.zeros((n, 0), jnp.int32)
-  lam = jnp.sqrt(2.0) * jax.lax.erf_inv(u[:, 1 + num_public:1 + num_public + k])  # |N(0, 1)|.
+  lam = jnp.sqrt(2.0) * jax.lax.erf_inv(u[:, 1 + num_public : 1 + num_public + k])  # |N(0, 1)|.
   lam = lam / jnp.sum(lam, axis=1, keepdims=True)
   rows, top = jnp.arange(n), jnp.argmax(lam, axis=1)
   lam = lam.at[rows, 0].set(lam[rows, top]).at[rows, top].set(lam[:, 0])
-  signs = jnp.where(u[:, 1 + num_public + k:] < 0.5, 1.0, -1.0).reshape(n, *image_shape)
+  signs = jnp.where(u[:, 1 + num_public + k :] < 0.5, 1.0, -1.0).reshape(n, *image_shape)
   return InstaHideDraws(other, public, lam, signs.astype(jnp.float32))
 
 
@@ -174,8 +181,9 @@ def _instahide_mix(key, private_NxHxWxC, public_PxHxWxC, *, k):
   return jnp.clip(mixed, -1, 1) * draws.signs_NxHxWxC, lam_NxJ, draws.signs_NxHxWxC  # Clip: float rounding only.
 
 
-def instahide_mix(key: jax.Array, private_NxHxWxC: np.ndarray, public_PxHxWxC: np.ndarray, k: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def instahide_mix(
+  key: jax.Array, private_NxHxWxC: np.ndarray, public_PxHxWxC: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Cross-dataset InstaHide with N = 1: one encoding per private image.
 
   Encoding i is ``signs_i * (lam_i0 (2 x_i - 1) + lam_i1 (2 x_o - 1) + sum_j lam_ij (2 p_j - 1))``
@@ -201,8 +209,10 @@ def instahide_mix(key: jax.Array, private_NxHxWxC: np.ndarray, public_PxHxWxC: n
   if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2:
     raise ValueError(f"InstaHide's k must be an integer >= 2 (2 private + k - 2 public images), got {k!r}")
   if public.shape[1:] != private.shape[1:]:
-    raise ValueError(f"public images have shape {public.shape[1:]}, private ones {private.shape[1:]}; "
-                     "fit them with public_dataset(image_shape)")
+    raise ValueError(
+      f"public images have shape {public.shape[1:]}, private ones {private.shape[1:]}; "
+      "fit them with public_dataset(image_shape)"
+    )
   if len(private) < 2:
     raise ValueError("InstaHide mixes 2 private images: need at least 2")
   if len(public) < k - 2:
@@ -218,14 +228,14 @@ def instahide_mix(key: jax.Array, private_NxHxWxC: np.ndarray, public_PxHxWxC: n
 class DPMERFConfig:
   """DP-MERF's data-independent settings (none of them looks at the private data)."""
 
-  num_features: int = 2000            # D: random features, cos and sin of D / 2 frequencies.
-  length_scale: float | None = None   # Gaussian kernel width; None: sqrt(105 d / 784) (DP-MERF's MNIST value at d=784).
-  code_dim: int = 5                   # Generator's latent code size (DP-MERF's MNIST generator).
+  num_features: int = 2000  # D: random features, cos and sin of D / 2 frequencies.
+  length_scale: float | None = None  # Gaussian kernel width; None: sqrt(105 d / 784) (DP-MERF's MNIST value at d=784).
+  code_dim: int = 5  # Generator's latent code size (DP-MERF's MNIST generator).
   hidden: tuple[int, ...] = (200, 500)  # Generator's hidden widths (DP-MERF's MNIST generator's dense part).
-  steps: int = 500                    # Generator Adam steps; as good as 1,500 on Fashion-MNIST (docs/baselines.md).
-  batch_size: int = 200               # Generated samples per step.
-  learning_rate: float = 1e-2         # Adam, DP-MERF's default.
-  sensitivity_scale: float = 2.0      # Delta * m: replace-one sensitivity of a mean of unit-norm terms is 2 / m.
+  steps: int = 500  # Generator Adam steps; as good as 1,500 on Fashion-MNIST (docs/baselines.md).
+  batch_size: int = 200  # Generated samples per step.
+  learning_rate: float = 1e-2  # Adam, DP-MERF's default.
+  sensitivity_scale: float = 2.0  # Delta * m: replace-one sensitivity of a mean of unit-norm terms is 2 / m.
 
   def __post_init__(self):
     if self.num_features < 2 or self.num_features % 2:
@@ -241,8 +251,7 @@ def default_length_scale(input_dim: int) -> float:
   return math.sqrt(105.0 * input_dim / 784.0)
 
 
-def rff_frequencies(key: jax.Array, input_dim: int, num_features: int,
-                    length_scale: float | None = None) -> jax.Array:
+def rff_frequencies(key: jax.Array, input_dim: int, num_features: int, length_scale: float | None = None) -> jax.Array:
   """Frequencies (num_features / 2, input_dim) ~ N(0, I / length_scale^2) of a Gaussian kernel."""
   _check_key(key)
   if num_features < 2 or num_features % 2:
@@ -260,8 +269,9 @@ def rff_features(frequencies_FxD: jax.Array, x_NxD: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.cos(proj_NxF), jnp.sin(proj_NxF)], axis=1) / jnp.sqrt(frequencies_FxD.shape[0])
 
 
-def mean_embedding(frequencies_FxD: jax.Array, images_NxHxWxC: jax.Array, labels_N: jax.Array,
-                   num_classes: int) -> jax.Array:
+def mean_embedding(
+  frequencies_FxD: jax.Array, images_NxHxWxC: jax.Array, labels_N: jax.Array, num_classes: int
+) -> jax.Array:
   """(1 / N) sum_i phi(x_i) onehot(y_i)^T, shape (2F, C): the kernel mean embedding of (x, y)."""
   phi = rff_features(frequencies_FxD, images_NxHxWxC.reshape(images_NxHxWxC.shape[0], -1))
   return phi.T @ jax.nn.one_hot(labels_N, num_classes, dtype=phi.dtype) / images_NxHxWxC.shape[0]
@@ -275,9 +285,16 @@ def mmd2(embedding_a: jax.Array, embedding_b: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(embedding_a - embedding_b))
 
 
-def dp_merf_embedding(key: jax.Array, images_NxHxWxC: np.ndarray, labels_N: np.ndarray, num_classes: int,
-                      sigma: float, frequencies_FxD: jax.Array, *, sensitivity_scale: float = 2.0
-                      ) -> tuple[np.ndarray, float]:
+def dp_merf_embedding(
+  key: jax.Array,
+  images_NxHxWxC: np.ndarray,
+  labels_N: np.ndarray,
+  num_classes: int,
+  sigma: float,
+  frequencies_FxD: jax.Array,
+  *,
+  sensitivity_scale: float = 2.0,
+) -> tuple[np.ndarray, float]:
   """The released mean embedding: ``mean_embedding + N(0, (sigma * Delta)^2 I)``, released once.
 
   Each ``phi(x) onehot(y)^T`` has Frobenius norm exactly 1, so replacing one of the m examples
@@ -300,8 +317,11 @@ def dp_merf_embedding(key: jax.Array, images_NxHxWxC: np.ndarray, labels_N: np.n
   _check_key(key)
   images = _check_images(images_NxHxWxC)
   labels = _check_labels(labels_N, len(images), num_classes)
-  if not isinstance(sigma, (int, float, np.integer, np.floating)) or isinstance(sigma, bool) or not (
-      np.isfinite(sigma) and sigma >= 0):
+  if (
+    not isinstance(sigma, (int, float, np.integer, np.floating))
+    or isinstance(sigma, bool)
+    or not (np.isfinite(sigma) and sigma >= 0)
+  ):
     raise ValueError(f"DP-MERF's sigma must be a finite number >= 0, got {sigma!r}")
   freq = jnp.asarray(frequencies_FxD)
   if freq.ndim != 2 or freq.shape[1] != math.prod(images.shape[1:]):
@@ -349,8 +369,8 @@ class Generator(nn.Module):
 class GeneratorFit(NamedTuple):
   """A trained DP-MERF generator."""
 
-  params: Any             # Generator parameters.
-  generator: Generator    # The module.
+  params: Any  # Generator parameters.
+  generator: Generator  # The module.
   config: DPMERFConfig
   loss_history: np.ndarray  # MMD^2 minibatch loss per step.
 
@@ -360,10 +380,12 @@ def _draw(key, batch, code_dim, num_classes):
   return jax.random.normal(key_z, (batch, code_dim)), jax.random.randint(key_y, (batch,), 0, num_classes)
 
 
-@functools.partial(jax.jit, static_argnames=("generator", "batch_size", "code_dim", "learning_rate"),
-                   donate_argnums=(0, 1))
-def _train_chunk(params, opt_state, keys_S, active_S, target_FxK, frequencies, *, generator, batch_size, code_dim,
-                 learning_rate):
+@functools.partial(
+  jax.jit, static_argnames=("generator", "batch_size", "code_dim", "learning_rate"), donate_argnums=(0, 1)
+)
+def _train_chunk(
+  params, opt_state, keys_S, active_S, target_FxK, frequencies, *, generator, batch_size, code_dim, learning_rate
+):
   tx = optax.adam(learning_rate)
 
   def loss_fn(p, key):
@@ -388,8 +410,13 @@ def _train_chunk(params, opt_state, keys_S, active_S, target_FxK, frequencies, *
 _CHUNK = 250  # Steps per jitted scan (the last is padded with no-op steps): a NaN stops training early.
 
 
-def dp_merf_train_generator(key: jax.Array, embedding_FxK: np.ndarray, frequencies_FxD: jax.Array,
-                            image_shape: Sequence[int], config: DPMERFConfig = DPMERFConfig()) -> GeneratorFit:
+def dp_merf_train_generator(
+  key: jax.Array,
+  embedding_FxK: np.ndarray,
+  frequencies_FxD: jax.Array,
+  image_shape: Sequence[int],
+  config: DPMERFConfig = DPMERFConfig(),
+) -> GeneratorFit:
   """Trains a conditional generator whose samples' mean embedding matches ``embedding_FxK``.
 
   Each Adam step draws ``batch_size`` codes z ~ N(0, I) and labels uniform over the C
@@ -405,8 +432,10 @@ def dp_merf_train_generator(key: jax.Array, embedding_FxK: np.ndarray, frequenci
   freq = jnp.asarray(frequencies_FxD, jnp.float32)
   shape = tuple(int(d) for d in image_shape)
   if target.ndim != 2 or target.shape[0] != 2 * freq.shape[0] or freq.shape[1] != math.prod(shape):
-    raise ValueError(f"embedding {target.shape}, frequencies {freq.shape} and image shape {shape} do not fit: "
-                     "need embedding (2F, C) and frequencies (F, H*W*C)")
+    raise ValueError(
+      f"embedding {target.shape}, frequencies {freq.shape} and image shape {shape} do not fit: "
+      "need embedding (2F, C) and frequencies (F, H*W*C)"
+    )
   if not bool(jnp.all(jnp.isfinite(target))):
     raise ValueError("the embedding contains NaN or infinite values")
   generator = Generator(shape, int(target.shape[1]), tuple(config.hidden))
@@ -419,10 +448,19 @@ def dp_merf_train_generator(key: jax.Array, embedding_FxK: np.ndarray, frequenci
   for start in range(0, config.steps, chunk_steps):
     t = jnp.arange(start, start + chunk_steps)
     keys = jax.vmap(lambda i: jax.random.fold_in(key_steps, i))(t)
-    params, opt_state, chunk = _train_chunk(params, opt_state, keys, t < config.steps, target, freq,
-                                            generator=generator, batch_size=config.batch_size,
-                                            code_dim=config.code_dim, learning_rate=config.learning_rate)
-    chunk = np.asarray(chunk)[:config.steps - start]
+    params, opt_state, chunk = _train_chunk(
+      params,
+      opt_state,
+      keys,
+      t < config.steps,
+      target,
+      freq,
+      generator=generator,
+      batch_size=config.batch_size,
+      code_dim=config.code_dim,
+      learning_rate=config.learning_rate,
+    )
+    chunk = np.asarray(chunk)[: config.steps - start]
     if not np.all(np.isfinite(chunk)):
       raise FloatingPointError(f"DP-MERF generator loss became non-finite by step {start + len(chunk)}")
     losses.append(chunk)
@@ -445,8 +483,14 @@ def dp_merf_sample(key: jax.Array, fit: GeneratorFit, n: int) -> tuple[np.ndarra
   return np.asarray(images, np.float32), np.asarray(labels, np.int32)
 
 
-def dp_merf(key: jax.Array, images_NxHxWxC: np.ndarray, labels_N: np.ndarray, num_classes: int, sigma: float,
-            config: DPMERFConfig = DPMERFConfig()) -> tuple[np.ndarray, np.ndarray, GeneratorFit, float]:
+def dp_merf(
+  key: jax.Array,
+  images_NxHxWxC: np.ndarray,
+  labels_N: np.ndarray,
+  num_classes: int,
+  sigma: float,
+  config: DPMERFConfig = DPMERFConfig(),
+) -> tuple[np.ndarray, np.ndarray, GeneratorFit, float]:
   """The whole DP-MERF baseline: frequencies, one noisy release, generator, m samples.
 
   Returns:
@@ -455,8 +499,9 @@ def dp_merf(key: jax.Array, images_NxHxWxC: np.ndarray, labels_N: np.ndarray, nu
   images = _check_images(images_NxHxWxC)
   key_freq, key_noise, key_train, key_sample = jax.random.split(key, 4)
   freq = rff_frequencies(key_freq, math.prod(images.shape[1:]), config.num_features, config.length_scale)
-  released, std = dp_merf_embedding(key_noise, images, labels_N, num_classes, sigma, freq,
-                                    sensitivity_scale=config.sensitivity_scale)
+  released, std = dp_merf_embedding(
+    key_noise, images, labels_N, num_classes, sigma, freq, sensitivity_scale=config.sensitivity_scale
+  )
   fit = dp_merf_train_generator(key_train, released, freq, images.shape[1:], config)
   out_images, out_labels = dp_merf_sample(key_sample, fit, len(images))
   return out_images, out_labels, fit, std
@@ -465,9 +510,17 @@ def dp_merf(key: jax.Array, images_NxHxWxC: np.ndarray, labels_N: np.ndarray, nu
 # The common interface. ------------------------------------------------------------------------
 
 
-def sanitize(name: str, key: jax.Array, images_NxHxWxC: np.ndarray, labels_N: np.ndarray, num_classes: int,
-             param=None, *, public_images: np.ndarray | None = None,
-             dp_merf_config: DPMERFConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sanitize(
+  name: str,
+  key: jax.Array,
+  images_NxHxWxC: np.ndarray,
+  labels_N: np.ndarray,
+  num_classes: int,
+  param=None,
+  *,
+  public_images: np.ndarray | None = None,
+  dp_merf_config: DPMERFConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """A baseline's shared version of a buyer dataset.
 
   Args:

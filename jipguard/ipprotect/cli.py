@@ -29,8 +29,11 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
   """The main job's flags (``experiments/ipprotect.py``; the ablation and diagnostics take them too)."""
   p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="default", choices=["smoke", "default", "paper"])
-  p.add_argument("--dataset", default="fashion_mnist_subset",
-                 help="fashion_mnist_subset (embedded), mnist, fashion_mnist, cifar10, or a path")
+  p.add_argument(
+    "--dataset",
+    default="fashion_mnist_subset",
+    help="fashion_mnist_subset (embedded), mnist, fashion_mnist, cifar10, or a path",
+  )
   p.add_argument("--data_dir", help="local copy of a named dataset (IDX / npz / image folder) or tfds data_dir")
   p.add_argument("--workdir", help="run directory (default runs/ipprotect-...)")
   p.add_argument("--model", help="architecture: mlp, cnn, resnet8, resnet20 (default mlp/cnn by channels)")
@@ -57,23 +60,31 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
   add("hidden_dropout", float, "robust option: dropout of the sampled models' hidden units")
   add("seed", int, "seed of everything but the anchors")
   add("anchor_seed", int, "64-bit anchor secret (default: drawn once, kept in checkpoints/)")
-  p.add_argument("--loss", choices=list(sanitizer.LOSSES),
-                 help="L: L2 of logits (paper), L2 of softmax probabilities, KL of the softmax outputs, or the "
-                      "hinge on the logit margin of each model's class on the original (Carlini-Wagner)")
+  p.add_argument(
+    "--loss",
+    choices=list(sanitizer.LOSSES),
+    help="L: L2 of logits (paper), L2 of softmax probabilities, KL of the softmax outputs, or the "
+    "hinge on the logit margin of each model's class on the original (Carlini-Wagner)",
+  )
   add("weight_decay", float, "L2 coefficient of the platform's training (sellers and sample_models)")
   p.add_argument("--no_val_stop", action="store_true", help="run T steps; Omega_V unused by the optimisation")
-  p.add_argument("--out_of_bag", action="store_true",
-                 help="fit each image only to the Omega_Tr models whose bootstrap left it out")
+  p.add_argument(
+    "--out_of_bag", action="store_true", help="fit each image only to the Omega_Tr models whose bootstrap left it out"
+  )
   p.add_argument("--cache_dir", help="share trained sellers / sample_models between runs (ablations)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
-  p.add_argument("--mesh", type=_mesh_shape,
-                 help="MEMBER,DATA device mesh over all devices of the job (e.g. 8,1 or 2,4); default: one device")
+  p.add_argument(
+    "--mesh",
+    type=_mesh_shape,
+    help="MEMBER,DATA device mesh over all devices of the job (e.g. 8,1 or 2,4); default: one device",
+  )
   distributed.add_flags(p)
   return p
 
 
-def config_from_flags(argv: list[str] | None = None, *, description: str | None = None
-                      ) -> tuple[job.IPProtectConfig, str, bool]:
+def config_from_flags(
+  argv: list[str] | None = None, *, description: str | None = None
+) -> tuple[job.IPProtectConfig, str, bool]:
   """``(config, run directory, quiet)`` from :func:`flag_parser`'s flags: the preset, then the flags set."""
   return config_from_args(flag_parser(description).parse_args(argv))
 
@@ -81,14 +92,42 @@ def config_from_flags(argv: list[str] | None = None, *, description: str | None 
 def config_from_args(a: argparse.Namespace) -> tuple[job.IPProtectConfig, str, bool]:
   """:func:`config_from_flags` for flags already parsed by :func:`flag_parser`."""
   cfg = job.preset(a.preset, a.dataset)
-  top = {k: getattr(a, k) for k in ("data_dir", "model", "buyer_size", "seller_pool_size", "models_per_seller",
-                                    "omega_tr", "omega_v", "seed", "anchor_seed", "cache_dir") if getattr(a, k) is not None}
-  san = {k: getattr(a, src) for k, src in (("lam", "lam"), ("tau", "tau"), ("zeta", "zeta"), ("steps", "steps"),
-                                           ("val_every", "val_every"), ("min_steps", "min_steps"),
-                                           ("model_batch", "model_batch"), ("data_batch", "data_batch"),
-                                           ("learning_rate", "lr"), ("loss", "loss"), ("temperature", "temperature"),
-                                           ("margin", "margin"), ("input_noise", "input_noise"),
-                                           ("hidden_dropout", "hidden_dropout")) if getattr(a, src) is not None}
+  top = {
+    k: getattr(a, k)
+    for k in (
+      "data_dir",
+      "model",
+      "buyer_size",
+      "seller_pool_size",
+      "models_per_seller",
+      "omega_tr",
+      "omega_v",
+      "seed",
+      "anchor_seed",
+      "cache_dir",
+    )
+    if getattr(a, k) is not None
+  }
+  san = {
+    k: getattr(a, src)
+    for k, src in (
+      ("lam", "lam"),
+      ("tau", "tau"),
+      ("zeta", "zeta"),
+      ("steps", "steps"),
+      ("val_every", "val_every"),
+      ("min_steps", "min_steps"),
+      ("model_batch", "model_batch"),
+      ("data_batch", "data_batch"),
+      ("learning_rate", "lr"),
+      ("loss", "loss"),
+      ("temperature", "temperature"),
+      ("margin", "margin"),
+      ("input_noise", "input_noise"),
+      ("hidden_dropout", "hidden_dropout"),
+    )
+    if getattr(a, src) is not None
+  }
   if a.no_val_stop:
     san["val_stop"] = False
   if a.out_of_bag:
@@ -99,15 +138,19 @@ def config_from_args(a: argparse.Namespace) -> tuple[job.IPProtectConfig, str, b
   if a.omega_epochs is not None:
     cfg = dataclasses.replace(cfg, omega_train=dataclasses.replace(cfg.omega_train, epochs=a.omega_epochs))
   if a.weight_decay is not None:  # The platform's `learn`: the same for sellers and sample_models.
-    cfg = dataclasses.replace(cfg, seller_train=dataclasses.replace(cfg.seller_train, weight_decay=a.weight_decay),
-                              omega_train=dataclasses.replace(cfg.omega_train, weight_decay=a.weight_decay))
+    cfg = dataclasses.replace(
+      cfg,
+      seller_train=dataclasses.replace(cfg.seller_train, weight_decay=a.weight_decay),
+      omega_train=dataclasses.replace(cfg.omega_train, weight_decay=a.weight_decay),
+    )
   name = os.path.basename(os.path.normpath(a.dataset))
   workdir = a.workdir or os.path.join("runs", f"ipprotect-{name}-{a.preset}-tr{cfg.omega_tr}-s{cfg.seed}")
   return cfg, workdir, a.quiet
 
 
-def tradeoff_parse(argv: list[str] | None = None, *, description: str | None = None
-                   ) -> tuple[tradeoff.StudyConfig, str, bool, bool, str]:
+def tradeoff_parse(
+  argv: list[str] | None = None, *, description: str | None = None
+) -> tuple[tradeoff.StudyConfig, str, bool, bool, str]:
   """``(study config, study directory, quiet, report_only, compilation cache)`` from the trade-off study's flags."""
   p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="default", choices=["smoke", "default", "paper"])
@@ -130,8 +173,11 @@ def tradeoff_parse(argv: list[str] | None = None, *, description: str | None = N
   distributed.add_compilation_cache_flag(p)
   a = p.parse_args(argv)
   cfg = tradeoff.preset(a.preset)
-  over = {k: getattr(a, k) for k in ("data_dir", "buyer_size", "seller_pool_size", "dx_size", "vgg_weights",
-                                     "vgg_size") if getattr(a, k) is not None}
+  over = {
+    k: getattr(a, k)
+    for k in ("data_dir", "buyer_size", "seller_pool_size", "dx_size", "vgg_weights", "vgg_size")
+    if getattr(a, k) is not None
+  }
   for k, src in (("datasets", "dataset"), ("omega_tr", "omega_tr"), ("seeds", "seeds"), ("methods", "methods")):
     if getattr(a, src):
       over[k] = tuple(getattr(a, src))
@@ -156,8 +202,16 @@ def main(argv: list[str] | None = None, *, description: str | None = None) -> in
   m = job.run(cfg, workdir, progress=not quiet and distributed.is_main_process(), mesh=mesh)
   if not distributed.is_main_process():
     return 0
-  keys = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "compliance_lower_bound",
-          "correlation_mean", "ssim_mean", "images_per_second")
+  keys = (
+    "utility_mae",
+    "rank_correlation",
+    "compliance_train",
+    "compliance_val",
+    "compliance_lower_bound",
+    "correlation_mean",
+    "ssim_mean",
+    "images_per_second",
+  )
   print(json.dumps({k: m[k] for k in keys}, indent=2))
   print(f"run directory: {workdir} (report.md, metrics.json, sanitized.npz, examples.png)")
   return 0
@@ -172,8 +226,9 @@ def tradeoff_main(argv: list[str] | None = None, *, description: str | None = No
   cfg, out, quiet, report_only, compilation_cache = tradeoff_parse(argv, description=description)
   distributed.enable_compilation_cache(compilation_cache)  # Before any compilation.
   distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
-  t = tradeoff.run_study(cfg, out, progress=not quiet, report_only=report_only,
-                         command=_command("experiments/tradeoff.py", argv))
+  t = tradeoff.run_study(
+    cfg, out, progress=not quiet, report_only=report_only, command=_command("experiments/tradeoff.py", argv)
+  )
   print(tradeoff.table3_markdown(t))
   print(f"study directory: {out} (table3.md, table3.json, fig2*.png, points/); {t['wall_s']:.0f} s")
   return 0
@@ -190,8 +245,14 @@ def ablation_main(argv: list[str] | None = None, *, description: str | None = No
   a = p.parse_args(argv)
   distributed.enable_compilation_cache(a.compilation_cache)
   distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
-  ablation.run(a.out, a.seeds, only=a.only, extra=a.extra,
-               command=_command("experiments/ipprotect_ablation.py", argv), log=lambda s: print(s, flush=True))
+  ablation.run(
+    a.out,
+    a.seeds,
+    only=a.only,
+    extra=a.extra,
+    command=_command("experiments/ipprotect_ablation.py", argv),
+    log=lambda s: print(s, flush=True),
+  )
   with open(os.path.join(a.out, "ablation.md")) as f:
     print(f.read())
   return 0

@@ -45,6 +45,7 @@ from jipguard.ipprotect.vgg import VGGWeights, check_pair, vgg_perceptual_distan
 # --------------------------------------------------------------------------------------------
 # Image IP exposure and its stand-ins.
 
+
 def inverse_mean(distances_N: np.ndarray) -> float:
   """Eq. 3 averaged over a dataset: mean of 1 / d (infinite if any distance is 0)."""
   d = np.asarray(distances_N, np.float64)
@@ -61,10 +62,16 @@ def pixel_mse(a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray) -> np.ndarray:
   return np.mean(np.square(a.astype(np.float64) - b), axis=(1, 2, 3))
 
 
-def image_exposure(originals_NxHxWxC: np.ndarray, sanitized_NxHxWxC: np.ndarray, *,
-                   pair_randomly: bool = False, seed: int = 0,
-                   vgg: VGGWeights | None = None, vgg_size: int = 224,
-                   feature_zoo: FittedZoo | None = None) -> dict[str, float]:
+def image_exposure(
+  originals_NxHxWxC: np.ndarray,
+  sanitized_NxHxWxC: np.ndarray,
+  *,
+  pair_randomly: bool = False,
+  seed: int = 0,
+  vgg: VGGWeights | None = None,
+  vgg_size: int = 224,
+  feature_zoo: FittedZoo | None = None,
+) -> dict[str, float]:
   """Image IP exposure of a dataset (Def. 2) and / or its named stand-ins.
 
   Args:
@@ -98,36 +105,49 @@ def image_exposure(originals_NxHxWxC: np.ndarray, sanitized_NxHxWxC: np.ndarray,
 
 # Display names of the image exposure metrics (a stand-in is never called the VGG loss).
 IMAGE_METRIC_NAMES = {
-    "vgg_conv5_1": "1 / VGG conv5_1 perceptual loss (Def. 2)",
-    "own_cnn_feature": "stand-in: 1 / feature distance under the run's own CNN trained on D_X",
-    "pixel_mse": "stand-in: 1 / per-pixel MSE",
-    "ssim": "stand-in: mean SSIM (a similarity, not inverted)",
+  "vgg_conv5_1": "1 / VGG conv5_1 perceptual loss (Def. 2)",
+  "own_cnn_feature": "stand-in: 1 / feature distance under the run's own CNN trained on D_X",
+  "pixel_mse": "stand-in: 1 / per-pixel MSE",
+  "ssim": "stand-in: mean SSIM (a similarity, not inverted)",
 }
 
 
 # --------------------------------------------------------------------------------------------
 # Statistical IP exposure (Defs. 3, 4): the model set G.
 
-ZOO = ("logistic_regression", "bernoulli_nb", "gaussian_nb", "random_forest", "linear_svc", "decision_tree",
-       "lda", "adaboost", "mlp", "cnn", "bagging", "gradient_boosting", "xgboost")
+ZOO = (
+  "logistic_regression",
+  "bernoulli_nb",
+  "gaussian_nb",
+  "random_forest",
+  "linear_svc",
+  "decision_tree",
+  "lda",
+  "adaboost",
+  "mlp",
+  "cnn",
+  "bagging",
+  "gradient_boosting",
+  "xgboost",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ZooConfig:
   """How each model of G is trained (the paper gives no hyper-parameters: library defaults)."""
 
-  models: tuple[str, ...] = ZOO   # Which members of G to use.
-  n_estimators: int = 50          # Forests, bagging, AdaBoost, gradient boosting, XGBoost.
-  max_iter: int = 200             # Logistic regression, linear SVC, MLP.
-  mlp_hidden: int = 128           # Hidden units of the MLP.
+  models: tuple[str, ...] = ZOO  # Which members of G to use.
+  n_estimators: int = 50  # Forests, bagging, AdaBoost, gradient boosting, XGBoost.
+  max_iter: int = 200  # Logistic regression, linear SVC, MLP.
+  mlp_hidden: int = 128  # Hidden units of the MLP.
   # Features searched per split by gradient boosting: "sqrt" makes it ~25x faster on 784 pixels
   # (158 s -> ~7 s on 2,000 images, 2 cores); None is scikit-learn's default (all).
   gradient_boosting_max_features: str | None = "sqrt"
-  cnn_epochs: int = 5             # Epochs of the JAX CNN.
-  cnn_batch_size: int = 64        # Its minibatch size.
+  cnn_epochs: int = 5  # Epochs of the JAX CNN.
+  cnn_batch_size: int = 64  # Its minibatch size.
   cnn_learning_rate: float = 1e-3  # Its Adam step size.
-  n_jobs: int = 2                 # Models fitted in parallel (threads).
-  seed: int = 0                   # Seed of every model's randomness.
+  n_jobs: int = 2  # Models fitted in parallel (threads).
+  seed: int = 0  # Seed of every model's randomness.
 
   def __post_init__(self):
     unknown = sorted(set(self.models) - set(ZOO))
@@ -200,8 +220,9 @@ class _CNNClassifier:
     keys = jax.random.split(jax.random.key(self.cfg.seed), 1)
     indices = np.resize(np.arange(n, dtype=np.int32), max(n, batch))[None]  # Tiny sets: repeated to a batch.
     y = _pad_rows(np.asarray(y_N, np.int32), self._BUCKET)
-    self.state = trainer.fit(keys, _pad_rows(x, self._BUCKET), y, epochs=self.cfg.cnn_epochs, indices=indices,
-                             progress=False).state
+    self.state = trainer.fit(
+      keys, _pad_rows(x, self._BUCKET), y, epochs=self.cfg.cnn_epochs, indices=indices, progress=False
+    ).state
     return self
 
   def _logits(self, x):
@@ -209,14 +230,17 @@ class _CNNClassifier:
     return ensemble.predict(self.model, self.state.variables, x, batch_size=256)[0]
 
   def predict(self, x_NxD):
-    return np.asarray(jnp.argmax(self._logits(x_NxD), -1))[:len(x_NxD)]
+    return np.asarray(jnp.argmax(self._logits(x_NxD), -1))[: len(x_NxD)]
 
   def feature_distance(self, a, b, batch_size: int = 256):
     variables = jax.tree.map(lambda v: v[0], self.state.variables)
     a, b = _pad_rows(a, batch_size), _pad_rows(b, batch_size)
-    d = np.concatenate([np.asarray(_cnn_feature_distance(self.model, variables, a[i:i + batch_size],
-                                                         b[i:i + batch_size]))
-                        for i in range(0, len(a), batch_size)]).astype(np.float64)
+    d = np.concatenate(
+      [
+        np.asarray(_cnn_feature_distance(self.model, variables, a[i : i + batch_size], b[i : i + batch_size]))
+        for i in range(0, len(a), batch_size)
+      ]
+    ).astype(np.float64)
     return d
 
 
@@ -250,6 +274,7 @@ def make_model(name: str, cfg: ZooConfig, image_shape: Sequence[int], num_classe
   # scikit-learn is imported only when a zoo is built (seconds of start-up otherwise).
   from sklearn import discriminant_analysis, linear_model, naive_bayes, neural_network, svm, tree  # noqa: PLC0415
   from sklearn import ensemble as sk_ensemble  # noqa: PLC0415
+
   n, seed = cfg.n_estimators, cfg.seed
   if name == "logistic_regression":
     return linear_model.LogisticRegression(max_iter=cfg.max_iter)
@@ -268,27 +293,28 @@ def make_model(name: str, cfg: ZooConfig, image_shape: Sequence[int], num_classe
   if name == "adaboost":
     return sk_ensemble.AdaBoostClassifier(n_estimators=n, random_state=seed)
   if name == "mlp":
-    return neural_network.MLPClassifier(hidden_layer_sizes=(cfg.mlp_hidden,), max_iter=cfg.max_iter,
-                                        random_state=seed)
+    return neural_network.MLPClassifier(hidden_layer_sizes=(cfg.mlp_hidden,), max_iter=cfg.max_iter, random_state=seed)
   if name == "cnn":
     return _CNNClassifier(image_shape, num_classes, cfg)
   if name == "bagging":
     return sk_ensemble.BaggingClassifier(n_estimators=n, random_state=seed, n_jobs=1)
   if name == "gradient_boosting":
-    return sk_ensemble.GradientBoostingClassifier(n_estimators=n, random_state=seed,
-                                                  max_features=cfg.gradient_boosting_max_features)
+    return sk_ensemble.GradientBoostingClassifier(
+      n_estimators=n, random_state=seed, max_features=cfg.gradient_boosting_max_features
+    )
   if name == "xgboost":
     import xgboost  # noqa: PLC0415 (only for the XGBoost member of the zoo)
-    return _Encoded(xgboost.XGBClassifier(n_estimators=n, tree_method="hist", random_state=seed, n_jobs=1,
-                                          verbosity=0))
+
+    return _Encoded(xgboost.XGBClassifier(n_estimators=n, tree_method="hist", random_state=seed, n_jobs=1, verbosity=0))
   raise ValueError(f"unknown zoo model {name!r}; choose from {ZOO}")
 
 
 def _check_labelled(images, labels, num_classes, what) -> tuple[np.ndarray, np.ndarray]:
   images, labels = np.asarray(images, np.float32), np.asarray(labels)
   if images.ndim != 4 or labels.shape != images.shape[:1] or len(images) == 0:
-    raise ValueError(f"{what}: need non-empty NHWC images and labels of shape (N,), got {images.shape} "
-                     f"and {labels.shape}")
+    raise ValueError(
+      f"{what}: need non-empty NHWC images and labels of shape (N,), got {images.shape} and {labels.shape}"
+    )
   if not np.all(np.isfinite(images)):
     raise ValueError(f"{what}: images contain NaN or infinite values")
   if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
@@ -312,6 +338,7 @@ def _parallel(fn: Callable, names: Sequence[str], n_jobs: int) -> list:
   """
   import joblib  # noqa: PLC0415 (with scikit-learn, only when a zoo is fitted)
   import threadpoolctl  # noqa: PLC0415
+
   with threadpoolctl.threadpool_limits(1):
     return joblib.Parallel(n_jobs=n_jobs, prefer="threads")(joblib.delayed(fn)(n) for n in names)
 
@@ -340,11 +367,12 @@ class FittedZoo:
     if not isinstance(cnn, _CNNClassifier):
       raise ValueError("the feature stand-in needs the zoo's CNN fitted on at least two classes")
     a, b = check_pair(a_NxHxWxC, b_NxHxWxC)
-    return cnn.feature_distance(a, b)[:len(a)]
+    return cnn.feature_distance(a, b)[: len(a)]
 
 
-def fit_zoo(images_NxHxWxC: np.ndarray, labels_N: np.ndarray, num_classes: int,
-            cfg: ZooConfig = ZooConfig()) -> FittedZoo:
+def fit_zoo(
+  images_NxHxWxC: np.ndarray, labels_N: np.ndarray, num_classes: int, cfg: ZooConfig = ZooConfig()
+) -> FittedZoo:
   """Fits every member of ``cfg.models`` on ``(images, labels)`` (threads: ``cfg.n_jobs``)."""
   x, y = _check_labelled(images_NxHxWxC, labels_N, num_classes, "training set")
   names = list(cfg.models)
@@ -363,22 +391,29 @@ class StatisticalExposure:
     return float(np.mean(list(self.per_model.values())))
 
 
-def training_exposure(sanitized_images: np.ndarray, sanitized_labels: np.ndarray, dx_images: np.ndarray,
-                      dx_labels: np.ndarray, num_classes: int, cfg: ZooConfig = ZooConfig()
-                      ) -> StatisticalExposure:
+def training_exposure(
+  sanitized_images: np.ndarray,
+  sanitized_labels: np.ndarray,
+  dx_images: np.ndarray,
+  dx_labels: np.ndarray,
+  num_classes: int,
+  cfg: ZooConfig = ZooConfig(),
+) -> StatisticalExposure:
   """Def. 3: G trained on the sanitized set D~, accuracy on D_X (drawn from P_O)."""
   zoo = fit_zoo(sanitized_images, sanitized_labels, num_classes, cfg)
   return StatisticalExposure(zoo.accuracies(dx_images, dx_labels, cfg.n_jobs))
 
 
-def inference_exposure(dx_zoo: FittedZoo, sanitized_images: np.ndarray, sanitized_labels: np.ndarray,
-                       n_jobs: int = 1) -> StatisticalExposure:
+def inference_exposure(
+  dx_zoo: FittedZoo, sanitized_images: np.ndarray, sanitized_labels: np.ndarray, n_jobs: int = 1
+) -> StatisticalExposure:
   """Def. 4: G trained on D_X (``dx_zoo = fit_zoo(D_X)``, reusable), accuracy on D~."""
   return StatisticalExposure(dx_zoo.accuracies(sanitized_images, sanitized_labels, n_jobs))
 
 
 # --------------------------------------------------------------------------------------------
 # The 0-1 normalised harmonic mean (section VI-A4).
+
 
 def harmonic_mean(x: np.ndarray | float, y: np.ndarray | float) -> np.ndarray:
   """``2 x y / (x + y)`` elementwise (0 where x + y = 0), for x, y >= 0."""

@@ -33,45 +33,82 @@ class IPProtectConfig:
   """Everything a run depends on (written to config.json)."""
 
   dataset: str = data_lib.DEFAULT_DATASET  # Name, or a path (IDX folder / .npz / image folder).
-  data_dir: str | None = None       # Local copy of a named dataset, or a tfds data_dir.
-  model: str | None = None          # Architecture; default mlp (grayscale) / cnn (colour).
-  buyer_size: int | None = None     # Buyer images from the test split; None = all.
+  data_dir: str | None = None  # Local copy of a named dataset, or a tfds data_dir.
+  model: str | None = None  # Architecture; default mlp (grayscale) / cnn (colour).
+  buyer_size: int | None = None  # Buyer images from the test split; None = all.
   seller_pool_size: int | None = None  # Seller images from the train split; None = all.
-  models_per_seller: int = 10       # Table I: 10 models per seller.
+  models_per_seller: int = 10  # Table I: 10 models per seller.
   seller_train: TrainConfig = TrainConfig(epochs=5, batch_size=128)
   omega_train: TrainConfig = TrainConfig(epochs=30, batch_size=32)
-  omega_tr: int = 100               # |Omega_Tr|.
-  omega_v: int = 10                 # |Omega_V| (Table II).
+  omega_tr: int = 100  # |Omega_Tr|.
+  omega_v: int = 10  # |Omega_V| (Table II).
   sanitizer: SanitizerConfig = SanitizerConfig()
-  seed: int = 0                     # Seed of everything but the anchors.
-  anchor_seed: int | None = None    # 64-bit anchor secret; None = drawn once, kept private.
-  cache_dir: str | None = None      # Share trained ensembles between runs (ablations); None = checkpoints/.
+  seed: int = 0  # Seed of everything but the anchors.
+  anchor_seed: int | None = None  # 64-bit anchor secret; None = drawn once, kept private.
+  cache_dir: str | None = None  # Share trained ensembles between runs (ablations); None = checkpoints/.
 
 
 def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfig:
   """``smoke`` (seconds, for tests), ``default`` (minutes on 2 cores), ``paper`` (Table II)."""
   family = sellers.table_i_family(dataset)
-  table2 = dict(zeta={"cifar10": 0.2}.get(family, 0.5), tau={"mnist": 1.3, "cifar10": 1.65}.get(family, 1.5),
-                omega_v={"cifar10": 50}.get(family, 10), data_batch={"cifar10": 256}.get(family, 5000))
+  table2 = dict(
+    zeta={"cifar10": 0.2}.get(family, 0.5),
+    tau={"mnist": 1.3, "cifar10": 1.65}.get(family, 1.5),
+    omega_v={"cifar10": 50}.get(family, 10),
+    data_batch={"cifar10": 256}.get(family, 5000),
+  )
   if name == "smoke":
     return IPProtectConfig(
-        dataset=dataset, buyer_size=24, seller_pool_size=1024, models_per_seller=2,
-        seller_train=TrainConfig(epochs=1, batch_size=64), omega_train=TrainConfig(epochs=5, batch_size=16),
-        omega_tr=6, omega_v=3,
-        sanitizer=SanitizerConfig(steps=40, data_batch=16, val_every=10, min_steps=20, loss="margin",
-                                  learning_rate=0.1, zeta=0.01, tau=table2["tau"]))
+      dataset=dataset,
+      buyer_size=24,
+      seller_pool_size=1024,
+      models_per_seller=2,
+      seller_train=TrainConfig(epochs=1, batch_size=64),
+      omega_train=TrainConfig(epochs=5, batch_size=16),
+      omega_tr=6,
+      omega_v=3,
+      sanitizer=SanitizerConfig(
+        steps=40,
+        data_batch=16,
+        val_every=10,
+        min_steps=20,
+        loss="margin",
+        learning_rate=0.1,
+        zeta=0.01,
+        tau=table2["tau"],
+      ),
+    )
   if name == "default":
     return IPProtectConfig(
-        dataset=dataset, buyer_size=300, models_per_seller=4,
-        seller_train=TrainConfig(epochs=3, batch_size=128), omega_train=TrainConfig(epochs=30, batch_size=32),
-        omega_tr=100, omega_v=table2["omega_v"],
-        sanitizer=SanitizerConfig(steps=300, data_batch=300, loss="margin", learning_rate=0.1, zeta=0.01,
-                                  val_every=10, min_steps=50, tau=table2["tau"], lam=0.1))
+      dataset=dataset,
+      buyer_size=300,
+      models_per_seller=4,
+      seller_train=TrainConfig(epochs=3, batch_size=128),
+      omega_train=TrainConfig(epochs=30, batch_size=32),
+      omega_tr=100,
+      omega_v=table2["omega_v"],
+      sanitizer=SanitizerConfig(
+        steps=300,
+        data_batch=300,
+        loss="margin",
+        learning_rate=0.1,
+        zeta=0.01,
+        val_every=10,
+        min_steps=50,
+        tau=table2["tau"],
+        lam=0.1,
+      ),
+    )
   if name == "paper":
     return IPProtectConfig(
-        dataset=dataset, models_per_seller=10, omega_tr=100, omega_v=table2["omega_v"],
-        sanitizer=SanitizerConfig(steps=2000, data_batch=table2["data_batch"], zeta=table2["zeta"],
-                                  tau=table2["tau"], lam=0.1))
+      dataset=dataset,
+      models_per_seller=10,
+      omega_tr=100,
+      omega_v=table2["omega_v"],
+      sanitizer=SanitizerConfig(
+        steps=2000, data_batch=table2["data_batch"], zeta=table2["zeta"], tau=table2["tau"], lam=0.1
+      ),
+    )
   raise ValueError(f"unknown preset {name!r}; choose smoke, default or paper")
 
 
@@ -126,7 +163,7 @@ def reference_set(cfg: IPProtectConfig, buyer_size: int) -> data_lib.Dataset | N
   test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir)
   if 2 * buyer_size > len(test):
     return None
-  return test.subset(np.sort(_order(cfg, _BUYER, len(test))[buyer_size:2 * buyer_size]))
+  return test.subset(np.sort(_order(cfg, _BUYER, len(test))[buyer_size : 2 * buyer_size]))
 
 
 def run_model(cfg: IPProtectConfig, buyer: data_lib.Dataset) -> nn.Module:
@@ -135,8 +172,9 @@ def run_model(cfg: IPProtectConfig, buyer: data_lib.Dataset) -> nn.Module:
 
 
 def _ensemble_dir(cfg: IPProtectConfig, model: nn.Module, root: str, kind: str, *parts: Any) -> str:
-  tag = hashlib.sha256(json.dumps([cfg.dataset, cfg.data_dir, repr(model), cfg.seed, *parts],
-                                  sort_keys=True, default=str).encode()).hexdigest()[:16]
+  tag = hashlib.sha256(
+    json.dumps([cfg.dataset, cfg.data_dir, repr(model), cfg.seed, *parts], sort_keys=True, default=str).encode()
+  ).hexdigest()[:16]
   return os.path.join(root, f"{kind}-{tag}")
 
 
@@ -144,32 +182,50 @@ def _omega_key(cfg: IPProtectConfig) -> jax.Array:
   return jax.random.fold_in(jax.random.key(cfg.seed), 3)
 
 
-def sampled_models(cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Dataset, root: str,
-                   **kwargs: Any) -> ensemble.EnsembleState:
+def sampled_models(
+  cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Dataset, root: str, **kwargs: Any
+) -> ensemble.EnsembleState:
   """The run's Omega_Tr + Omega_V (in that order), trained or restored from ``root``.
 
   ``root`` is where :func:`run` keeps ensembles: ``cfg.cache_dir`` if set, else the run
   directory's ``checkpoints``. ``kwargs`` go to :func:`sellers.sample_models`.
   """
-  return sellers.sample_models(model, cfg.omega_train, _omega_key(cfg), buyer, cfg.omega_tr + cfg.omega_v,
-                                 checkpoint_dir=_ensemble_dir(cfg, model, root, "omega", cfg.buyer_size, cfg.omega_tr,
-                                                              cfg.omega_v, cfg.omega_train.fingerprint()),
-                                 **kwargs)
+  return sellers.sample_models(
+    model,
+    cfg.omega_train,
+    _omega_key(cfg),
+    buyer,
+    cfg.omega_tr + cfg.omega_v,
+    checkpoint_dir=_ensemble_dir(
+      cfg, model, root, "omega", cfg.buyer_size, cfg.omega_tr, cfg.omega_v, cfg.omega_train.fingerprint()
+    ),
+    **kwargs,
+  )
 
 
-def seller_models(cfg: IPProtectConfig, model: nn.Module, pool: data_lib.Dataset, root: str,
-                  **kwargs: Any) -> ensemble.EnsembleState:
+def seller_models(
+  cfg: IPProtectConfig, model: nn.Module, pool: data_lib.Dataset, root: str, **kwargs: Any
+) -> ensemble.EnsembleState:
   """The run's sellers (Table I label noise, ``cfg.models_per_seller`` models each), trained or
   restored from ``root`` (as :func:`sampled_models`); ``kwargs`` go to :func:`sellers.train_models`."""
   key = jax.random.key(cfg.seed)
   noise = sellers.TABLE_I_NOISE[sellers.table_i_family(pool.name)]
-  labels = sellers.seller_labels(jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller,
-                                   pool.num_classes)
-  return sellers.train_models(model, cfg.seller_train, jax.random.fold_in(key, 2), pool.images, labels,
-                                num_members=len(labels),
-                                checkpoint_dir=_ensemble_dir(cfg, model, root, "sellers", cfg.seller_pool_size,
-                                                             cfg.models_per_seller, cfg.seller_train.fingerprint()),
-                                desc="sellers", **kwargs)
+  labels = sellers.seller_labels(
+    jax.random.fold_in(key, 1), pool.labels, noise, cfg.models_per_seller, pool.num_classes
+  )
+  return sellers.train_models(
+    model,
+    cfg.seller_train,
+    jax.random.fold_in(key, 2),
+    pool.images,
+    labels,
+    num_members=len(labels),
+    checkpoint_dir=_ensemble_dir(
+      cfg, model, root, "sellers", cfg.seller_pool_size, cfg.models_per_seller, cfg.seller_train.fingerprint()
+    ),
+    desc="sellers",
+    **kwargs,
+  )
 
 
 def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
@@ -182,6 +238,7 @@ def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
   seed = secrets.randbits(64)
   if jax.process_count() > 1:  # Every host must use process 0's secret.
     from jax.experimental import multihost_utils  # noqa: PLC0415
+
     halves = multihost_utils.broadcast_one_to_all(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
     seed = (int(halves[0]) << 32) | int(halves[1])
   if distributed.is_main_process():
@@ -189,8 +246,9 @@ def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
   return seed
 
 
-def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
-        mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+def run(
+  cfg: IPProtectConfig, workdir: str, *, progress: bool = True, mesh: jax.sharding.Mesh | None = None
+) -> dict[str, Any]:
   """Runs (or resumes) the whole IPProtect job into ``workdir``; returns metrics.json's dict.
 
   With a ``mesh`` (``sharding.make_mesh``), ensembles are trained with members over its
@@ -221,23 +279,40 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   omega = sampled_models(cfg, model, buyer, ens_dir, desc="sample_models", progress=progress, mesh=mesh)
   # Host copies (small): evaluation runs locally; the sanitizer places them on the mesh.
   omega_vars, seller_vars = distributed.to_host((omega.variables, seller_ens.variables))
-  params_tr = jax.tree.map(lambda a: a[:cfg.omega_tr], omega_vars)
-  params_v = jax.tree.map(lambda a: a[cfg.omega_tr:], omega_vars)
+  params_tr = jax.tree.map(lambda a: a[: cfg.omega_tr], omega_vars)
+  params_v = jax.tree.map(lambda a: a[cfg.omega_tr :], omega_vars)
   timings["sample_models_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
   # The bootstraps sample_models trained Omega_Tr and Omega_V on.
   boots = sellers.sample_bootstraps(_omega_key(cfg), len(buyer), cfg.omega_tr + cfg.omega_v)
-  mask = sellers.out_of_bag_mask(boots[:cfg.omega_tr], len(buyer)) if cfg.sanitizer.out_of_bag else None
-  result = sanitizer.sanitize(model, params_tr, params_v if cfg.sanitizer.val_stop else None, buyer.images,
-                              cfg.sanitizer, seed=cfg.seed, anchor_seed=_anchor_seed(cfg, ckpt),
-                              checkpoint_dir=os.path.join(ckpt, "sanitize"), progress=progress, mesh=mesh,
-                              member_mask=mask)
+  mask = sellers.out_of_bag_mask(boots[: cfg.omega_tr], len(buyer)) if cfg.sanitizer.out_of_bag else None
+  result = sanitizer.sanitize(
+    model,
+    params_tr,
+    params_v if cfg.sanitizer.val_stop else None,
+    buyer.images,
+    cfg.sanitizer,
+    seed=cfg.seed,
+    anchor_seed=_anchor_seed(cfg, ckpt),
+    checkpoint_dir=os.path.join(ckpt, "sanitize"),
+    progress=progress,
+    mesh=mesh,
+    member_mask=mask,
+  )
   timings["sanitize_s"] = time.perf_counter() - t
 
-  out = evaluate(model, seller_vars, params_tr, params_v, buyer, result, cfg.models_per_seller,
-                 val_in_bag=sellers.in_bag(boots[cfg.omega_tr:], len(buyer)),
-                 reference=reference_set(cfg, len(buyer)))
+  out = evaluate(
+    model,
+    seller_vars,
+    params_tr,
+    params_v,
+    buyer,
+    result,
+    cfg.models_per_seller,
+    val_in_bag=sellers.in_bag(boots[cfg.omega_tr :], len(buyer)),
+    reference=reference_set(cfg, len(buyer)),
+  )
   out["timings"] = timings
   # Throughput when the batches ran (recorded in the checkpoints, so a resumed run keeps it);
   # None if some batch was restored from a checkpoint of a version that did not time it.
@@ -245,22 +320,37 @@ def run(cfg: IPProtectConfig, workdir: str, *, progress: bool = True,
   out["images_per_second"] = len(buyer) / seconds if np.isfinite(seconds) and seconds > 0 else None
   out["num_images"] = len(buyer)
   out["data_source"] = {"buyer": buyer.source, "sellers": pool.source}
-  out["table_i"] = {"noise": list(noise), "resample_rate": [sellers.resample_rate(n) for n in noise],
-                    "paper_accuracy": list(sellers.TABLE_I_ACCURACY[sellers.table_i_family(buyer.name)])}
+  out["table_i"] = {
+    "noise": list(noise),
+    "resample_rate": [sellers.resample_rate(n) for n in noise],
+    "paper_accuracy": list(sellers.TABLE_I_ACCURACY[sellers.table_i_family(buyer.name)]),
+  }
 
   if not main:
     return out
-  rundir.write_npz(os.path.join(workdir, "sanitized.npz"), images=result.images.astype(np.float32),
-                   labels=buyer.labels.astype(np.int32))
+  rundir.write_npz(
+    os.path.join(workdir, "sanitized.npz"),
+    images=result.images.astype(np.float32),
+    labels=buyer.labels.astype(np.int32),
+  )
   from jipguard.ipprotect import report  # noqa: PLC0415 (matplotlib only when writing the report)
+
   report.write_ipprotect_report(workdir, cfg, out, buyer, result)
   rundir.write_json(os.path.join(workdir, "metrics.json"), out)  # Last: its presence means "finished".
   return out
 
 
-def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
-             result: sanitizer.BatchResult, models_per_seller: int,
-             val_in_bag: np.ndarray | None = None, reference: data_lib.Dataset | None = None) -> dict[str, Any]:
+def evaluate(
+  model,
+  seller_vars,
+  params_tr,
+  params_v,
+  buyer: data_lib.Dataset,
+  result: sanitizer.BatchResult,
+  models_per_seller: int,
+  val_in_bag: np.ndarray | None = None,
+  reference: data_lib.Dataset | None = None,
+) -> dict[str, Any]:
   """Every metric of a run: utilities, MAE, compliance, risk, ranks, bounds, similarity.
 
   With ``val_in_bag`` (``N x |Omega_V|``, :func:`sellers.in_bag`), also the buyer's own
@@ -274,24 +364,29 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
   u_o, u_s = metrics.utility(lo, buyer.labels), metrics.utility(ls, buyer.labels)
   per_seller = lambda u: u.reshape(-1, models_per_seller).mean(1)
   out = {
-      "utility_mae": metrics.utility_mae(u_o, u_s),
-      "utility_mae_per_seller_mean": metrics.utility_mae(per_seller(u_o), per_seller(u_s)),
-      "seller_utility_original": per_seller(u_o).tolist(),
-      "seller_utility_sanitized": per_seller(u_s).tolist(),
-      "seller_model_utility_original": u_o.tolist(),
-      "seller_model_utility_sanitized": u_s.tolist(),
-      "seller_compliance": per_seller(metrics.compliance(lo, ls)).tolist(),
-      "utility_bias": float(np.mean(u_s - u_o)),
-      "utility_mae_fresh_images": None if reference is None else metrics.utility_mae(
-          u_o, metrics.utility(ensemble.predict(model, seller_vars, reference.images), reference.labels)),
-      "rank_correlation": metrics.rank_correlation(per_seller(u_o), per_seller(u_s)),
+    "utility_mae": metrics.utility_mae(u_o, u_s),
+    "utility_mae_per_seller_mean": metrics.utility_mae(per_seller(u_o), per_seller(u_s)),
+    "seller_utility_original": per_seller(u_o).tolist(),
+    "seller_utility_sanitized": per_seller(u_s).tolist(),
+    "seller_model_utility_original": u_o.tolist(),
+    "seller_model_utility_sanitized": u_s.tolist(),
+    "seller_compliance": per_seller(metrics.compliance(lo, ls)).tolist(),
+    "utility_bias": float(np.mean(u_s - u_o)),
+    "utility_mae_fresh_images": None
+    if reference is None
+    else metrics.utility_mae(
+      u_o, metrics.utility(ensemble.predict(model, seller_vars, reference.images), reference.labels)
+    ),
+    "rank_correlation": metrics.rank_correlation(per_seller(u_o), per_seller(u_s)),
   }
   for name, params in (("train", params_tr), ("val", params_v)):
     po, ps = ensemble.predict(model, params, x), ensemble.predict(model, params, x_san)
     comp = metrics.compliance(po, ps)
     out[f"compliance_{name}"] = float(comp.mean())
     out[f"risk_{name}"] = float(metrics.estimated_risk(po, ps).mean())
-    out[f"utility_mae_{name}"] = metrics.utility_mae(metrics.utility(po, buyer.labels), metrics.utility(ps, buyer.labels))
+    out[f"utility_mae_{name}"] = metrics.utility_mae(
+      metrics.utility(po, buyer.labels), metrics.utility(ps, buyer.labels)
+    )
     if name == "val" and val_in_bag is not None:
       oob = ~np.asarray(val_in_bag).T
       if oob.any(axis=1).all():
@@ -303,11 +398,13 @@ def evaluate(model, seller_vars, params_tr, params_v, buyer: data_lib.Dataset,
       out["compliance_lower_bound_confidence"] = 0.95
   corr = metrics.pixel_correlation(x, x_san)
   out.update(
-      correlation_mean=float(corr.mean()), correlation_max=float(corr.max()),
-      ssim_mean=float(metrics.ssim(x, x_san).mean()),
-      rms_to_original_mean=float(np.sqrt(np.mean(np.square(x - x_san), axis=(1, 2, 3))).mean()),
-      sanitized_pixel_range=[float(x_san.min()), float(x_san.max())],
-      steps_mean=float(result.steps.mean()), steps_max=int(result.steps.max()),
-      final_val_loss_mean=float(np.nanmean(result.val_loss)) if np.isfinite(result.val_loss).any() else None,
+    correlation_mean=float(corr.mean()),
+    correlation_max=float(corr.max()),
+    ssim_mean=float(metrics.ssim(x, x_san).mean()),
+    rms_to_original_mean=float(np.sqrt(np.mean(np.square(x - x_san), axis=(1, 2, 3))).mean()),
+    sanitized_pixel_range=[float(x_san.min()), float(x_san.max())],
+    steps_mean=float(result.steps.mean()),
+    steps_max=int(result.steps.max()),
+    final_val_loss_mean=float(np.nanmean(result.val_loss)) if np.isfinite(result.val_loss).any() else None,
   )
   return out

@@ -89,8 +89,9 @@ def _ssim(x, y):
 
   def blur(z):
     c = z.shape[-1]
-    return jax.lax.conv_general_dilated(z, jnp.tile(win, (1, 1, 1, c)), (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    return jax.lax.conv_general_dilated(
+      z, jnp.tile(win, (1, 1, 1, c)), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c
+    )
 
   c1, c2 = 0.01**2, 0.03**2
   mx, my = blur(x), blur(y)

@@ -61,37 +61,49 @@ def _loss_detail(s) -> str:
 
 def write_ipprotect_report(workdir: str, cfg, m: dict[str, Any], buyer, result) -> None:
   """report.md, examples.png and sellers.png of an IPProtect run."""
-  image_grid(buyer.images, result.images, os.path.join(workdir, "examples.png"),
-             title=f"IPProtect |Omega_Tr|={cfg.omega_tr}: originals (top), sanitized (bottom)")
+  image_grid(
+    buyer.images,
+    result.images,
+    os.path.join(workdir, "examples.png"),
+    title=f"IPProtect |Omega_Tr|={cfg.omega_tr}: originals (top), sanitized (bottom)",
+  )
   seller_plot(m, os.path.join(workdir, "sellers.png"))
   s = cfg.sanitizer
   rows = "\n".join(
-      f"| {i + 1} | {n:g} | {100 * r:.1f}% | {pa:.1f} | {100 * uo:.1f} | {100 * us:.1f} | {100 * abs(us - uo):.1f} | {100 * c:.1f} |"
-      for i, (n, r, pa, uo, us, c) in enumerate(zip(
-          m["table_i"]["noise"], m["table_i"]["resample_rate"], m["table_i"]["paper_accuracy"],
-          m["seller_utility_original"], m["seller_utility_sanitized"], m["seller_compliance"])))
+    f"| {i + 1} | {n:g} | {100 * r:.1f}% | {pa:.1f} | {100 * uo:.1f} | {100 * us:.1f} | {100 * abs(us - uo):.1f} | {100 * c:.1f} |"
+    for i, (n, r, pa, uo, us, c) in enumerate(
+      zip(
+        m["table_i"]["noise"],
+        m["table_i"]["resample_rate"],
+        m["table_i"]["paper_accuracy"],
+        m["seller_utility_original"],
+        m["seller_utility_sanitized"],
+        m["seller_compliance"],
+      )
+    )
+  )
   t = m["timings"]
   ips = "unknown" if m["images_per_second"] is None else f"{m['images_per_second']:.1f}"
   text = f"""# IPProtect run
 
-Dataset `{cfg.dataset}`: buyer {m['num_images']} images ({m['data_source']['buyer']}),
-sellers trained on {m['data_source']['sellers']}. Model `{cfg.model or 'default'}`,
+Dataset `{cfg.dataset}`: buyer {m["num_images"]} images ({m["data_source"]["buyer"]}),
+sellers trained on {m["data_source"]["sellers"]}. Model `{cfg.model or "default"}`,
 |Omega_Tr| = {cfg.omega_tr}, |Omega_V| = {cfg.omega_v}, lambda = {s.lam}, tau = {s.tau}, zeta = {s.zeta},
-T = {s.steps}, B = {s.model_batch or 'round(0.95 |Omega_Tr|)'}, B_D = {s.data_batch}, loss = {s.loss}{_loss_detail(s)},
+T = {s.steps}, B = {s.model_batch or "round(0.95 |Omega_Tr|)"}, B_D = {s.data_batch}, loss = {s.loss}{_loss_detail(s)},
 lr = {s.learning_rate}, input noise = {s.input_noise}, hidden dropout = {s.hidden_dropout},
-stopping rule {f'on (every {s.val_every} steps from step {s.min_steps})' if s.val_stop else 'off (no Omega_V in the optimisation)'}, seed {cfg.seed}.
+stopping rule {f"on (every {s.val_every} steps from step {s.min_steps})" if s.val_stop else "off (no Omega_V in the optimisation)"}, seed {cfg.seed}.
 
 ## Utility preservation (lower MAE is better)
 
 | metric | value |
 |---|---|
-| utility MAE over seller models (headline) | **{m['utility_mae']:.4f}** |
-| MAE of the per-seller mean utilities | {m['utility_mae_per_seller_mean']:.4f} |
-| Spearman rank correlation of the sellers | {m['rank_correlation']:.3f} |
-| compliance on Omega_Tr / Omega_V | {m['compliance_train']:.3f} / {m['compliance_val']:.3f} |
-| Hoeffding 95% lower bound on an unseen model's compliance | {m['compliance_lower_bound']:.3f} |
-| estimated risk on Omega_Tr / Omega_V | {m['risk_train']:.3f} / {m['risk_val']:.3f} |
-| utility MAE on Omega_Tr / Omega_V | {m['utility_mae_train']:.4f} / {m['utility_mae_val']:.4f} |
+| utility MAE over seller models (headline) | **{m["utility_mae"]:.4f}** |
+| MAE of the per-seller mean utilities | {m["utility_mae_per_seller_mean"]:.4f} |
+| Spearman rank correlation of the sellers | {m["rank_correlation"]:.3f} |
+| compliance on Omega_Tr / Omega_V | {m["compliance_train"]:.3f} / {m["compliance_val"]:.3f} |
+| Hoeffding 95% lower bound on an unseen model's compliance | {m["compliance_lower_bound"]:.3f} |
+| estimated risk on Omega_Tr / Omega_V | {m["risk_train"]:.3f} / {m["risk_val"]:.3f} |
+| utility MAE on Omega_Tr / Omega_V | {m["utility_mae_train"]:.4f} / {m["utility_mae_val"]:.4f} |
 
 | seller | noise exp. | labels redrawn | paper acc. | acc. original | acc. sanitized | abs. diff | compliance |
 |---|---|---|---|---|---|---|---|
@@ -101,18 +113,18 @@ stopping rule {f'on (every {s.val_every} steps from step {s.min_steps})' if s.va
 
 | metric | value |
 |---|---|
-| Pearson correlation with the original, mean / max | {m['correlation_mean']:.3f} / {m['correlation_max']:.3f} |
-| SSIM with the original (pixels clipped to [0, 1]) | {m['ssim_mean']:.3f} |
-| RMS pixel distance to the original | {m['rms_to_original_mean']:.3f} |
-| sanitized pixel range | [{m['sanitized_pixel_range'][0]:.2f}, {m['sanitized_pixel_range'][1]:.2f}] |
+| Pearson correlation with the original, mean / max | {m["correlation_mean"]:.3f} / {m["correlation_max"]:.3f} |
+| SSIM with the original (pixels clipped to [0, 1]) | {m["ssim_mean"]:.3f} |
+| RMS pixel distance to the original | {m["rms_to_original_mean"]:.3f} |
+| sanitized pixel range | [{m["sanitized_pixel_range"][0]:.2f}, {m["sanitized_pixel_range"][1]:.2f}] |
 
 These are pixel-space stand-ins, not the paper's image IP exposure (the VGG conv5_1 perceptual
 loss, which needs ImageNet-pretrained weights this run does not have).
 
 ## Cost
 
-sellers {t['sellers_s']:.1f} s, sample_models {t['sample_models_s']:.1f} s, sanitize {t['sanitize_s']:.1f} s
-({ips} images/s; steps per image mean {m['steps_mean']:.0f}, max {m['steps_max']}).
+sellers {t["sellers_s"]:.1f} s, sample_models {t["sample_models_s"]:.1f} s, sanitize {t["sanitize_s"]:.1f} s
+({ips} images/s; steps per image mean {m["steps_mean"]:.0f}, max {m["steps_max"]}).
 Times of a resumed run count only the work it redid; images/s is the sanitization's own
 throughput, from the batch times recorded in the checkpoints.
 

@@ -83,23 +83,23 @@ LOSSES = ("logits", "probs", "kl", "margin")
 class SanitizerConfig:
   """Parameters of the sanitizer (Table II and the robust options). See the module doc."""
 
-  lam: float = 0.1                # lambda: weight of the security hinge.
-  tau: float = 1.5                # Radius of the tau-ball around x_N (per-pixel RMS).
-  zeta: float = 0.5               # Stop an image when its Omega_V loss changes less.
-  steps: int = 2000               # T: at most this many steps per image.
+  lam: float = 0.1  # lambda: weight of the security hinge.
+  tau: float = 1.5  # Radius of the tau-ball around x_N (per-pixel RMS).
+  zeta: float = 0.5  # Stop an image when its Omega_V loss changes less.
+  steps: int = 2000  # T: at most this many steps per image.
   model_batch: int | None = None  # B: models per step; None = round(0.95 |Omega_Tr|).
-  data_batch: int = 5000          # B_D: images optimised together.
-  learning_rate: float = 0.01     # Adam step size on the pixels.
-  loss: str = "logits"            # L on "logits" (paper), softmax "probs", "kl" (distillation) or "margin".
-  temperature: float = 1.0        # "probs" / "kl": compare softmax(logits / temperature).
-  margin: float = 1.0             # "margin": the logit margin kappa each model's class must win by.
-  input_noise: float = 0.0        # Robust option: sigma of Gaussian noise on x~.
-  hidden_dropout: float = 0.0     # Robust option: dropout of sampled models' hidden units.
-  val_stop: bool = True           # Use Omega_V's stopping rule (False: T steps, no Omega_V).
-  val_every: int = 50             # Check the stopping rule every this many steps.
-  min_steps: int = 100            # Never stop an image before this step.
-  compact: bool = True            # Drop stopped images from the batch (same results, less work).
-  out_of_bag: bool = False        # Fit each image only to the Omega_Tr models that did not train on it.
+  data_batch: int = 5000  # B_D: images optimised together.
+  learning_rate: float = 0.01  # Adam step size on the pixels.
+  loss: str = "logits"  # L on "logits" (paper), softmax "probs", "kl" (distillation) or "margin".
+  temperature: float = 1.0  # "probs" / "kl": compare softmax(logits / temperature).
+  margin: float = 1.0  # "margin": the logit margin kappa each model's class must win by.
+  input_noise: float = 0.0  # Robust option: sigma of Gaussian noise on x~.
+  hidden_dropout: float = 0.0  # Robust option: dropout of sampled models' hidden units.
+  val_stop: bool = True  # Use Omega_V's stopping rule (False: T steps, no Omega_V).
+  val_every: int = 50  # Check the stopping rule every this many steps.
+  min_steps: int = 100  # Never stop an image before this step.
+  compact: bool = True  # Drop stopped images from the batch (same results, less work).
+  out_of_bag: bool = False  # Fit each image only to the Omega_Tr models that did not train on it.
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -125,8 +125,7 @@ class SanitizerConfig:
     return b
 
 
-def _distance(a: jax.Array, b: jax.Array, kind: str, temperature: float = 1.0, margin: float = 1.0
-              ) -> jax.Array:
+def _distance(a: jax.Array, b: jax.Array, kind: str, temperature: float = 1.0, margin: float = 1.0) -> jax.Array:
   """L(a, b) between output vectors (last axis), ``b`` the target.
 
   ``logits``: L2 of the logits; ``probs``: L2 of softmax(logits / temperature);
@@ -154,9 +153,17 @@ def rms_distance(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.mean(jnp.square(a - b)))
 
 
-def image_objective(x_tilde: jax.Array, target_MxK: jax.Array, anchor: jax.Array,
-                    weights_M: jax.Array, key: jax.Array, params: Any, *, model: nn.Module,
-                    cfg: SanitizerConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def image_objective(
+  x_tilde: jax.Array,
+  target_MxK: jax.Array,
+  anchor: jax.Array,
+  weights_M: jax.Array,
+  key: jax.Array,
+  params: Any,
+  *,
+  model: nn.Module,
+  cfg: SanitizerConfig,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Eq. 9 for ONE image: weighted mean utility loss over members + security hinge.
 
   The definition the sanitizer optimises; :func:`sanitize_step` computes its gradient for a
@@ -181,14 +188,16 @@ def image_objective(x_tilde: jax.Array, target_MxK: jax.Array, anchor: jax.Array
   else:
     dropped = model.clone(dropout=cfg.hidden_dropout)
     logits_MxK = jax.vmap(lambda v, k: dropped.apply(v, x_in[None], train=True, rngs={"dropout": k})[0])(
-        params, member_keys)
+      params, member_keys
+    )
   utility = _utility(logits_MxK, (target_MxK, weights_M), jnp.sum(weights_M), cfg=cfg)
   security = _security(x_tilde, anchor, cfg)
   return utility + security, (utility, security)
 
 
-def _objective_inputs(x_tilde: jax.Array, key: jax.Array, num_members: int, cfg: SanitizerConfig
-                      ) -> tuple[jax.Array, jax.Array | None]:
+def _objective_inputs(
+  x_tilde: jax.Array, key: jax.Array, num_members: int, cfg: SanitizerConfig
+) -> tuple[jax.Array, jax.Array | None]:
   """The models' input (x~ plus the robust input noise) and per-member dropout keys (or None)."""
   noise_key, drop_key = jax.random.split(key)
   x_in = x_tilde
@@ -198,8 +207,9 @@ def _objective_inputs(x_tilde: jax.Array, key: jax.Array, num_members: int, cfg:
   return x_in, member_keys
 
 
-def _utility(logits_MxK: jax.Array, targets_and_weights: tuple[jax.Array, jax.Array], norm: jax.Array, *,
-             cfg: SanitizerConfig) -> jax.Array:
+def _utility(
+  logits_MxK: jax.Array, targets_and_weights: tuple[jax.Array, jax.Array], norm: jax.Array, *, cfg: SanitizerConfig
+) -> jax.Array:
   """The utility term of Eq. 9 for one image: sum_m w_m L(f_m(x~), f_m(x)) / norm.
 
   A sum over the members it is given, so it may be taken a group of members at a time
@@ -218,10 +228,10 @@ def _security(x_tilde: jax.Array, anchor: jax.Array, cfg: SanitizerConfig) -> ja
 class BatchResult:
   """Outcome of sanitizing one data batch (all arrays host numpy, one row per image)."""
 
-  images: np.ndarray        # Sanitized images.
-  val_loss: np.ndarray      # Final L_k on Omega_V (NaN when val_stop is off).
-  train_loss: np.ndarray    # Final utility loss on the last step's Omega_Tr subset.
-  steps: np.ndarray         # Steps taken by each image.
+  images: np.ndarray  # Sanitized images.
+  val_loss: np.ndarray  # Final L_k on Omega_V (NaN when val_stop is off).
+  train_loss: np.ndarray  # Final utility loss on the last step's Omega_Tr subset.
+  steps: np.ndarray  # Steps taken by each image.
   seconds: np.ndarray | None = None  # Wall time of the image's batch / its size (when it ran, not a resume).
 
 
@@ -230,8 +240,9 @@ def optimizer(cfg: SanitizerConfig) -> optax.GradientTransformation:
   return optax.adam(cfg.learning_rate)
 
 
-def step_members(model: nn.Module, params_tr: Any, cfg: SanitizerConfig, *, mesh: jax.sharding.Mesh | None = None,
-                 **layout: Any) -> ensemble.Members:
+def step_members(
+  model: nn.Module, params_tr: Any, cfg: SanitizerConfig, *, mesh: jax.sharding.Mesh | None = None, **layout: Any
+) -> ensemble.Members:
   """Omega_Tr's members as :func:`sanitize_step` takes them (``ensemble.prepare``, with the
   dropout of ``cfg.hidden_dropout`` in the model); ``layout`` forces one (tests, benchmarks)."""
   if cfg.hidden_dropout > 0:
@@ -241,8 +252,16 @@ def step_members(model: nn.Module, params_tr: Any, cfg: SanitizerConfig, *, mesh
   return ensemble.prepare(model, params_tr, mesh=mesh, **layout)
 
 
-def objective_grads(members: ensemble.Members, x_BxHxWxC: jax.Array, targets_BxMxK: jax.Array, anchors: jax.Array,
-                    weights_BxM: jax.Array, keys_B: jax.Array, *, cfg: SanitizerConfig) -> tuple[jax.Array, jax.Array]:
+def objective_grads(
+  members: ensemble.Members,
+  x_BxHxWxC: jax.Array,
+  targets_BxMxK: jax.Array,
+  anchors: jax.Array,
+  weights_BxM: jax.Array,
+  keys_B: jax.Array,
+  *,
+  cfg: SanitizerConfig,
+) -> tuple[jax.Array, jax.Array]:
   """Every image's Eq. 9 (:func:`image_objective`) under its own model subset (``weights_BxM``):
   its utility term and the gradient of the whole objective with respect to its pixels.
 
@@ -256,14 +275,27 @@ def objective_grads(members: ensemble.Members, x_BxHxWxC: jax.Array, targets_BxM
   x_in, member_keys = jax.vmap(lambda x, k: _objective_inputs(x, k, m, cfg))(x_BxHxWxC, keys_B)
   # d x_in / d x~ is the identity (the noise does not depend on x~).
   util, grads = ensemble.value_and_input_grad(
-      members, functools.partial(_utility, cfg=cfg), x_in, (targets_BxMxK, weights_BxM), jnp.sum(weights_BxM, axis=1),
-      dropout_keys_BxM=member_keys)
+    members,
+    functools.partial(_utility, cfg=cfg),
+    x_in,
+    (targets_BxMxK, weights_BxM),
+    jnp.sum(weights_BxM, axis=1),
+    dropout_keys_BxM=member_keys,
+  )
   return util, grads + jax.vmap(jax.grad(functools.partial(_security, cfg=cfg)))(x_BxHxWxC, anchors)
 
 
-def sanitize_step(members: ensemble.Members, x_BxHxWxC: jax.Array, opt_state: Any, targets_BxMxK: jax.Array,
-                  anchors: jax.Array, weights_BxM: jax.Array, keys_B: jax.Array, *, cfg: SanitizerConfig
-                  ) -> tuple[jax.Array, Any, jax.Array]:
+def sanitize_step(
+  members: ensemble.Members,
+  x_BxHxWxC: jax.Array,
+  opt_state: Any,
+  targets_BxMxK: jax.Array,
+  anchors: jax.Array,
+  weights_BxM: jax.Array,
+  keys_B: jax.Array,
+  *,
+  cfg: SanitizerConfig,
+) -> tuple[jax.Array, Any, jax.Array]:
   """One step of Algorithm 1 for a batch of images (the sanitizer's hot kernel): the gradient
   of every image's Eq. 9 (:func:`objective_grads`) and the optimiser's update of its pixels.
 
@@ -322,20 +354,28 @@ def _steps(members, params_v, t, t_end, shared, slots, *, model, cfg, model_batc
     if "mask" in s:  # Out-of-bag: the subset's eligible models, or all eligible ones if none is drawn.
       weights = weights * s["mask"]
       weights = jnp.where(jnp.sum(weights, axis=1, keepdims=True) > 0, weights, s["mask"])
-    new_x, new_opt, util = sanitize_step(members, s["x"], opt_state, s["targets"], s["anchors"], weights,
-                                         obj_keys, cfg=cfg)
+    new_x, new_opt, util = sanitize_step(
+      members, s["x"], opt_state, s["targets"], s["anchors"], weights, obj_keys, cfg=cfg
+    )
     active = s["active"]
     keep = lambda new, old: jnp.where(active.reshape(-1, *[1] * (new.ndim - 1)), new, old)
     new_shared, new_per_image = _split_leaves(jax.tree.leaves(new_opt))
-    s = {**s, "x": keep(new_x, s["x"]), "opt": [keep(n, o) for n, o in zip(new_per_image, s["opt"])],
-         "steps": s["steps"] + active, "last_train": jnp.where(active, util, s["last_train"])}
+    s = {
+      **s,
+      "x": keep(new_x, s["x"]),
+      "opt": [keep(n, o) for n, o in zip(new_per_image, s["opt"])],
+      "steps": s["steps"] + active,
+      "last_train": jnp.where(active, util, s["last_train"]),
+    }
     t = t + 1
     if cfg.val_stop:
+
       def check(args):
         active, prev_val = args
         val = _val_loss(model, cfg, params_v, s["x"], s["targets_v"])
         converged = (jnp.abs(val - prev_val) < cfg.zeta) & (t >= cfg.min_steps)
         return active & ~converged, val
+
       active, prev_val = jax.lax.cond(t % cfg.val_every == 0, check, lambda a: a, (s["active"], s["prev_val"]))
       s = {**s, "active": active, "prev_val": prev_val}
     return t, new_shared, s
@@ -380,8 +420,9 @@ def secret_key(seed: int) -> jax.Array:
   return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
 
 
-def starting_points(image_shape: Sequence[int], start: int, count: int, *, seed: int, anchor_seed: int
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def starting_points(
+  image_shape: Sequence[int], start: int, count: int, *, seed: int, anchor_seed: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Images start..start+count-1's starting noise x~_0, anchors x_N and step keys (module doc)."""
   root = jax.random.key(seed)
   normal = lambda k: jax.random.normal(k, tuple(image_shape))
@@ -410,8 +451,15 @@ def _min_bucket() -> int:
   return _MIN_BUCKET.get(jax.default_backend(), _MIN_BUCKET_ELSEWHERE)
 
 
-def _check_batch(params_tr: Any, params_v: Any | None, n: int, b: int, cfg: SanitizerConfig,
-                 mesh: jax.sharding.Mesh | None, member_mask: np.ndarray | None) -> None:
+def _check_batch(
+  params_tr: Any,
+  params_v: Any | None,
+  n: int,
+  b: int,
+  cfg: SanitizerConfig,
+  mesh: jax.sharding.Mesh | None,
+  member_mask: np.ndarray | None,
+) -> None:
   """ValueError naming what :func:`sanitize_batch`'s arguments get wrong."""
   if n > b:
     raise ValueError(f"{n} images exceed pad_to={b}")
@@ -421,8 +469,10 @@ def _check_batch(params_tr: Any, params_v: Any | None, n: int, b: int, cfg: Sani
       raise ValueError(f"the image batch ({b}) must be divisible by the mesh's data axis ({data_shards})")
     for name, params in (("Omega_Tr", params_tr), ("Omega_V", params_v if cfg.val_stop else None)):
       if params is not None and jax.tree.leaves(params)[0].shape[0] % member_shards:
-        raise ValueError(f"|{name}| = {jax.tree.leaves(params)[0].shape[0]} must be divisible by the mesh's "
-                         f"member axis ({member_shards})")
+        raise ValueError(
+          f"|{name}| = {jax.tree.leaves(params)[0].shape[0]} must be divisible by the mesh's "
+          f"member axis ({member_shards})"
+        )
   if params_v is None and cfg.val_stop:
     raise ValueError("val_stop needs Omega_V models (params_v)")
   m = jax.tree.leaves(params_tr)[0].shape[0]
@@ -431,14 +481,25 @@ def _check_batch(params_tr: Any, params_v: Any | None, n: int, b: int, cfg: Sani
   if member_mask is not None:
     member_mask = np.asarray(member_mask, np.float32)
     if member_mask.shape != (n, m) or not np.all(member_mask.sum(1) > 0):
-      raise ValueError(f"member_mask must be (images, |Omega_Tr|) = {(n, m)} with a model in every row, "
-                       f"got shape {member_mask.shape}")
+      raise ValueError(
+        f"member_mask must be (images, |Omega_Tr|) = {(n, m)} with a model in every row, got shape {member_mask.shape}"
+      )
 
 
-def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
-                   cfg: SanitizerConfig, *, start: int, seed: int, anchor_seed: int,
-                   pad_to: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                   member_mask: np.ndarray | None = None) -> BatchResult:
+def sanitize_batch(
+  model: nn.Module,
+  params_tr: Any,
+  params_v: Any | None,
+  images: np.ndarray,
+  cfg: SanitizerConfig,
+  *,
+  start: int,
+  seed: int,
+  anchor_seed: int,
+  pad_to: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  member_mask: np.ndarray | None = None,
+) -> BatchResult:
   """Sanitizes ``images`` (global indices ``start..``) as one jitted program.
 
   ``member_mask`` (``N x |Omega_Tr|``, :func:`out_of_bag_mask`) is required with
@@ -467,25 +528,37 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
   shards = 1
   if mesh is not None:
     shards = mesh.shape[sharding.DATA]
-    x, x0, anchors, step_keys, active, extra = sharding.place((x, x0, anchors, step_keys, active, extra),
-                                                              sharding.image_sharding(mesh))
+    x, x0, anchors, step_keys, active, extra = sharding.place(
+      (x, x0, anchors, step_keys, active, extra), sharding.image_sharding(mesh)
+    )
     params_tr, params_v = sharding.shard_members((params_tr, params_v), mesh)
   targets, targets_v, opt_state = _start(params_tr, params_v, x, x0, model=model, cfg=cfg)
   leaves, treedef = jax.tree.flatten(opt_state)
   shared, per_image = _split_leaves(leaves)
-  slots = {"x": x0, "opt": per_image, "active": active, "prev_val": jnp.full((b,), jnp.inf),
-           "steps": jnp.zeros((b,), jnp.int32), "last_train": jnp.full((b,), jnp.nan), "targets": targets,
-           "targets_v": targets_v, "anchors": anchors, "keys": step_keys, **extra}
+  slots = {
+    "x": x0,
+    "opt": per_image,
+    "active": active,
+    "prev_val": jnp.full((b,), jnp.inf),
+    "steps": jnp.zeros((b,), jnp.int32),
+    "last_train": jnp.full((b,), jnp.nan),
+    "targets": targets,
+    "targets_v": targets_v,
+    "anchors": anchors,
+    "keys": step_keys,
+    **extra,
+  }
   members = step_members(model, params_tr, cfg, mesh=mesh)
-  run = functools.partial(_run_steps, members, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m),
-                          treedef=treedef)
+  run = functools.partial(
+    _run_steps, members, params_v, model=model, cfg=cfg, model_batch=cfg.batch_of_models(m), treedef=treedef
+  )
 
   # Host-side results, filled as images finish (compaction) and at the end.
   out_x = np.zeros((b, *shape), np.float32)
   out_steps = np.zeros((b,), np.int32)
   out_train = np.full((b,), np.nan, np.float32)
-  slot_image = np.arange(b)          # Which image each slot holds.
-  slot_real = np.ones((b,), bool)    # False for padding slots added by compaction.
+  slot_image = np.arange(b)  # Which image each slot holds.
+  slot_real = np.ones((b,), bool)  # False for padding slots added by compaction.
 
   def write_back(slots):
     host = distributed.to_host({k: slots[k] for k in ("x", "steps", "last_train")})
@@ -518,8 +591,15 @@ def sanitize_batch(model: nn.Module, params_tr: Any, params_v: Any | None, image
       if mesh is not None:
         slots = sharding.place(slots, sharding.image_sharding(mesh))
   write_back(slots)
-  val = distributed.to_host(_final_val(params_v, sharding.place(jnp.asarray(out_x), sharding.image_sharding(mesh))
-                                       if mesh is not None else jnp.asarray(out_x), targets_v, model=model, cfg=cfg))
+  val = distributed.to_host(
+    _final_val(
+      params_v,
+      sharding.place(jnp.asarray(out_x), sharding.image_sharding(mesh)) if mesh is not None else jnp.asarray(out_x),
+      targets_v,
+      model=model,
+      cfg=cfg,
+    )
+  )
   return BatchResult(images=out_x[:n], val_loss=val[:n], train_loss=out_train[:n], steps=out_steps[:n])
 
 
@@ -528,10 +608,20 @@ def _final_val(params_v, x, targets_v, *, model, cfg):
   return _val_loss(model, cfg, params_v, x, targets_v)
 
 
-def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.ndarray,
-             cfg: SanitizerConfig, *, seed: int, anchor_seed: int,
-             checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-             mesh: jax.sharding.Mesh | None = None, member_mask: np.ndarray | None = None) -> BatchResult:
+def sanitize(
+  model: nn.Module,
+  params_tr: Any,
+  params_v: Any | None,
+  images: np.ndarray,
+  cfg: SanitizerConfig,
+  *,
+  seed: int,
+  anchor_seed: int,
+  checkpoint_dir: str | os.PathLike | None = None,
+  progress: bool = True,
+  mesh: jax.sharding.Mesh | None = None,
+  member_mask: np.ndarray | None = None,
+) -> BatchResult:
   """Algorithm 1 over a whole dataset, in data batches of ``cfg.data_batch`` images.
 
   Finished batches are saved to ``checkpoint_dir`` (orbax, one step per batch), and a
@@ -567,12 +657,15 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
   padded = batch if mesh is None else -(-batch // mesh.shape[sharding.DATA]) * mesh.shape[sharding.DATA]
   starts = list(range(0, len(images), batch))
   manager = None
-  meta = {"config": cfg.fingerprint(), "seed": seed, "model": repr(model),
-          "anchor": hashlib.sha256(str(anchor_seed).encode()).hexdigest(),  # A commitment, not the secret.
-          "data": ensemble.digest(images, params_tr, params_v, member_mask)}
+  meta = {
+    "config": cfg.fingerprint(),
+    "seed": seed,
+    "model": repr(model),
+    "anchor": hashlib.sha256(str(anchor_seed).encode()).hexdigest(),  # A commitment, not the secret.
+    "data": ensemble.digest(images, params_tr, params_v, member_mask),
+  }
   if checkpoint_dir is not None:
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
-                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(create=True))
     done = manager.all_steps()
     if done:
       saved = manager.restore(done[0], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -588,16 +681,28 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
           res = dataclasses.replace(res, seconds=np.full(len(res.images), np.nan, np.float32))
       else:
         t0 = time.perf_counter()
-        res = sanitize_batch(model, params_tr, params_v, images[start:start + batch], cfg,
-                             start=start, seed=seed, anchor_seed=anchor_seed, pad_to=padded, mesh=mesh,
-                             member_mask=None if member_mask is None else member_mask[start:start + batch])
+        res = sanitize_batch(
+          model,
+          params_tr,
+          params_v,
+          images[start : start + batch],
+          cfg,
+          start=start,
+          seed=seed,
+          anchor_seed=anchor_seed,
+          pad_to=padded,
+          mesh=mesh,
+          member_mask=None if member_mask is None else member_mask[start : start + batch],
+        )
         n_b = len(res.images)
         res = dataclasses.replace(res, seconds=np.full(n_b, (time.perf_counter() - t0) / n_b, np.float32))
         if not np.all(np.isfinite(res.images)):
           raise FloatingPointError(f"sanitized batch {i} has non-finite pixels; lower the learning rate")
         if manager is not None:
-          manager.save(i, args=ocp.args.Composite(batch=ocp.args.StandardSave(dataclasses.asdict(res)),
-                                                  meta=ocp.args.JsonSave(meta)))
+          manager.save(
+            i,
+            args=ocp.args.Composite(batch=ocp.args.StandardSave(dataclasses.asdict(res)), meta=ocp.args.JsonSave(meta)),
+          )
           manager.wait_until_finished()
       results.append(res)
       bar.update(len(res.images))
@@ -607,5 +712,4 @@ def sanitize(model: nn.Module, params_tr: Any, params_v: Any | None, images: np.
     bar.close()
     if manager is not None:
       manager.close()
-  return BatchResult(*(np.concatenate([getattr(r, f.name) for r in results])
-                       for f in dataclasses.fields(BatchResult)))
+  return BatchResult(*(np.concatenate([getattr(r, f.name) for r in results]) for f in dataclasses.fields(BatchResult)))

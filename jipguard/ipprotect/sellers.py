@@ -22,14 +22,14 @@ from jipguard import ensemble, rundir
 
 # Table I of the paper: noise exponents of the 8 sellers and the accuracies they reached.
 TABLE_I_NOISE = {
-    "mnist": (0.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0),
-    "fashion_mnist": (0.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0),
-    "cifar10": (0.0, 0.75, 1.25, 1.5, 1.74, 1.9, 2.0, 2.25),
+  "mnist": (0.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0),
+  "fashion_mnist": (0.0, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0),
+  "cifar10": (0.0, 0.75, 1.25, 1.5, 1.74, 1.9, 2.0, 2.25),
 }
 TABLE_I_ACCURACY = {
-    "mnist": (95.9, 89.9, 87.2, 83.6, 78.9, 62.0, 45.1, 28.4),
-    "fashion_mnist": (85.1, 79.1, 76.3, 72.9, 69.0, 55.9, 40.6, 28.8),
-    "cifar10": (79.6, 72.5, 65.2, 60.5, 53.4, 48.3, 44.6, 31.9),
+  "mnist": (95.9, 89.9, 87.2, 83.6, 78.9, 62.0, 45.1, 28.4),
+  "fashion_mnist": (85.1, 79.1, 76.3, 72.9, 69.0, 55.9, 40.6, 28.8),
+  "cifar10": (79.6, 72.5, 65.2, 60.5, 53.4, 48.3, 44.6, 31.9),
 }
 
 
@@ -51,8 +51,9 @@ def resample_rate(noise_exponent: float) -> float:
   return 1.0 - 2.0 ** (-noise_exponent)
 
 
-def seller_labels(key: jax.Array, labels: np.ndarray, noise_exponents: Sequence[float],
-                  models_per_seller: int, num_classes: int) -> np.ndarray:
+def seller_labels(
+  key: jax.Array, labels: np.ndarray, noise_exponents: Sequence[float], models_per_seller: int, num_classes: int
+) -> np.ndarray:
   """Labels of every seller model, shape (sellers * models_per_seller, N).
 
   The models of one seller share its noisy dataset (Table I: "10 models per seller
@@ -71,10 +72,10 @@ def seller_labels(key: jax.Array, labels: np.ndarray, noise_exponents: Sequence[
 class TrainConfig:
   """How the platform's learning algorithm trains one model (sellers and sample_models)."""
 
-  epochs: int = 5                 # Passes over the model's own training sample.
-  batch_size: int = 128           # Minibatch size.
-  learning_rate: float = 1e-3     # Adam step size.
-  weight_decay: float = 0.0       # L2 coefficient added to the gradient (torch Adam's weight_decay).
+  epochs: int = 5  # Passes over the model's own training sample.
+  batch_size: int = 128  # Minibatch size.
+  learning_rate: float = 1e-3  # Adam step size.
+  weight_decay: float = 0.0  # L2 coefficient added to the gradient (torch Adam's weight_decay).
 
   def __post_init__(self):
     if self.weight_decay < 0:
@@ -96,25 +97,40 @@ class TrainConfig:
     return rundir.fingerprint(self, weight_decay=0.0)
 
 
-def train_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, images: np.ndarray,
-                 labels: np.ndarray, *, num_members: int, indices: np.ndarray | None = None,
-                 checkpoint_dir: str | None = None, desc: str = "train",
-                 mesh: jax.sharding.Mesh | None = None, progress: bool = True,
-                 checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S) -> ensemble.EnsembleState:
+def train_models(
+  model: nn.Module,
+  cfg: TrainConfig,
+  key: jax.Array,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  num_members: int,
+  indices: np.ndarray | None = None,
+  checkpoint_dir: str | None = None,
+  desc: str = "train",
+  mesh: jax.sharding.Mesh | None = None,
+  progress: bool = True,
+  checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S,
+) -> ensemble.EnsembleState:
   """Trains ``num_members`` models in one ensemble call (resumable via ``checkpoint_dir``,
   saved at most every ``checkpoint_interval_s`` seconds, on the last epoch and on the way out
   of an exception: ``EnsembleTrainer.fit``)."""
   trainer = ensemble.EnsembleTrainer(model, cfg.optimizer(), batch_size=cfg.batch_size, mesh=mesh)
   keys = jax.random.split(key, num_members)
-  ckpt = None if checkpoint_dir is None else ensemble.Checkpointing(
-      checkpoint_dir, interval_s=checkpoint_interval_s, fingerprint=cfg.fingerprint())
-  result = trainer.fit(keys, images, labels, epochs=cfg.epochs, indices=indices, checkpoint=ckpt, desc=desc,
-                       progress=progress)
+  ckpt = (
+    None
+    if checkpoint_dir is None
+    else ensemble.Checkpointing(checkpoint_dir, interval_s=checkpoint_interval_s, fingerprint=cfg.fingerprint())
+  )
+  result = trainer.fit(
+    keys, images, labels, epochs=cfg.epochs, indices=indices, checkpoint=ckpt, desc=desc, progress=progress
+  )
   return result.state
 
 
-def sample_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, buyer: data_lib.Dataset,
-                  num_models: int, **kwargs) -> ensemble.EnsembleState:
+def sample_models(
+  model: nn.Module, cfg: TrainConfig, key: jax.Array, buyer: data_lib.Dataset, num_models: int, **kwargs
+) -> ensemble.EnsembleState:
   """``sample_models`` of Algorithm 1: models trained on bootstraps of the buyer data.
 
   Each member has its own bootstrap of D_B (same size as D_B, :func:`sample_bootstraps`)
@@ -122,8 +138,16 @@ def sample_models(model: nn.Module, cfg: TrainConfig, key: jax.Array, buyer: dat
   sellers.
   """
   _, init_key = jax.random.split(key)
-  return train_models(model, cfg, init_key, buyer.images, buyer.labels, num_members=num_models,
-                      indices=sample_bootstraps(key, len(buyer), num_models), **kwargs)
+  return train_models(
+    model,
+    cfg,
+    init_key,
+    buyer.images,
+    buyer.labels,
+    num_members=num_models,
+    indices=sample_bootstraps(key, len(buyer), num_models),
+    **kwargs,
+  )
 
 
 def sample_bootstraps(key: jax.Array, n: int, num_models: int) -> np.ndarray:
@@ -148,4 +172,3 @@ def out_of_bag_mask(indices_MxS: np.ndarray, n: int) -> np.ndarray:
   mask = (~in_bag(indices_MxS, n)).astype(np.float32)
   mask[mask.sum(1) == 0] = 1.0
   return mask
-

@@ -33,8 +33,13 @@ from jipguard.ipprotect import exposure, job, metrics
 
 METHODS = ("ipprotect", "identity", "random", "instahide", "dp_merf")
 HMEAN_METHODS = ("ipprotect", "dp_merf", "instahide")  # Table III's rows; Identity / Random are the two ends.
-LABELS = {"ipprotect": "IPProtect", "identity": "Identity", "random": "Random", "instahide": "InstaHide",
-          "dp_merf": "DP-MERF"}
+LABELS = {
+  "ipprotect": "IPProtect",
+  "identity": "Identity",
+  "random": "Random",
+  "instahide": "InstaHide",
+  "dp_merf": "DP-MERF",
+}
 PARAM_TAGS = {"ipprotect": "Ω", "instahide": "k", "dp_merf": "σ"}  # Point labels in the figures.
 KINDS = ("image", "training", "inference")
 
@@ -44,34 +49,52 @@ class StudyConfig:
   """Everything the study's points depend on (written to ``study.json``)."""
 
   datasets: tuple[str, ...] = (data_lib.DEFAULT_DATASET,)  # Names or paths.
-  data_dir: str | None = None                  # Local copy of a named dataset.
-  ipprotect_preset: str = "default"            # job.preset of the IPProtect points and sellers.
-  buyer_size: int | None = None                # Override of the preset's buyer set size.
-  seller_pool_size: int | None = None          # Override of the preset's seller pool size.
-  omega_tr: tuple[int, ...] = (10, 50)         # IPProtect's |Omega_Tr| values.
-  params: dict[str, tuple] = dataclasses.field(default_factory=lambda: {
-      "identity": (None,), "random": (None,), "instahide": (4, 6, 10, 15), "dp_merf": (5, 10, 15, 30, 40)})
-  methods: tuple[str, ...] = METHODS           # Methods to run.
-  seeds: tuple[int, ...] = (0, 1)              # Seeds (data draws, sellers, sanitizers, zoo).
-  dx_size: int = 1000                          # |D_X|, drawn from the train split.
+  data_dir: str | None = None  # Local copy of a named dataset.
+  ipprotect_preset: str = "default"  # job.preset of the IPProtect points and sellers.
+  buyer_size: int | None = None  # Override of the preset's buyer set size.
+  seller_pool_size: int | None = None  # Override of the preset's seller pool size.
+  omega_tr: tuple[int, ...] = (10, 50)  # IPProtect's |Omega_Tr| values.
+  params: dict[str, tuple] = dataclasses.field(
+    default_factory=lambda: {
+      "identity": (None,),
+      "random": (None,),
+      "instahide": (4, 6, 10, 15),
+      "dp_merf": (5, 10, 15, 30, 40),
+    }
+  )
+  methods: tuple[str, ...] = METHODS  # Methods to run.
+  seeds: tuple[int, ...] = (0, 1)  # Seeds (data draws, sellers, sanitizers, zoo).
+  dx_size: int = 1000  # |D_X|, drawn from the train split.
   zoo: exposure.ZooConfig = exposure.ZooConfig()  # The model set G.
-  dp_merf_steps: int | None = None             # Generator steps of DP-MERF; None = its default.
-  vgg_weights: str | None = None               # VGG weights file (Def. 2); None = stand-ins only.
-  vgg_size: int = 224                          # VGG input size.
+  dp_merf_steps: int | None = None  # Generator steps of DP-MERF; None = its default.
+  vgg_weights: str | None = None  # VGG weights file (Def. 2); None = stand-ins only.
+  vgg_size: int = 224  # VGG input size.
 
 
 def preset(name: str) -> StudyConfig:
   """``smoke`` (CI, ~2-3 min on 2 cores), ``default`` (the embedded subset), ``paper``."""
   if name == "smoke":
-    return StudyConfig(ipprotect_preset="smoke", omega_tr=(2, 6), seeds=(0,), dx_size=200,
-                       params={"identity": (None,), "random": (None,), "instahide": (4, 15), "dp_merf": (5, 40)},
-                       zoo=exposure.SMOKE_ZOO, dp_merf_steps=30)
+    return StudyConfig(
+      ipprotect_preset="smoke",
+      omega_tr=(2, 6),
+      seeds=(0,),
+      dx_size=200,
+      params={"identity": (None,), "random": (None,), "instahide": (4, 15), "dp_merf": (5, 40)},
+      zoo=exposure.SMOKE_ZOO,
+      dp_merf_steps=30,
+    )
   if name == "default":
     return StudyConfig()
   if name == "paper":
-    return StudyConfig(ipprotect_preset="paper", omega_tr=(1, 5, 10, 50, 100), seeds=(0, 1, 2), dx_size=10000,
-                       zoo=exposure.ZooConfig(n_estimators=100, max_iter=500, mlp_hidden=256, cnn_epochs=10,
-                                              gradient_boosting_max_features=None))
+    return StudyConfig(
+      ipprotect_preset="paper",
+      omega_tr=(1, 5, 10, 50, 100),
+      seeds=(0, 1, 2),
+      dx_size=10000,
+      zoo=exposure.ZooConfig(
+        n_estimators=100, max_iter=500, mlp_hidden=256, cnn_epochs=10, gradient_boosting_max_features=None
+      ),
+    )
   raise ValueError(f"unknown preset {name!r}; choose smoke, default or paper")
 
 
@@ -109,8 +132,13 @@ class _Context:
     name = os.path.basename(os.path.normpath(dataset))
     base = job.preset(cfg.ipprotect_preset, dataset)
     over = {k: getattr(cfg, k) for k in ("buyer_size", "seller_pool_size") if getattr(cfg, k) is not None}
-    self.ipcfg = dataclasses.replace(base, data_dir=cfg.data_dir, seed=seed,
-                                     cache_dir=os.path.abspath(os.path.join(out, "cache", f"{name}-s{seed}")), **over)
+    self.ipcfg = dataclasses.replace(
+      base,
+      data_dir=cfg.data_dir,
+      seed=seed,
+      cache_dir=os.path.abspath(os.path.join(out, "cache", f"{name}-s{seed}")),
+      **over,
+    )
     self._cache: dict[str, Any] = {}
 
   def get(self, what: str):
@@ -140,8 +168,9 @@ class _Context:
     """``job.run``'s sellers (same keys, labels and cache directory), restored when there."""
     if "sellers" not in self._cache:
       _, pool = self.get("data")
-      self._cache["sellers"] = job.seller_models(self.ipcfg, self.get("model"), pool, self.ipcfg.cache_dir,
-                                                 progress=self.progress)
+      self._cache["sellers"] = job.seller_models(
+        self.ipcfg, self.get("model"), pool, self.ipcfg.cache_dir, progress=self.progress
+      )
     return self._cache["sellers"]
 
   def utility_mae(self, images, labels) -> float:
@@ -164,6 +193,7 @@ def _sanitized(ctx: _Context, method: str, param) -> tuple[np.ndarray, np.ndarra
       images, labels = z["images"], z["labels"]
     return images, labels, {"utility_mae_pipeline": m["utility_mae"], "run_dir": workdir}
   from jipguard.ipprotect import baselines  # noqa: PLC0415 (imported only when a baseline runs)
+
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ctx.seed), 30), METHODS.index(method))
   key = jax.random.fold_in(key, 0 if param is None else int(round(float(param) * 1000)))
   kwargs = {}
@@ -190,20 +220,33 @@ def run_point(ctx: _Context, method: str, param) -> dict[str, Any]:
   vgg = exposure.load_vgg_weights(cfg.vgg_weights) if cfg.vgg_weights else None
   t1 = time.perf_counter()
   dx_zoo = ctx.get("dx_zoo")
-  image = exposure.image_exposure(buyer.images, images, pair_randomly=(method == "dp_merf"), seed=ctx.seed,
-                                  vgg=vgg, vgg_size=cfg.vgg_size, feature_zoo=dx_zoo)
+  image = exposure.image_exposure(
+    buyer.images,
+    images,
+    pair_randomly=(method == "dp_merf"),
+    seed=ctx.seed,
+    vgg=vgg,
+    vgg_size=cfg.vgg_size,
+    feature_zoo=dx_zoo,
+  )
   zoo_cfg = dataclasses.replace(cfg.zoo, seed=ctx.seed)
   training = exposure.training_exposure(images, labels, dx.images, dx.labels, buyer.num_classes, zoo_cfg)
   inference = exposure.inference_exposure(dx_zoo, images, labels, zoo_cfg.n_jobs)
   point = {
-      "dataset": ctx.dataset, "method": method, "param": param, "seed": ctx.seed,
-      "num_images": int(len(images)), "dx_size": int(len(dx)),
-      "utility_mae": ctx.utility_mae(images, labels),
-      "image_exposure": {k: _fmt(v) for k, v in image.items()},
-      "training_exposure": training.mean, "training_per_model": training.per_model,
-      "inference_exposure": inference.mean, "inference_per_model": inference.per_model,
-      "timings": {"sanitize_s": t_sanitize, "score_s": time.perf_counter() - t1},
-      **info,
+    "dataset": ctx.dataset,
+    "method": method,
+    "param": param,
+    "seed": ctx.seed,
+    "num_images": int(len(images)),
+    "dx_size": int(len(dx)),
+    "utility_mae": ctx.utility_mae(images, labels),
+    "image_exposure": {k: _fmt(v) for k, v in image.items()},
+    "training_exposure": training.mean,
+    "training_per_model": training.per_model,
+    "inference_exposure": inference.mean,
+    "inference_per_model": inference.per_model,
+    "timings": {"sanitize_s": t_sanitize, "score_s": time.perf_counter() - t1},
+    **info,
   }
   os.makedirs(os.path.dirname(path), exist_ok=True)
   rundir.write_json(path, point)
@@ -249,9 +292,14 @@ def table3(points: list[dict[str, Any]]) -> dict[str, Any]:
         mae = np.array([p["utility_mae"] for p in mp])
         exp = np.array([exposure_of(p, kind, image_name) for p in mp])
         exp_ms = [float(exp.mean()), _spread(exp)] if np.all(np.isfinite(exp)) else ["inf", "nan"]
-        row = {"mae": [float(mae.mean()), _spread(mae)], "exposure": exp_ms,
-               "hmean": None, "points": len(mp), "params": sorted({str(p["param"]) for p in mp}),
-               "seeds": sorted({p["seed"] for p in mp})}
+        row = {
+          "mae": [float(mae.mean()), _spread(mae)],
+          "exposure": exp_ms,
+          "hmean": None,
+          "points": len(mp),
+          "params": sorted({str(p["param"]) for p in mp}),
+          "seeds": sorted({p["seed"] for p in mp}),
+        }
         if method in HMEAN_METHODS and mae_max > 0 and exp_max > 0 and np.all(np.isfinite(exp)):
           hm = exposure.normalized_harmonic_mean(mae, exp, mae_max, exp_max)
           row["hmean"] = [float(hm.mean()), _spread(hm)]
@@ -298,8 +346,7 @@ def figure(points: list[dict[str, Any]], kinds: tuple[str, ...], path: str) -> N
   plt = report.plt
   image_name = image_metric(points)
   datasets = sorted({p["dataset"] for p in points})
-  fig, axes = plt.subplots(len(kinds), len(datasets), figsize=(4.6 * len(datasets), 3.6 * len(kinds)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(kinds), len(datasets), figsize=(4.6 * len(datasets), 3.6 * len(kinds)), squeeze=False)
   colors = dict(zip(METHODS, ("tab:red", "tab:gray", "black", "tab:blue", "tab:green")))
   for r, kind in enumerate(kinds):
     for c, dataset in enumerate(datasets):
@@ -316,9 +363,17 @@ def figure(points: list[dict[str, Any]], kinds: tuple[str, ...], path: str) -> N
           inf = not np.all(np.isfinite(y))
           ym = top if inf else y.mean()
           xerr, yerr = (np.nan_to_num(metrics.sample_std(v)) for v in (x, y))
-          ax.errorbar(x.mean(), ym, xerr=xerr, yerr=0 if inf else yerr, fmt="*" if inf else "o",
-                      color=colors[method], ms=9 if inf else 5, capsize=2,
-                      label=LABELS[method] if i == 0 else None)
+          ax.errorbar(
+            x.mean(),
+            ym,
+            xerr=xerr,
+            yerr=0 if inf else yerr,
+            fmt="*" if inf else "o",
+            color=colors[method],
+            ms=9 if inf else 5,
+            capsize=2,
+            label=LABELS[method] if i == 0 else None,
+          )
           tag = "" if param == "None" else f"{PARAM_TAGS[method]}={param}"
           tag += " (inf)" if inf else ""
           if tag:
@@ -334,8 +389,15 @@ def figure(points: list[dict[str, Any]], kinds: tuple[str, ...], path: str) -> N
   rundir.save_figure(fig, path)
 
 
-def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log: Callable[[str], None] = print,
-              report_only: bool = False, command: str = "") -> dict[str, Any]:
+def run_study(
+  cfg: StudyConfig,
+  out: str,
+  *,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
+  report_only: bool = False,
+  command: str = "",
+) -> dict[str, Any]:
   """Runs (or resumes) every point, then writes table3.md / table3.json and the figures.
 
   Args:
@@ -362,27 +424,31 @@ def run_study(cfg: StudyConfig, out: str, *, progress: bool = True, log: Callabl
     for seed in cfg.seeds:
       ctx = _Context(cfg, out, dataset, seed, progress)
       for method in cfg.methods:
-        for param in (cfg.omega_tr if method == "ipprotect" else cfg.params[method]):
+        for param in cfg.omega_tr if method == "ipprotect" else cfg.params[method]:
           t = time.perf_counter()
           if report_only and not os.path.exists(_point_path(out, dataset, method, param, seed)):
             continue
           p = run_point(ctx, method, param)
           points.append(p)
-          log(f"{os.path.basename(dataset)} s{seed} {method:9s} {str(param):5s} MAE {p['utility_mae']:.3f} "
-              f"train {p['training_exposure']:.3f} infer {p['inference_exposure']:.3f} "
-              f"image {p['image_exposure']} ({time.perf_counter() - t:.1f} s)")
+          log(
+            f"{os.path.basename(dataset)} s{seed} {method:9s} {str(param):5s} MAE {p['utility_mae']:.3f} "
+            f"train {p['training_exposure']:.3f} infer {p['inference_exposure']:.3f} "
+            f"image {p['image_exposure']} ({time.perf_counter() - t:.1f} s)"
+          )
   if not points:
     raise ValueError(f"no finished points in {out}")
   t = table3(points)
   t["wall_s"] = time.perf_counter() - t0
   t["points"] = len(points)
   rundir.write_json(os.path.join(out, "table3.json"), t)
-  text = (f"# Table III: IP exposure vs utility MAE\n\n`{command}`; datasets {list(cfg.datasets)}, seeds "
-          f"{list(cfg.seeds)}, IPProtect preset `{cfg.ipprotect_preset}` at |Omega_Tr| in {list(cfg.omega_tr)}, "
-          f"|D_X| = {cfg.dx_size}.\n\nImage IP exposure column: **{t['image_metric_name']}**. Mean ± sample std (ddof = 1) over "
-          "every parameter and seed of a method. HMean: harmonic mean of utility MAE and exposure, each divided by "
-          "its maximum over the IPProtect, DP-MERF and InstaHide points of the dataset (lower is better; not "
-          "defined for the Identity / Random ends).\n\n" + table3_markdown(t) + "\n")
+  text = (
+    f"# Table III: IP exposure vs utility MAE\n\n`{command}`; datasets {list(cfg.datasets)}, seeds "
+    f"{list(cfg.seeds)}, IPProtect preset `{cfg.ipprotect_preset}` at |Omega_Tr| in {list(cfg.omega_tr)}, "
+    f"|D_X| = {cfg.dx_size}.\n\nImage IP exposure column: **{t['image_metric_name']}**. Mean ± sample std (ddof = 1) over "
+    "every parameter and seed of a method. HMean: harmonic mean of utility MAE and exposure, each divided by "
+    "its maximum over the IPProtect, DP-MERF and InstaHide points of the dataset (lower is better; not "
+    "defined for the Identity / Random ends).\n\n" + table3_markdown(t) + "\n"
+  )
   rundir.write_text(os.path.join(out, "table3.md"), text)
   figure(points, KINDS, os.path.join(out, "fig2.png"))
   for kind in KINDS:

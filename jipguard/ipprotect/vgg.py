@@ -44,7 +44,7 @@ def vgg_layer_names(arch: str = "vgg16", up_to: str = "conv5_1") -> list[str]:
   names = [f"conv{b + 1}_{i + 1}" for b, n in enumerate(VGG_BLOCKS[arch]) for i in range(n)]
   if up_to not in names:
     raise ValueError(f"{arch} has no layer {up_to!r}; layers are {names}")
-  return names[:names.index(up_to) + 1]
+  return names[: names.index(up_to) + 1]
 
 
 def vgg_layer_shapes(arch: str = "vgg16", up_to: str = "conv5_1") -> dict[str, tuple[tuple[int, ...], tuple[int]]]:
@@ -72,7 +72,7 @@ def torchvision_layer_map(arch: str = "vgg16", up_to: str = "conv5_1") -> dict[s
       if name in names:
         out[name] = f"features.{index}"
       index += 2  # Conv2d, ReLU.
-    index += 1    # MaxPool2d.
+    index += 1  # MaxPool2d.
   return out
 
 
@@ -120,11 +120,12 @@ class VGGWeights:
   preprocessing: str
   params: dict[str, dict[str, np.ndarray]]
   source: str = ""
-  ignored: tuple[str, ...] = ()   # Deeper layers in the file that conv5_1 does not need.
+  ignored: tuple[str, ...] = ()  # Deeper layers in the file that conv5_1 does not need.
 
 
-def save_vgg_weights(path: str, arch: str, preprocessing: str,
-                     params: Mapping[str, Mapping[str, np.ndarray]], source: str = "") -> None:
+def save_vgg_weights(
+  path: str, arch: str, preprocessing: str, params: Mapping[str, Mapping[str, np.ndarray]], source: str = ""
+) -> None:
   """Writes the weights file :func:`load_vgg_weights` reads (an ``.npz``, atomically).
 
   Format ``jipguard-vgg-v1``: arrays ``<layer>/kernel`` (float32, HWIO) and ``<layer>/bias``
@@ -152,12 +153,14 @@ def load_vgg_weights(path: str, layer: str = "conv5_1") -> VGGWeights:
       a missing, misshapen, non-finite or unknown array.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no VGG weights file at {path}; write one with scripts/convert_vgg_weights.py "
-                            "(see docs/exposure.md)")
+    raise FileNotFoundError(
+      f"no VGG weights file at {path}; write one with scripts/convert_vgg_weights.py (see docs/exposure.md)"
+    )
   with np.load(path, allow_pickle=False) as z:
     if "__meta__" not in z:
-      raise ValueError(f"{path}: not a jipguard VGG weights file (no __meta__); convert it with "
-                       "scripts/convert_vgg_weights.py")
+      raise ValueError(
+        f"{path}: not a jipguard VGG weights file (no __meta__); convert it with scripts/convert_vgg_weights.py"
+      )
     meta = json.loads(str(z["__meta__"]))
     arrays = {k: z[k] for k in z.files if k != "__meta__"}
   if meta.get("format") != WEIGHTS_FORMAT:
@@ -183,10 +186,13 @@ def load_vgg_weights(path: str, layer: str = "conv5_1") -> VGGWeights:
         raise ValueError(f"{path}: {key} has shape {arrays[key].shape}, {arch} needs {shape} (HWIO)")
       if not np.all(np.isfinite(arrays[key])):
         raise ValueError(f"{path}: {key} has non-finite values")
-    params[name] = {"kernel": arrays[f"{name}/kernel"].astype(np.float32),
-                    "bias": arrays[f"{name}/bias"].astype(np.float32)}
-  return VGGWeights(arch=arch, preprocessing=prep, params=params, source=str(meta.get("source", "")),
-                    ignored=tuple(ignored))
+    params[name] = {
+      "kernel": arrays[f"{name}/kernel"].astype(np.float32),
+      "bias": arrays[f"{name}/bias"].astype(np.float32),
+    }
+  return VGGWeights(
+    arch=arch, preprocessing=prep, params=params, source=str(meta.get("source", "")), ignored=tuple(ignored)
+  )
 
 
 def check_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -226,8 +232,15 @@ def _feature_distance_vgg(params, a, b, *, module, size, preprocessing):
   return jnp.mean(jnp.square(fa - fb), axis=(1, 2, 3))  # ||.||^2 / (L H W).
 
 
-def vgg_perceptual_distance(weights: VGGWeights, a_NxHxWxC: np.ndarray, b_NxHxWxC: np.ndarray, *,
-                            size: int = 224, layer: str = "conv5_1", batch_size: int = 32) -> np.ndarray:
+def vgg_perceptual_distance(
+  weights: VGGWeights,
+  a_NxHxWxC: np.ndarray,
+  b_NxHxWxC: np.ndarray,
+  *,
+  size: int = 224,
+  layer: str = "conv5_1",
+  batch_size: int = 32,
+) -> np.ndarray:
   """The paper's D (perceptual loss, Johnson et al.) per image pair, shape (N,).
 
   ``size``: images are resized to ``size`` x ``size`` first; 224, the input size of the
@@ -236,22 +249,37 @@ def vgg_perceptual_distance(weights: VGGWeights, a_NxHxWxC: np.ndarray, b_NxHxWx
   a, b = check_pair(a_NxHxWxC, b_NxHxWxC)
   module = VGGFeatures(weights.arch, layer)
   params = jax.device_put(weights.params)  # Once, not per batch.
-  out = [np.asarray(_feature_distance_vgg(params, a[i:i + batch_size], b[i:i + batch_size],
-                                          module=module, size=size, preprocessing=weights.preprocessing))
-         for i in range(0, len(a), batch_size)]
+  out = [
+    np.asarray(
+      _feature_distance_vgg(
+        params,
+        a[i : i + batch_size],
+        b[i : i + batch_size],
+        module=module,
+        size=size,
+        preprocessing=weights.preprocessing,
+      )
+    )
+    for i in range(0, len(a), batch_size)
+  ]
   return np.concatenate(out)
 
 
 def random_vgg_params(seed: int = 0, arch: str = "vgg16", layer: str = "conv5_1") -> dict[str, Any]:
   """A randomly initialised (He-normal) params tree of :class:`VGGFeatures` (tests, same structure)."""
   rng = np.random.default_rng(seed)
-  return {name: {"kernel": (rng.standard_normal(k, np.float32) * np.sqrt(2 / np.prod(k[:3]))).astype(np.float32),
-                 "bias": (0.01 * rng.standard_normal(b, np.float32)).astype(np.float32)}
-          for name, (k, b) in vgg_layer_shapes(arch, layer).items()}
+  return {
+    name: {
+      "kernel": (rng.standard_normal(k, np.float32) * np.sqrt(2 / np.prod(k[:3]))).astype(np.float32),
+      "bias": (0.01 * rng.standard_normal(b, np.float32)).astype(np.float32),
+    }
+    for name, (k, b) in vgg_layer_shapes(arch, layer).items()
+  }
 
 
-def convert_torch_state_dict(state_dict: Mapping[str, Any], arch: str = "vgg16",
-                             up_to: str = "conv5_1") -> dict[str, dict[str, np.ndarray]]:
+def convert_torch_state_dict(
+  state_dict: Mapping[str, Any], arch: str = "vgg16", up_to: str = "conv5_1"
+) -> dict[str, dict[str, np.ndarray]]:
   """torchvision ``vgg16`` / ``vgg19`` state dict -> Flax params of ``VGGFeatures``.
 
   ``features.<i>.weight`` (O, I, kh, kw) becomes ``conv<b>_<j>/kernel`` (kh, kw, I, O);
@@ -272,8 +300,10 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any], arch: str = "vgg16",
     b = np.asarray(_numpy(state_dict[f"{prefix}.bias"]), np.float32)
     kernel = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w
     if kernel.shape != shapes[name][0] or b.shape != shapes[name][1]:
-      raise ValueError(f"{prefix}: weight {w.shape} / bias {b.shape} do not fit {name} of {arch} "
-                       f"(expects OIHW {tuple(shapes[name][0][i] for i in (3, 2, 0, 1))})")
+      raise ValueError(
+        f"{prefix}: weight {w.shape} / bias {b.shape} do not fit {name} of {arch} "
+        f"(expects OIHW {tuple(shapes[name][0][i] for i in (3, 2, 0, 1))})"
+      )
     params[name] = {"kernel": kernel, "bias": b}
   return params
 
@@ -315,15 +345,20 @@ def convert_keras_h5(path: str, arch: str = "vgg16", up_to: str = "conv5_1") -> 
       if group is None:
         raise ValueError(f"{path}: no layer {layer} ({name} of {arch})")
       arrays = []
-      group.visititems(lambda _, obj, arrays=arrays: arrays.append(np.asarray(obj, np.float32)) if isinstance(obj, h5py.Dataset)
-                       else None)
+      group.visititems(
+        lambda _, obj, arrays=arrays: (
+          arrays.append(np.asarray(obj, np.float32)) if isinstance(obj, h5py.Dataset) else None
+        )
+      )
       kernels = [a for a in arrays if a.ndim == 4]
       biases = [a for a in arrays if a.ndim == 1]
       if len(kernels) != 1 or len(biases) != 1:
         raise ValueError(f"{path}: layer {layer} holds {len(kernels)} kernels and {len(biases)} biases, expected 1 + 1")
       if kernels[0].shape != shapes[name][0] or biases[0].shape != shapes[name][1]:
-        raise ValueError(f"{path}: {layer} has kernel {kernels[0].shape} / bias {biases[0].shape}, "
-                         f"{name} of {arch} needs {shapes[name]}")
+        raise ValueError(
+          f"{path}: {layer} has kernel {kernels[0].shape} / bias {biases[0].shape}, "
+          f"{name} of {arch} needs {shapes[name]}"
+        )
       params[name] = {"kernel": kernels[0], "bias": biases[0]}
   return params
 

@@ -21,30 +21,30 @@ from jipguard.watermark import lct, learner, report, studies, verify
 
 # Help of the studies' flags (one per config field).
 _HELP = {
-    "dataset": "fashion_mnist (Debian IDX), fashion_mnist_subset, mnist, digits, cifar10, or a path; grey images "
-               "are tinted",
-    "data_dir": "local copy / tfds data_dir of a named dataset",
-    "train_size": "learner's training images",
-    "model": "mlp, cnn, resnet8, resnet20",
-    "epochs": "learner epochs",
-    "batch_size": "learner minibatch",
-    "lr": "peak Adam learning rate (cosine decay)",
-    "augment": "learner augmentation (crop_flip is the paper's default for its ResNets; random crops defeat a "
-               "pixel-aligned MLP's memorisation, see docs/watermark.md)",
-    "per_user": "images per user (1%% of 10,000)",
-    "heldout_users": "held-out users (test split)",
-    "heldout_per_user": "images per held-out user",
-    "grid_step": "grid over [0, 360) in this step (deg)",
-    "tau": "match if |k^ - k*| < tau",
-    "signature": "k* of the single-user studies",
-    "seed": "seed of users, signatures and learners",
-    "num_users": "marked users",
-    "lct": "T_YIQ for all users (same), or T_u ~ U(-1, 1) per user",
-    "gradient": "also gradient search for every member user",
-    "mia_users": "member + held-out users given shadow models (0: skip)",
-    "shadow_epochs": "epochs of the shadow models",
-    "vary": "the factor the sweep varies",
-    "finetune_epochs": "epochs of fine-tuning on clean data",
+  "dataset": "fashion_mnist (Debian IDX), fashion_mnist_subset, mnist, digits, cifar10, or a path; grey images "
+  "are tinted",
+  "data_dir": "local copy / tfds data_dir of a named dataset",
+  "train_size": "learner's training images",
+  "model": "mlp, cnn, resnet8, resnet20",
+  "epochs": "learner epochs",
+  "batch_size": "learner minibatch",
+  "lr": "peak Adam learning rate (cosine decay)",
+  "augment": "learner augmentation (crop_flip is the paper's default for its ResNets; random crops defeat a "
+  "pixel-aligned MLP's memorisation, see docs/watermark.md)",
+  "per_user": "images per user (1%% of 10,000)",
+  "heldout_users": "held-out users (test split)",
+  "heldout_per_user": "images per held-out user",
+  "grid_step": "grid over [0, 360) in this step (deg)",
+  "tau": "match if |k^ - k*| < tau",
+  "signature": "k* of the single-user studies",
+  "seed": "seed of users, signatures and learners",
+  "num_users": "marked users",
+  "lct": "T_YIQ for all users (same), or T_u ~ U(-1, 1) per user",
+  "gradient": "also gradient search for every member user",
+  "mia_users": "member + held-out users given shadow models (0: skip)",
+  "shadow_epochs": "epochs of the shadow models",
+  "vary": "the factor the sweep varies",
+  "finetune_epochs": "epochs of fine-tuning on clean data",
 }
 _CHOICES = {"augment": sorted(learner.NAMED_AUGMENTS), "lct": list(studies.LCT_KINDS), "vary": sorted(studies.SWEEPS)}
 
@@ -58,8 +58,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
       parser.add_argument(f"--{f.name}", action="store_true", help=_HELP[f.name])
       continue
     typ = {int: int, float: float}.get(kind, str)
-    parser.add_argument(f"--{f.name}", type=typ, default=f.default, choices=_CHOICES.get(f.name),
-                        required=f.name == "vary", help=_HELP[f.name] + " (default: %(default)s)")
+    parser.add_argument(
+      f"--{f.name}",
+      type=typ,
+      default=f.default,
+      choices=_CHOICES.get(f.name),
+      required=f.name == "vary",
+      help=_HELP[f.name] + " (default: %(default)s)",
+    )
 
 
 def _study_config(a: argparse.Namespace) -> studies.StudyConfig:
@@ -121,16 +127,28 @@ def cmd_verify(a: argparse.Namespace) -> int:
     print(f"recovered signature (gradient search): {rec:.1f} deg")
   if a.signature is not None:
     ok = bool(verify.match(rec, a.signature, a.tau))
-    print(f"verdict: {'MATCH' if ok else 'NO MATCH'}: |k^ - k*| = {float(verify.distance(rec, a.signature)):.1f} "
-          f"{'<' if ok else '>='} tau = {a.tau}: the model was {'very likely' if ok else 'not shown to be'} "
-          "trained on the marked images")
+    print(
+      f"verdict: {'MATCH' if ok else 'NO MATCH'}: |k^ - k*| = {float(verify.distance(rec, a.signature)):.1f} "
+      f"{'<' if ok else '>='} tau = {a.tau}: the model was {'very likely' if ok else 'not shown to be'} "
+      "trained on the marked images"
+    )
   else:
     null = verify.distance(rec, 0) < a.tau
-    print("verdict: " + ("the recovered signature is the null one: no sign of a watermark" if null else
-                         f"a non-null signature ({rec:.1f} deg) was recovered: compare it with the owner's"))
+    print(
+      "verdict: "
+      + (
+        "the recovered signature is the null one: no sign of a watermark"
+        if null
+        else f"a non-null signature ({rec:.1f} deg) was recovered: compare it with the owner's"
+      )
+    )
   if a.plot:
-    report.loss_plot(a.plot, [("user images", r.signatures, r.losses, 0.0 if a.signature is None else a.signature)],
-              a.tau, "loss vs signature")
+    report.loss_plot(
+      a.plot,
+      [("user images", r.signatures, r.losses, 0.0 if a.signature is None else a.signature)],
+      a.tau,
+      "loss vs signature",
+    )
   return 0
 
 
@@ -138,8 +156,11 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
   """The flags of ``experiments/watermark.py``: one sub-command per study, ``mark`` and ``verify``."""
   p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
-  helps = {"multiuser": "many users with random signatures, held-out users, MIA baselines",
-           "sweep": "one marked user; vary one factor", "defences": "magnitude pruning and fine-tuning"}
+  helps = {
+    "multiuser": "many users with random signatures, held-out users, MIA baselines",
+    "sweep": "one marked user; vary one factor",
+    "defences": "magnitude pruning and fine-tuning",
+  }
   for name, cls in studies.STUDIES.items():
     q = sub.add_parser(name, help=helps[name])
     q.add_argument("--workdir", help="run directory (default runs/wm-<study>-<dataset>-<model>-s<seed>)")
@@ -178,4 +199,3 @@ def main(argv: list[str] | None = None, *, description: str | None = None) -> in
   print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, indent=2))
   print(f"run directory: {workdir}")
   return 0
-

@@ -26,9 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # Eq. 3: RGB -> YIQ.
-T_YIQ = np.array([[0.299, 0.587, 0.114],
-                  [0.596, -0.275, -0.321],
-                  [0.212, -0.523, 0.311]], np.float32)
+T_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.275, -0.321], [0.212, -0.523, 0.311]], np.float32)
 FULL_SPACE = np.arange(360, dtype=np.float32)  # Default grid: every degree.
 PAPER_SPACE = np.arange(30, 331, 30, dtype=np.float32)  # Section 5.1: 30, 60, ..., 330.
 PAPER_TAU = 15.0
@@ -173,8 +171,16 @@ def hsv_to_rgb(h_N: np.ndarray, s_N: np.ndarray, v_N: np.ndarray) -> np.ndarray:
   return rgb + (v_N - c)[:, None]
 
 
-def colorize(seed: int, images_NxHxWx1: np.ndarray, labels_N: np.ndarray, num_classes: int, *,
-             hue_mean: float = 30.0, hue_std: float = 10.0, class_hue_step: float = 12.0) -> np.ndarray:
+def colorize(
+  seed: int,
+  images_NxHxWx1: np.ndarray,
+  labels_N: np.ndarray,
+  num_classes: int,
+  *,
+  hue_mean: float = 30.0,
+  hue_std: float = 10.0,
+  class_hue_step: float = 12.0,
+) -> np.ndarray:
   """Tints grey images with random per-image colours: a coloured MNIST-style dataset.
 
   Foreground hue ``~ hue_mean + class_hue_step * c + N(0, hue_std)`` degrees for class
@@ -206,14 +212,18 @@ def assign_users(seed: int, n: int, num_users: int, per_user: int) -> np.ndarray
   return np.random.default_rng(seed).permutation(n)[: num_users * per_user].reshape(num_users, per_user)
 
 
-def mark_users(images: np.ndarray, users_UxP: np.ndarray, signatures_U: Sequence[float],
-               transforms_Ux3x3: np.ndarray | None = None) -> np.ndarray:
+def mark_users(
+  images: np.ndarray, users_UxP: np.ndarray, signatures_U: Sequence[float], transforms_Ux3x3: np.ndarray | None = None
+) -> np.ndarray:
   """A copy of ``images`` where user u's images carry LCT signature ``signatures_U[u]``
   (with T_YIQ, or user u's own transform)."""
   users = np.asarray(users_UxP)
   sig = jnp.asarray(signatures_U, jnp.float32)
-  t = jnp.broadcast_to(jnp.asarray(T_YIQ), (len(users), 3, 3)) if transforms_Ux3x3 is None \
-      else jnp.asarray(transforms_Ux3x3, jnp.float32)
+  t = (
+    jnp.broadcast_to(jnp.asarray(T_YIQ), (len(users), 3, 3))
+    if transforms_Ux3x3 is None
+    else jnp.asarray(transforms_Ux3x3, jnp.float32)
+  )
   if sig.shape != (len(users),) or t.shape != (len(users), 3, 3):
     raise ValueError(f"need one signature and transform per user ({len(users)}), got {sig.shape}, {t.shape}")
   out = np.array(images, np.float32, copy=True)

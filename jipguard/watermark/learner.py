@@ -57,13 +57,13 @@ class Augment:
 
 
 NAMED_AUGMENTS = {
-    "none": Augment(crop=0, flip=False),
-    "flip": Augment(crop=0),
-    "crop_flip": Augment(),
-    "cutout": Augment(cutout=8),
-    "label_smoothing": Augment(label_smoothing=0.1),
-    "noise": Augment(noise_std=0.05),
-    "color_jitter": Augment(jitter=0.4, hue_deg=36.0),  # torchvision ColorJitter(.4, .4, .4, .1).
+  "none": Augment(crop=0, flip=False),
+  "flip": Augment(crop=0),
+  "crop_flip": Augment(),
+  "cutout": Augment(cutout=8),
+  "label_smoothing": Augment(label_smoothing=0.1),
+  "noise": Augment(noise_std=0.05),
+  "color_jitter": Augment(jitter=0.4, hue_deg=36.0),  # torchvision ColorJitter(.4, .4, .4, .1).
 }
 
 
@@ -100,8 +100,9 @@ def _augment_one(key, x_HxWxC, aug: Augment):
 
 
 @functools.partial(jax.jit, static_argnames=("aug", "num_classes"))
-def augment(key: jax.Array, images_NxHxWxC: jax.Array, labels_MxS: jax.Array, *, aug: Augment,
-            num_classes: int) -> tuple[jax.Array, jax.Array]:
+def augment(
+  key: jax.Array, images_NxHxWxC: jax.Array, labels_MxS: jax.Array, *, aug: Augment, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
   """One epoch's augmented pool (every image independently) and, with label smoothing, labels."""
   k_img, k_lab, k_cls = jax.random.split(key, 3)
   keys = jax.random.split(k_img, images_NxHxWxC.shape[0])
@@ -138,12 +139,20 @@ class LearnerConfig:
   augment: Augment = Augment()
 
 
-def train_learners(cfg: LearnerConfig, keys_M: jax.Array, images: np.ndarray, labels: np.ndarray,
-                   num_classes: int, indices_MxS: np.ndarray | None = None, *,
-                   checkpoint_dir: str | None = None, init_state: ensemble.EnsembleState | None = None,
-                   checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S, progress: bool = True,
-                   desc: str = "learner"
-                   ) -> tuple[nn.Module, ensemble.EnsembleState, list[dict[str, Any]]]:
+def train_learners(
+  cfg: LearnerConfig,
+  keys_M: jax.Array,
+  images: np.ndarray,
+  labels: np.ndarray,
+  num_classes: int,
+  indices_MxS: np.ndarray | None = None,
+  *,
+  checkpoint_dir: str | None = None,
+  init_state: ensemble.EnsembleState | None = None,
+  checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S,
+  progress: bool = True,
+  desc: str = "learner",
+) -> tuple[nn.Module, ensemble.EnsembleState, list[dict[str, Any]]]:
   """Trains M learners on a shared pool (member m sees ``indices_MxS[m]``), with augmentation.
 
   :meth:`ensemble.EnsembleTrainer.fit` with each epoch's pool augmented afresh
@@ -185,10 +194,23 @@ def train_learners(cfg: LearnerConfig, keys_M: jax.Array, images: np.ndarray, la
   def epoch_data(epoch, x, labels_MxS):
     return augment(jax.random.fold_in(aug_key, epoch), x, labels_MxS, aug=cfg.augment, num_classes=num_classes)
 
-  ckpt = None if checkpoint_dir is None else ensemble.Checkpointing(
-      checkpoint_dir, interval_s=checkpoint_interval_s, fingerprint={"learner": repr(cfg)})
-  result = trainer.fit(keys_M, images, labels, epochs=cfg.epochs, indices=idx, checkpoint=ckpt, progress=progress,
-                       desc=desc, epoch_data=epoch_data, init_state=init_state)
+  ckpt = (
+    None
+    if checkpoint_dir is None
+    else ensemble.Checkpointing(checkpoint_dir, interval_s=checkpoint_interval_s, fingerprint={"learner": repr(cfg)})
+  )
+  result = trainer.fit(
+    keys_M,
+    images,
+    labels,
+    epochs=cfg.epochs,
+    indices=idx,
+    checkpoint=ckpt,
+    progress=progress,
+    desc=desc,
+    epoch_data=epoch_data,
+    init_state=init_state,
+  )
   return model, result.state, result.history
 
 
@@ -197,15 +219,16 @@ def member_variables(state: ensemble.EnsembleState, m: int) -> PyTree:
   return jax.tree.map(lambda a: a[m], state.variables)
 
 
-def save_model(path: str, model_name: str, num_classes: int, image_shape: Sequence[int],
-               variables: PyTree) -> None:
+def save_model(path: str, model_name: str, num_classes: int, image_shape: Sequence[int], variables: PyTree) -> None:
   """Saves one model as an orbax checkpoint (``variables/``) plus ``model.json``."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(path, "variables"), variables, force=True)
-  rundir.write_json(os.path.join(path, "model.json"), {
-      "model": model_name, "num_classes": int(num_classes), "image_shape": [int(d) for d in image_shape]})
+  rundir.write_json(
+    os.path.join(path, "model.json"),
+    {"model": model_name, "num_classes": int(num_classes), "image_shape": [int(d) for d in image_shape]},
+  )
 
 
 def load_model(path: str) -> tuple[nn.Module, PyTree, dict[str, Any]]:
@@ -246,8 +269,10 @@ def prune(variables: PyTree, fraction: float) -> PyTree:
 def per_example_losses(model: nn.Module, variables: PyTree, images: jax.Array, labels: jax.Array) -> np.ndarray:
   """Cross-entropy of one model on each image (inference mode)."""
   images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
-  out = [_plain_losses(model, variables, jnp.asarray(images[i:i + 1024]), jnp.asarray(labels[i:i + 1024]))
-         for i in range(0, len(images), 1024)]
+  out = [
+    _plain_losses(model, variables, jnp.asarray(images[i : i + 1024]), jnp.asarray(labels[i : i + 1024]))
+    for i in range(0, len(images), 1024)
+  ]
   return np.concatenate([np.asarray(o) for o in out])
 
 
@@ -262,5 +287,9 @@ _logits = jax.jit(lambda model, variables, x: model.apply(variables, x, train=Fa
 def logits(model: nn.Module, variables: PyTree, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
   """Logits of one model on ``images`` (inference mode, chunks of ``batch_size``)."""
   images = np.asarray(images, np.float32)
-  return np.concatenate([np.asarray(_logits(model, variables, jnp.asarray(images[i:i + batch_size])))
-                         for i in range(0, len(images), batch_size)])
+  return np.concatenate(
+    [
+      np.asarray(_logits(model, variables, jnp.asarray(images[i : i + batch_size])))
+      for i in range(0, len(images), batch_size)
+    ]
+  )

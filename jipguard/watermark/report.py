@@ -50,8 +50,18 @@ def loss_histogram(path: str, member_losses: np.ndarray, heldout_losses: np.ndar
 def write_report(workdir: str, title: str, config: dict[str, Any], m: dict[str, Any], figures: Sequence[str]) -> None:
   """report.md (configuration, scalar results, the points table, figures) and, for studies with
   points, ``points.md`` / ``points.csv``."""
-  lines = [f"# {title}", "", "## Configuration", "", "```json", rundir.dumps(config).rstrip(), "```", "",
-           "## Results", ""]
+  lines = [
+    f"# {title}",
+    "",
+    "## Configuration",
+    "",
+    "```json",
+    rundir.dumps(config).rstrip(),
+    "```",
+    "",
+    "## Results",
+    "",
+  ]
   for k, v in m.items():
     if k == "points":
       columns = [c for c in v[0] if not isinstance(v[0][c], list)]

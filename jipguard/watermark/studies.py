@@ -32,21 +32,21 @@ LCT_KINDS = ("same", "per_user")
 class StudyConfig:
   """What every watermark study depends on (written to config.json)."""
 
-  dataset: str = "fashion_mnist"   # A data.load name (fashion_mnist: Debian's IDX files) or a path.
-  data_dir: str | None = None      # Local copy / tfds data_dir of a named dataset.
-  train_size: int = 10_000         # The learner's training images (the first of the train split).
-  model: str = "mlp"               # The learner's architecture (models.MODELS).
-  epochs: int = 60                 # Learner epochs.
-  batch_size: int = 128            # Learner minibatch.
-  lr: float = 2e-3                 # Peak Adam learning rate (cosine decay).
-  augment: str = "flip"            # learner.NAMED_AUGMENTS (crop_flip is the paper's default for ResNets).
-  per_user: int = 100              # Images per marked user (1% of 10,000).
-  heldout_users: int = 100         # Held-out users (test split), never trained on.
-  heldout_per_user: int = 100      # Images per held-out user.
-  grid_step: float = 2.0           # Grid over [0, 360) in this step (degrees).
-  tau: float = lct.PAPER_TAU       # Match if |k^ - k*| < tau.
-  signature: float = 60.0          # k* of the single-user studies.
-  seed: int = 0                    # Seed of users, signatures, learners.
+  dataset: str = "fashion_mnist"  # A data.load name (fashion_mnist: Debian's IDX files) or a path.
+  data_dir: str | None = None  # Local copy / tfds data_dir of a named dataset.
+  train_size: int = 10_000  # The learner's training images (the first of the train split).
+  model: str = "mlp"  # The learner's architecture (models.MODELS).
+  epochs: int = 60  # Learner epochs.
+  batch_size: int = 128  # Learner minibatch.
+  lr: float = 2e-3  # Peak Adam learning rate (cosine decay).
+  augment: str = "flip"  # learner.NAMED_AUGMENTS (crop_flip is the paper's default for ResNets).
+  per_user: int = 100  # Images per marked user (1% of 10,000).
+  heldout_users: int = 100  # Held-out users (test split), never trained on.
+  heldout_per_user: int = 100  # Images per held-out user.
+  grid_step: float = 2.0  # Grid over [0, 360) in this step (degrees).
+  tau: float = lct.PAPER_TAU  # Match if |k^ - k*| < tau.
+  signature: float = 60.0  # k* of the single-user studies.
+  seed: int = 0  # Seed of users, signatures, learners.
 
   def __post_init__(self):
     if self.augment not in learner.NAMED_AUGMENTS:
@@ -62,11 +62,11 @@ class StudyConfig:
 class MultiuserConfig(StudyConfig):
   """Many users with random signatures, held-out users, MIA baselines (sections 5.2, 5.4, 5.5)."""
 
-  num_users: int = 24              # Marked users.
-  lct: str = "same"                # "same" (T_YIQ for all) or "per_user" (T_u ~ U(-1, 1)).
-  gradient: bool = False           # Also gradient search for every member user.
-  mia_users: int = 10              # Member + held-out users given shadow models (0: skip).
-  shadow_epochs: int = 30          # Epochs of the shadow models.
+  num_users: int = 24  # Marked users.
+  lct: str = "same"  # "same" (T_YIQ for all) or "per_user" (T_u ~ U(-1, 1)).
+  gradient: bool = False  # Also gradient search for every member user.
+  mia_users: int = 10  # Member + held-out users given shadow models (0: skip).
+  shadow_epochs: int = 30  # Epochs of the shadow models.
 
   def __post_init__(self):
     super().__post_init__()
@@ -78,7 +78,7 @@ class MultiuserConfig(StudyConfig):
 class SweepConfig(StudyConfig):
   """One marked user; one factor varied (``SWEEPS``)."""
 
-  vary: str = "num_marked"         # A key of SWEEPS.
+  vary: str = "num_marked"  # A key of SWEEPS.
 
   def __post_init__(self):
     super().__post_init__()
@@ -90,7 +90,7 @@ class SweepConfig(StudyConfig):
 class DefencesConfig(StudyConfig):
   """Magnitude pruning and fine-tuning of a learner trained with one marked user (section 5.3)."""
 
-  finetune_epochs: int = 10        # Epochs of fine-tuning on clean data.
+  finetune_epochs: int = 10  # Epochs of fine-tuning on clean data.
 
 
 STUDIES = {"multiuser": MultiuserConfig, "sweep": SweepConfig, "defences": DefencesConfig}
@@ -118,8 +118,11 @@ def load_colour(name: str, data_dir: str | None, seed: int) -> tuple[data.Datase
   for i, split in enumerate(("train", "test")):
     ds = data.load(name, split, **kw)
     if ds.images.shape[-1] == 1:
-      ds = dataclasses.replace(ds, images=lct.colorize(seed + i, ds.images, ds.labels, ds.num_classes),
-                               source=ds.source + " (tinted by watermark.lct.colorize)")
+      ds = dataclasses.replace(
+        ds,
+        images=lct.colorize(seed + i, ds.images, ds.labels, ds.num_classes),
+        source=ds.source + " (tinted by watermark.lct.colorize)",
+      )
     out.append(ds)
   return out[0], out[1]
 
@@ -141,20 +144,32 @@ def verify_users(model, variables, x, y, users, transforms, sigs, chunk=None) ->
     flat = users.reshape(-1)
     l = verify.signature_losses(model, variables, x[flat], y[flat], sigs, chunk=chunk)
     return l.reshape(len(sigs), *users.shape).mean(-1).T
-  return np.stack([verify.signature_losses(model, variables, x[u], y[u], sigs, watermark=lct.Watermark.hue(t),
-                                       chunk=chunk).mean(1) for u, t in zip(users, transforms)])
+  return np.stack(
+    [
+      verify.signature_losses(model, variables, x[u], y[u], sigs, watermark=lct.Watermark.hue(t), chunk=chunk).mean(1)
+      for u, t in zip(users, transforms)
+    ]
+  )
 
 
 def check_user_counts(cfg: StudyConfig, n_train: int, n_test: int, num_users: int, per_user: int) -> None:
   """ValueError naming the flags when a split cannot hold its users' disjoint images (checked
   before any training, so a run does not train a learner it cannot verify)."""
-  needs = (("train split (up to --train_size)", n_train, num_users, per_user,
-            "--num_users x --per_user (or a larger --train_size)"),
-           ("test split", n_test, cfg.heldout_users, cfg.heldout_per_user, "--heldout_users x --heldout_per_user"))
+  needs = (
+    (
+      "train split (up to --train_size)",
+      n_train,
+      num_users,
+      per_user,
+      "--num_users x --per_user (or a larger --train_size)",
+    ),
+    ("test split", n_test, cfg.heldout_users, cfg.heldout_per_user, "--heldout_users x --heldout_per_user"),
+  )
   for split, n, users, per, flags in needs:
     if users * per > n:
-      raise ValueError(f"{flags} = {users} x {per} = {users * per} images, but the {split} of {cfg.dataset} "
-                       f"has {n}: lower them")
+      raise ValueError(
+        f"{flags} = {users} x {per} = {users * per} images, but the {split} of {cfg.dataset} has {n}: lower them"
+      )
 
 
 def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
@@ -175,23 +190,40 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
   t_users = t_held = None
   if cfg.lct == "per_user":
     t_users = np.stack([lct.user_transform(jax.random.key(10_000 + cfg.seed * 1000 + u)) for u in range(cfg.num_users)])
-    t_held = np.stack([lct.user_transform(jax.random.key(20_000 + cfg.seed * 1000 + u)) for u in range(cfg.heldout_users)])
+    t_held = np.stack(
+      [lct.user_transform(jax.random.key(20_000 + cfg.seed * 1000 + u)) for u in range(cfg.heldout_users)]
+    )
   marked = lct.mark_users(train.images, users, k_star, t_users)
-  lcfg = learner.LearnerConfig(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.lr,
-                          augment=learner.NAMED_AUGMENTS[cfg.augment])
+  lcfg = learner.LearnerConfig(
+    model=cfg.model,
+    epochs=cfg.epochs,
+    batch_size=cfg.batch_size,
+    learning_rate=cfg.lr,
+    augment=learner.NAMED_AUGMENTS[cfg.augment],
+  )
   t0 = time.time()
-  model, state, hist = learner.train_learners(lcfg, jax.random.split(jax.random.key(cfg.seed), 1), marked, train.labels,
-                                         train.num_classes, checkpoint_dir=os.path.join(workdir, "checkpoints", "learner"))
+  model, state, hist = learner.train_learners(
+    lcfg,
+    jax.random.split(jax.random.key(cfg.seed), 1),
+    marked,
+    train.labels,
+    train.num_classes,
+    checkpoint_dir=os.path.join(workdir, "checkpoints", "learner"),
+  )
   train_s = time.time() - t0
   v = learner.member_variables(state, 0)
   learner.save_model(os.path.join(workdir, "model"), cfg.model, train.num_classes, train.image_shape, v)
   test_acc = float(np.mean(np.argmax(np.asarray(learner.logits(model, v, test.images)), -1) == test.labels))
   sigs = np.arange(0, 360, cfg.grid_step, dtype=np.float32)
   t0 = time.time()
-  g_m = cached(os.path.join(workdir, "results", "grid_members.npz"),
-               lambda: {"losses": verify_users(model, v, train.images, train.labels, users, t_users, sigs)})["losses"]
-  g_h = cached(os.path.join(workdir, "results", "grid_heldout.npz"),
-               lambda: {"losses": verify_users(model, v, test.images, test.labels, held, t_held, sigs)})["losses"]
+  g_m = cached(
+    os.path.join(workdir, "results", "grid_members.npz"),
+    lambda: {"losses": verify_users(model, v, train.images, train.labels, users, t_users, sigs)},
+  )["losses"]
+  g_h = cached(
+    os.path.join(workdir, "results", "grid_heldout.npz"),
+    lambda: {"losses": verify_users(model, v, test.images, test.labels, held, t_held, sigs)},
+  )["losses"]
   grid_s = time.time() - t0
   rec_m, rec_h = sigs[np.argmin(g_m, 1)], sigs[np.argmin(g_h, 1)]
   slot = np.concatenate([[0.0], lct.PAPER_SPACE])  # The paper's 12-slot space with the null slot.
@@ -200,44 +232,80 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
   match_m = verify.match(rec_m, k_star, cfg.tau)
   false_h = verify.match(rec_h, k_claim, cfg.tau)
   m = dict(
-      test_accuracy=test_acc, final_train_loss=hist[-1]["loss"][0] if hist else None,
-      matching_accuracy=float(match_m.mean()), num_users=cfg.num_users,
-      false_match_rate=float(false_h.mean()), num_heldout_users=cfg.heldout_users,
-      heldout_non_null_rate=float((verify.distance(rec_h, 0) >= cfg.tau).mean()),
-      heldout_abs_recovered_mean=float(verify.distance(rec_h, 0).mean()),
-      heldout_abs_recovered_std=float(verify.distance(rec_h, 0).std(ddof=1)) if len(rec_h) > 1 else None,
-      member_abs_error_mean=float(verify.distance(rec_m, k_star).mean()),
-      recovered_members=rec_m.tolist(), private_members=k_star.tolist(), recovered_heldout=rec_h.tolist(),
-      adv_p_anw_members=verify.adv_p(match_m, 2 * cfg.tau / 360), train_seconds=train_s, grid_seconds=grid_s,
+    test_accuracy=test_acc,
+    final_train_loss=hist[-1]["loss"][0] if hist else None,
+    matching_accuracy=float(match_m.mean()),
+    num_users=cfg.num_users,
+    false_match_rate=float(false_h.mean()),
+    num_heldout_users=cfg.heldout_users,
+    heldout_non_null_rate=float((verify.distance(rec_h, 0) >= cfg.tau).mean()),
+    heldout_abs_recovered_mean=float(verify.distance(rec_h, 0).mean()),
+    heldout_abs_recovered_std=float(verify.distance(rec_h, 0).std(ddof=1)) if len(rec_h) > 1 else None,
+    member_abs_error_mean=float(verify.distance(rec_m, k_star).mean()),
+    recovered_members=rec_m.tolist(),
+    private_members=k_star.tolist(),
+    recovered_heldout=rec_h.tolist(),
+    adv_p_anw_members=verify.adv_p(match_m, 2 * cfg.tau / 360),
+    train_seconds=train_s,
+    grid_seconds=grid_s,
   )
   if ok_slots:
     rec_slot_m = slot[np.argmin(g_m[:, slot_idx], 1)]
     rec_slot_h = slot[np.argmin(g_h[:, slot_idx], 1)]
-    m.update(slot_matching_accuracy=float(verify.match(rec_slot_m, k_star, cfg.tau).mean()),
-             slot_false_match_rate=float(verify.match(rec_slot_h, k_claim, cfg.tau).mean()),
-             slot_heldout_null_rate=float((rec_slot_h == 0).mean()))
+    m.update(
+      slot_matching_accuracy=float(verify.match(rec_slot_m, k_star, cfg.tau).mean()),
+      slot_false_match_rate=float(verify.match(rec_slot_h, k_claim, cfg.tau).mean()),
+      slot_heldout_null_rate=float((rec_slot_h == 0).mean()),
+    )
   if cfg.gradient:
     t0 = time.time()
-    gs = cached(os.path.join(workdir, "results", "gradient_members.npz"), lambda: {"best": np.array([
-        verify.gradient_search(model, v, train.images[u], train.labels[u],
-                           watermark=None if t_users is None else lct.Watermark.hue(t_users[i]))[0]
-        for i, u in enumerate(users)])})["best"]
-    m.update(gradient_matching_accuracy=float(verify.match(gs, k_star, cfg.tau).mean()),
-             gradient_abs_error_mean=float(verify.distance(gs, k_star).mean()), gradient_recovered=gs.tolist(),
-             gradient_seconds=time.time() - t0)
+    gs = cached(
+      os.path.join(workdir, "results", "gradient_members.npz"),
+      lambda: {
+        "best": np.array(
+          [
+            verify.gradient_search(
+              model,
+              v,
+              train.images[u],
+              train.labels[u],
+              watermark=None if t_users is None else lct.Watermark.hue(t_users[i]),
+            )[0]
+            for i, u in enumerate(users)
+          ]
+        )
+      },
+    )["best"]
+    m.update(
+      gradient_matching_accuracy=float(verify.match(gs, k_star, cfg.tau).mean()),
+      gradient_abs_error_mean=float(verify.distance(gs, k_star).mean()),
+      gradient_recovered=gs.tolist(),
+      gradient_seconds=time.time() - t0,
+    )
   if cfg.mia_users:
     m.update(mia(cfg, workdir, model, v, train, test, users, held, marked))
   m["total_seconds"] = time.time() - t_start
   rundir.write_json(os.path.join(workdir, "metrics.json"), m)
   n = min(6, cfg.num_users)
-  report.loss_plot(os.path.join(workdir, "members.png"),
-            [(f"user {u} k*={k_star[u]:.0f}", sigs, g_m[u], k_star[u]) for u in range(n)], cfg.tau,
-            f"{cfg.num_users} users ({cfg.lct} LCT): loss vs signature")
-  report.loss_plot(os.path.join(workdir, "heldout.png"),
-            [(f"held-out {u}", sigs, g_h[u], 0.0) for u in range(n)], cfg.tau,
-            "held-out users (images never used): k* = 0 (no watermark)")
-  report.write_report(workdir, "Multi-user anti-neuron watermarking", _config(cfg), m,
-               ["members.png", "heldout.png"] + (["mia.png"] if cfg.mia_users else []))
+  report.loss_plot(
+    os.path.join(workdir, "members.png"),
+    [(f"user {u} k*={k_star[u]:.0f}", sigs, g_m[u], k_star[u]) for u in range(n)],
+    cfg.tau,
+    f"{cfg.num_users} users ({cfg.lct} LCT): loss vs signature",
+  )
+  report.loss_plot(
+    os.path.join(workdir, "heldout.png"),
+    [(f"held-out {u}", sigs, g_h[u], 0.0) for u in range(n)],
+    cfg.tau,
+    "held-out users (images never used): k* = 0 (no watermark)",
+  )
+  report.write_report(
+    workdir,
+    "Multi-user anti-neuron watermarking",
+    _config(cfg),
+    m,
+    ["members.png", "heldout.png"] + (["mia.png"] if cfg.mia_users else []),
+  )
   return m
 
 
@@ -247,19 +315,41 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
   pool = np.concatenate([marked[users[:u].reshape(-1)], test.images[held[:u].reshape(-1)]])
   pool_y = np.concatenate([train.labels[users[:u].reshape(-1)], test.labels[held[:u].reshape(-1)]])
   p_m, p_h = users.shape[1], held.shape[1]
-  idx_full = [np.arange(i * p_m, (i + 1) * p_m) for i in range(u)] + \
-             [u * p_m + np.arange(i * p_h, (i + 1) * p_h) for i in range(u)]
+  idx_full = [np.arange(i * p_m, (i + 1) * p_m) for i in range(u)] + [
+    u * p_m + np.arange(i * p_h, (i + 1) * p_h) for i in range(u)
+  ]
   s = min(len(i) for i in idx_full)
   idx_full = np.stack([i[:s] for i in idx_full])
   idx_half = idx_full[:, : s // 2]  # MIA-pow: the shadow trains on half, the other half is "out".
-  scfg = learner.LearnerConfig(model=cfg.model, epochs=cfg.shadow_epochs, batch_size=min(32, s // 2), learning_rate=cfg.lr,
-                          augment=learner.NAMED_AUGMENTS[cfg.augment])
+  scfg = learner.LearnerConfig(
+    model=cfg.model,
+    epochs=cfg.shadow_epochs,
+    batch_size=min(32, s // 2),
+    learning_rate=cfg.lr,
+    augment=learner.NAMED_AUGMENTS[cfg.augment],
+  )
   keys = jax.random.split(jax.random.key(cfg.seed + 99), 2 * u)
   ck = os.path.join(workdir, "checkpoints")
-  sm, s_full, _ = learner.train_learners(scfg, keys, pool, pool_y, train.num_classes, idx_full,
-                                    checkpoint_dir=os.path.join(ck, "shadow_std"), desc="shadow std")
-  _, s_half, _ = learner.train_learners(scfg, keys, pool, pool_y, train.num_classes, idx_half,
-                                   checkpoint_dir=os.path.join(ck, "shadow_pow"), desc="shadow pow")
+  sm, s_full, _ = learner.train_learners(
+    scfg,
+    keys,
+    pool,
+    pool_y,
+    train.num_classes,
+    idx_full,
+    checkpoint_dir=os.path.join(ck, "shadow_std"),
+    desc="shadow std",
+  )
+  _, s_half, _ = learner.train_learners(
+    scfg,
+    keys,
+    pool,
+    pool_y,
+    train.num_classes,
+    idx_half,
+    checkpoint_dir=os.path.join(ck, "shadow_pow"),
+    desc="shadow pow",
+  )
   # MIAs query the learner with the exact images it was trained on (member users' marked copies),
   # their best case; held-out users' images were never used.
   target = learner.per_example_losses(model, v, pool, pool_y)
@@ -270,19 +360,25 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
     sh_full = learner.per_example_losses(sm, learner.member_variables(s_full, i), pool[own], pool_y[own])
     sh_half = learner.per_example_losses(sm, learner.member_variables(s_half, i), pool[own], pool_y[own])
     t_std = verify.mia_std_threshold(sh_full)
-    t_pow = verify.mia_pow_threshold(sh_half[: s // 2], sh_half[s // 2:])
+    t_pow = verify.mia_pow_threshold(sh_half[: s // 2], sh_half[s // 2 :])
     std_sample.append(np.mean((target[own] < t_std) == truth[i]))
     pow_sample.append(np.mean((target[own] < t_pow) == truth[i]))
     std_pred.append(np.mean(target[own] < t_std) > 0.5)
     pow_pred.append(np.mean(target[own] < t_pow) > 0.5)
   std_ok, pow_ok = np.array(std_pred) == truth, np.array(pow_pred) == truth
-  shadow0 = learner.per_example_losses(sm, learner.member_variables(s_full, 0), pool[idx_full[0]],
-                                       pool_y[idx_full[0]])
-  report.loss_histogram(os.path.join(workdir, "mia.png"), target[: u * p_m], target[u * p_m:],
-                        verify.mia_std_threshold(shadow0))
-  return dict(mia_users_each=u, mia_std_user_accuracy=float(std_ok.mean()), mia_pow_user_accuracy=float(pow_ok.mean()),
-              mia_std_sample_accuracy=float(np.mean(std_sample)), mia_pow_sample_accuracy=float(np.mean(pow_sample)),
-              adv_p_mia_std=verify.adv_p(std_ok, 0.5), adv_p_mia_pow=verify.adv_p(pow_ok, 0.5))
+  shadow0 = learner.per_example_losses(sm, learner.member_variables(s_full, 0), pool[idx_full[0]], pool_y[idx_full[0]])
+  report.loss_histogram(
+    os.path.join(workdir, "mia.png"), target[: u * p_m], target[u * p_m :], verify.mia_std_threshold(shadow0)
+  )
+  return dict(
+    mia_users_each=u,
+    mia_std_user_accuracy=float(std_ok.mean()),
+    mia_pow_user_accuracy=float(pow_ok.mean()),
+    mia_std_sample_accuracy=float(np.mean(std_sample)),
+    mia_pow_sample_accuracy=float(np.mean(pow_sample)),
+    adv_p_mia_std=verify.adv_p(std_ok, 0.5),
+    adv_p_mia_pow=verify.adv_p(pow_ok, 0.5),
+  )
 
 
 # ------------------------------------------------------------------ single-user sweeps
@@ -293,10 +389,12 @@ def single_point(cfg: StudyConfig, train, test, *, model_name, k_star, num_marke
   ``(model, its variables, the user's image indices)``."""
   users = lct.assign_users(cfg.seed, len(train), 1, num_marked)
   marked = lct.mark_users(train.images, users, [k_star])
-  lcfg = learner.LearnerConfig(model=model_name, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.lr,
-                          augment=augment)
-  model, state, _ = learner.train_learners(lcfg, jax.random.split(jax.random.key(key), 1), marked, train.labels,
-                                      train.num_classes, checkpoint_dir=ckpt)
+  lcfg = learner.LearnerConfig(
+    model=model_name, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.lr, augment=augment
+  )
+  model, state, _ = learner.train_learners(
+    lcfg, jax.random.split(jax.random.key(key), 1), marked, train.labels, train.num_classes, checkpoint_dir=ckpt
+  )
   return model, learner.member_variables(state, 0), users
 
 
@@ -307,17 +405,23 @@ def grid_point(cfg: StudyConfig, model, v, train, test, users, k_star) -> dict[s
   held = lct.assign_users(cfg.seed + 1, len(test), cfg.heldout_users, cfg.heldout_per_user)
   gh = verify_users(model, v, test.images, test.labels, held, None, sigs)
   rec, rec_h = float(sigs[np.argmin(g)]), sigs[np.argmin(gh, 1)]
-  return dict(k_star=float(k_star), recovered=rec, match=bool(verify.match(rec, k_star, cfg.tau)),
-              heldout_recovered=rec_h.tolist(), heldout_non_null=float((verify.distance(rec_h, 0) >= cfg.tau).mean()),
-              signatures=sigs.tolist(), losses=g.tolist())
+  return dict(
+    k_star=float(k_star),
+    recovered=rec,
+    match=bool(verify.match(rec, k_star, cfg.tau)),
+    heldout_recovered=rec_h.tolist(),
+    heldout_non_null=float((verify.distance(rec_h, 0) >= cfg.tau).mean()),
+    signatures=sigs.tolist(),
+    losses=g.tolist(),
+  )
 
 
 # The points of each single-user sweep: what each varies from the study's defaults.
 SWEEPS = {
-    "num_marked": tuple(dict(num_marked=n) for n in (5, 20, 50, 100, 200)),
-    "signature": tuple(dict(k_star=float(k)) for k in lct.PAPER_SPACE[::2]),
-    "model": tuple(dict(model_name=m) for m in ("mlp", "resnet8")),
-    "augment": tuple(dict(augment=n) for n in learner.NAMED_AUGMENTS),
+  "num_marked": tuple(dict(num_marked=n) for n in (5, 20, 50, 100, 200)),
+  "signature": tuple(dict(k_star=float(k)) for k in lct.PAPER_SPACE[::2]),
+  "model": tuple(dict(model_name=m) for m in ("mlp", "resnet8")),
+  "augment": tuple(dict(augment=n) for n in learner.NAMED_AUGMENTS),
 }
 
 
@@ -327,7 +431,9 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
   _setup(workdir, cfg)
   train, test = load_colour(cfg.dataset, cfg.data_dir, cfg.seed)
   train = train.subset(slice(0, cfg.train_size))
-  check_user_counts(cfg, len(train), len(test), 1, max(over.get("num_marked", cfg.per_user) for over in SWEEPS[cfg.vary]))
+  check_user_counts(
+    cfg, len(train), len(test), 1, max(over.get("num_marked", cfg.per_user) for over in SWEEPS[cfg.vary])
+  )
   points = []
   for over in SWEEPS[cfg.vary]:
     p = {**dict(model_name=cfg.model, k_star=cfg.signature, num_marked=cfg.per_user, augment=cfg.augment), **over}
@@ -335,19 +441,32 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
     path = os.path.join(workdir, "results", f"{name}.json")
     if not os.path.exists(path):
       t0 = time.time()
-      model, v, users = single_point(cfg, train, test, model_name=p["model_name"], k_star=p["k_star"],
-                                     num_marked=p["num_marked"], augment=learner.NAMED_AUGMENTS[p["augment"]],
-                                     key=cfg.seed, ckpt=os.path.join(workdir, "checkpoints", name))
+      model, v, users = single_point(
+        cfg,
+        train,
+        test,
+        model_name=p["model_name"],
+        k_star=p["k_star"],
+        num_marked=p["num_marked"],
+        augment=learner.NAMED_AUGMENTS[p["augment"]],
+        key=cfg.seed,
+        ckpt=os.path.join(workdir, "checkpoints", name),
+      )
       r = grid_point(cfg, model, v, train, test, users, p["k_star"])
       rundir.write_json(path, {**p, **r, "name": name, "seconds": time.time() - t0})
     with open(path) as f:
       points.append(json.load(f))
-  m = {"points": [{k: v for k, v in q.items() if k not in ("signatures", "losses")} for q in points],
-       "matching_accuracy": float(np.mean([q["match"] for q in points]))}
+  m = {
+    "points": [{k: v for k, v in q.items() if k not in ("signatures", "losses")} for q in points],
+    "matching_accuracy": float(np.mean([q["match"] for q in points])),
+  }
   rundir.write_json(os.path.join(workdir, "metrics.json"), m)
-  report.loss_plot(os.path.join(workdir, "losses.png"),
-            [(q["name"], np.array(q["signatures"]), np.array(q["losses"]), q["k_star"]) for q in points], cfg.tau,
-            f"varying {cfg.vary}")
+  report.loss_plot(
+    os.path.join(workdir, "losses.png"),
+    [(q["name"], np.array(q["signatures"]), np.array(q["losses"]), q["k_star"]) for q in points],
+    cfg.tau,
+    f"varying {cfg.vary}",
+  )
   report.write_report(workdir, f"Sweep over {cfg.vary}", _config(cfg), m, ["losses.png"])
   return m
 
@@ -360,17 +479,31 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
   train, test = load_colour(cfg.dataset, cfg.data_dir, cfg.seed)
   train = train.subset(slice(0, cfg.train_size))
   check_user_counts(cfg, len(train), len(test), 1, cfg.per_user)
-  model, v, users = single_point(cfg, train, test, model_name=cfg.model, k_star=cfg.signature, num_marked=cfg.per_user,
-                                 augment=learner.NAMED_AUGMENTS[cfg.augment], key=cfg.seed,
-                                 ckpt=os.path.join(workdir, "checkpoints", "learner"))
+  model, v, users = single_point(
+    cfg,
+    train,
+    test,
+    model_name=cfg.model,
+    k_star=cfg.signature,
+    num_marked=cfg.per_user,
+    augment=learner.NAMED_AUGMENTS[cfg.augment],
+    key=cfg.seed,
+    ckpt=os.path.join(workdir, "checkpoints", "learner"),
+  )
   points = []
   for frac in (0.0, 0.3, 0.5, 0.7, 0.9):
     path = os.path.join(workdir, "results", f"prune={frac}.json")
     if not os.path.exists(path):
       vp = learner.prune(v, frac)
       acc = float(np.mean(np.argmax(np.asarray(learner.logits(model, vp, test.images)), -1) == test.labels))
-      rundir.write_json(path, {"name": f"prune={frac}", "test_accuracy": acc,
-                                 **grid_point(cfg, model, vp, train, test, users, cfg.signature)})
+      rundir.write_json(
+        path,
+        {
+          "name": f"prune={frac}",
+          "test_accuracy": acc,
+          **grid_point(cfg, model, vp, train, test, users, cfg.signature),
+        },
+      )
     with open(path) as f:
       points.append(json.load(f))
   path = os.path.join(workdir, "results", f"finetune={cfg.finetune_epochs}.json")
@@ -379,22 +512,42 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
     half = len(test) // 2
     state0 = jax.tree.map(lambda x: x[None], v)
     init = ensemble.EnsembleState(params=state0["params"], batch_stats=state0.get("batch_stats", {}), opt_state=None)
-    fcfg = learner.LearnerConfig(model=cfg.model, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
-                            learning_rate=cfg.lr / 10, augment=learner.NAMED_AUGMENTS[cfg.augment])
-    _, fs, _ = learner.train_learners(fcfg, jax.random.split(jax.random.key(cfg.seed + 5), 1), test.images[:half],
-                                 test.labels[:half], test.num_classes, init_state=init,
-                                 checkpoint_dir=os.path.join(workdir, "checkpoints", "finetune"))
+    fcfg = learner.LearnerConfig(
+      model=cfg.model,
+      epochs=cfg.finetune_epochs,
+      batch_size=cfg.batch_size,
+      learning_rate=cfg.lr / 10,
+      augment=learner.NAMED_AUGMENTS[cfg.augment],
+    )
+    _, fs, _ = learner.train_learners(
+      fcfg,
+      jax.random.split(jax.random.key(cfg.seed + 5), 1),
+      test.images[:half],
+      test.labels[:half],
+      test.num_classes,
+      init_state=init,
+      checkpoint_dir=os.path.join(workdir, "checkpoints", "finetune"),
+    )
     vf = learner.member_variables(fs, 0)
     test2 = test.subset(slice(half, None))
     acc = float(np.mean(np.argmax(np.asarray(learner.logits(model, vf, test2.images)), -1) == test2.labels))
-    rundir.write_json(path, {"name": f"finetune={cfg.finetune_epochs}", "test_accuracy": acc,
-                               **grid_point(cfg, model, vf, train, test2, users, cfg.signature)})
+    rundir.write_json(
+      path,
+      {
+        "name": f"finetune={cfg.finetune_epochs}",
+        "test_accuracy": acc,
+        **grid_point(cfg, model, vf, train, test2, users, cfg.signature),
+      },
+    )
   with open(path) as f:
     points.append(json.load(f))
   m = {"points": [{k: v for k, v in q.items() if k not in ("signatures", "losses")} for q in points]}
   rundir.write_json(os.path.join(workdir, "metrics.json"), m)
-  report.loss_plot(os.path.join(workdir, "defences.png"),
-            [(q["name"], np.array(q["signatures"]), np.array(q["losses"]), q["k_star"]) for q in points], cfg.tau,
-            "pruning and fine-tuning")
+  report.loss_plot(
+    os.path.join(workdir, "defences.png"),
+    [(q["name"], np.array(q["signatures"]), np.array(q["losses"]), q["k_star"]) for q in points],
+    cfg.tau,
+    "pruning and fine-tuning",
+  )
   report.write_report(workdir, "Defences: pruning and fine-tuning", _config(cfg), m, ["defences.png"])
   return m

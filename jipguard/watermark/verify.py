@@ -47,6 +47,7 @@ def _losses_local(model, variables, images_NxHxWxC, labels_N, signatures_K, wm, 
       marked = jax.vmap(wm, in_axes=(None, 0))(x_B, s_J).reshape(-1, *x_B.shape[1:])
       logits = model.apply(variables, marked, train=False)
       return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.tile(y_B, sig_chunk)).reshape(sig_chunk, -1)
+
     l_IxJxB = jax.lax.map(img_block, (x, y))
     return jnp.moveaxis(l_IxJxB, 0, 1).reshape(sig_chunk, -1)  # J x (I B)
 
@@ -60,9 +61,13 @@ def _signature_losses(model, variables, images, labels, signatures, wm, *, sig_c
   if mesh is None:
     return local(variables, images, labels, signatures, wm)
   spec = jax.sharding.PartitionSpec
-  fn = jax.shard_map(lambda v, x, y, s, w: local(v, x, y, s, w), mesh=mesh,
-                     in_specs=(spec(), spec(), spec(), spec(sharding.MEMBER), spec()),
-                     out_specs=spec(sharding.MEMBER), check_vma=False)
+  fn = jax.shard_map(
+    lambda v, x, y, s, w: local(v, x, y, s, w),
+    mesh=mesh,
+    in_specs=(spec(), spec(), spec(), spec(sharding.MEMBER), spec()),
+    out_specs=spec(sharding.MEMBER),
+    check_vma=False,
+  )
   return fn(variables, images, labels, signatures, wm)
 
 
@@ -79,9 +84,17 @@ def default_chunk(variables: PyTree, image_shape: tuple[int, ...]) -> int:
   return int(min(4096, max(1, ensemble.cpu_pass_bytes() // per_image)))
 
 
-def signature_losses(model: nn.Module, variables: PyTree, images: jax.Array, labels: jax.Array,
-                     signatures: jax.Array, *, watermark: Watermark | None = None,
-                     mesh: jax.sharding.Mesh | None = None, chunk: int | None = None) -> np.ndarray:
+def signature_losses(
+  model: nn.Module,
+  variables: PyTree,
+  images: jax.Array,
+  labels: jax.Array,
+  signatures: jax.Array,
+  *,
+  watermark: Watermark | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  chunk: int | None = None,
+) -> np.ndarray:
   """The loss matrix of Eq. 6: cross-entropy of every image watermarked with every signature.
 
   One jitted program (compiled once per shapes and model): the images of a chunk marked
@@ -122,8 +135,9 @@ def signature_losses(model: nn.Module, variables: PyTree, images: jax.Array, lab
   signatures = jnp.asarray(signatures, jnp.float32)
   check_rgb(images)
   if images.ndim != 4 or labels.shape != images.shape[:1] or signatures.ndim != 1 or not signatures.size:
-    raise ValueError(f"need images NxHxWx3, labels (N,), signatures (K,): got {images.shape}, "
-                     f"{labels.shape}, {signatures.shape}")
+    raise ValueError(
+      f"need images NxHxWx3, labels (N,), signatures (K,): got {images.shape}, {labels.shape}, {signatures.shape}"
+    )
   if not (bool(jnp.all(jnp.isfinite(images))) and bool(jnp.all(jnp.isfinite(signatures)))):
     raise ValueError("images and signatures must be finite")
   wm = Watermark.hue() if watermark is None else watermark
@@ -139,8 +153,9 @@ def signature_losses(model: nn.Module, variables: PyTree, images: jax.Array, lab
   if mesh is not None:
     sigs = jax.device_put(sigs, sharding.member_sharding(mesh))
     variables, images, labels, wm = sharding.replicate((variables, images, labels, wm), mesh)
-  out = _signature_losses(model, variables, images, labels, sigs, wm,
-                          sig_chunk=sig_chunk, img_chunk=img_chunk, mesh=mesh)
+  out = _signature_losses(
+    model, variables, images, labels, sigs, wm, sig_chunk=sig_chunk, img_chunk=img_chunk, mesh=mesh
+  )
   return np.asarray(out)[:k]
 
 
@@ -159,8 +174,14 @@ class GridResult:
   recovered: float
 
 
-def grid_search(model: nn.Module, variables: PyTree, images: jax.Array, labels: jax.Array,
-                signatures: Sequence[float] = FULL_SPACE, **kwargs: Any) -> GridResult:
+def grid_search(
+  model: nn.Module,
+  variables: PyTree,
+  images: jax.Array,
+  labels: jax.Array,
+  signatures: Sequence[float] = FULL_SPACE,
+  **kwargs: Any,
+) -> GridResult:
   """Recovers the signature of the lowest mean loss over ``signatures`` (Eq. 6).
 
   ``kwargs`` go to :func:`signature_losses` (``watermark``, ``mesh``, ``chunk``).
@@ -191,9 +212,17 @@ def _gradient_search(model, variables, images, labels, inits_R, wm, learning_rat
   return jax.vmap(descend)(inits_R)
 
 
-def gradient_search(model: nn.Module, variables: PyTree, images: jax.Array, labels: jax.Array,
-                    inits: Sequence[float] = tuple(range(0, 360, 30)), *, watermark: Watermark | None = None,
-                    steps: int = 100, learning_rate: float = 1.0) -> tuple[float, np.ndarray, np.ndarray]:
+def gradient_search(
+  model: nn.Module,
+  variables: PyTree,
+  images: jax.Array,
+  labels: jax.Array,
+  inits: Sequence[float] = tuple(range(0, 360, 30)),
+  *,
+  watermark: Watermark | None = None,
+  steps: int = 100,
+  learning_rate: float = 1.0,
+) -> tuple[float, np.ndarray, np.ndarray]:
   """Gradient search (section 4.2 (ii)): Adam on the signature from every initial value at once.
 
   Returns:
@@ -203,8 +232,16 @@ def gradient_search(model: nn.Module, variables: PyTree, images: jax.Array, labe
   wm = Watermark.hue() if watermark is None else watermark
   images = jnp.asarray(images, jnp.float32)
   check_rgb(images)
-  s, l = _gradient_search(model, variables, images, jnp.asarray(labels, jnp.int32),
-                          jnp.asarray(inits, jnp.float32), wm, jnp.float32(learning_rate), steps=steps)
+  s, l = _gradient_search(
+    model,
+    variables,
+    images,
+    jnp.asarray(labels, jnp.int32),
+    jnp.asarray(inits, jnp.float32),
+    wm,
+    jnp.float32(learning_rate),
+    steps=steps,
+  )
   s, l = np.asarray(s), np.asarray(l)
   if wm.period:
     s = np.mod(s, wm.period)
@@ -223,8 +260,9 @@ def distance(a: np.ndarray, b: np.ndarray, period: float | None = 360.0) -> np.n
   return np.minimum(d, period - d)
 
 
-def match(recovered: np.ndarray, private: np.ndarray, tau: float = PAPER_TAU,
-          period: float | None = 360.0) -> np.ndarray:
+def match(
+  recovered: np.ndarray, private: np.ndarray, tau: float = PAPER_TAU, period: float | None = 360.0
+) -> np.ndarray:
   """The matching rule ``|k^ - k*| < tau`` (elementwise)."""
   return distance(recovered, private, period) < tau
 

@@ -53,11 +53,12 @@ def test_ensemble_equals_members_trained_one_at_a_time(model):
   x, y = train.images[:256], train.labels[:256]
   m = 3
   keys, indices = _member_inputs(m, 256, 128)
-  labels_MxN = np.stack([data.flip_labels(jax.random.key(7 + i), y, r, 10) for i, r in enumerate([0, .3, .6])])
+  labels_MxN = np.stack([data.flip_labels(jax.random.key(7 + i), y, r, 10) for i, r in enumerate([0, 0.3, 0.6])])
   together = _trainer(model, tx=_SGD).fit(keys, x, labels_MxN, indices=indices, epochs=2, progress=False)
   for i in range(m):
-    alone = _trainer(model, tx=_SGD).fit(keys[i:i + 1], x, labels_MxN[i:i + 1], indices=indices[i:i + 1], epochs=2,
-                               progress=False)
+    alone = _trainer(model, tx=_SGD).fit(
+      keys[i : i + 1], x, labels_MxN[i : i + 1], indices=indices[i : i + 1], epochs=2, progress=False
+    )
     _assert_trees_close(together.state.member(i), alone.state, atol=2e-5)
   # Members really differ (own keys / samples / labels).
   p = jax.tree.leaves(together.state.params)[0]
@@ -84,7 +85,9 @@ def test_step_loop_equals_scan_epoch():
 def _ynn_convolutions(hlo: str) -> list[str]:
   """The fused computations with a convolution that compiled HLO text runs as YNNPACK fusions."""
   bodies = dict(re.findall(r"\n(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
-  return [c for c in re.findall(r"%ynn_fusion\S* = [^\n]*calls=(%[\w.\-]+)", hlo) if " convolution(" in bodies.get(c, "")]
+  return [
+    c for c in re.findall(r"%ynn_fusion\S* = [^\n]*calls=(%[\w.\-]+)", hlo) if " convolution(" in bodies.get(c, "")
+  ]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
@@ -127,7 +130,8 @@ def test_member_major_epoch_equals_step_major(monkeypatch):
   keys, indices = _member_inputs(6, 256, 128)
   model = models.MLP(num_classes=10, dropout=0.2)  # Per-member dropout keys matter.
   fit = lambda per_pass: ensemble.EnsembleTrainer(model, _SGD, batch_size=32, members_per_pass=per_pass).fit(
-      keys, x, y, indices=indices, epochs=2, progress=False)
+    keys, x, y, indices=indices, epochs=2, progress=False
+  )
   step_major = fit(0)
   state = step_major.state
   per_member = sum(a.nbytes for a in jax.tree.leaves((state.params, state.opt_state))) / 6
@@ -147,8 +151,11 @@ def test_member_major_epoch_equals_step_major(monkeypatch):
     ensemble.EnsembleTrainer(_MLP, _SGD, batch_size=32, mesh=one_device, members_per_pass=2)
 
 
-@pytest.mark.parametrize("m,model,mesh_shape", [(8, _CNN, (8, 1)), (6, _MLP, (8, 1)), (3, _CNN, (2, 4))],
-                         ids=["cnn-step-loop", "mlp-scan-padded", "cnn-member2-data4"])
+@pytest.mark.parametrize(
+  "m,model,mesh_shape",
+  [(8, _CNN, (8, 1)), (6, _MLP, (8, 1)), (3, _CNN, (2, 4))],
+  ids=["cnn-step-loop", "mlp-scan-padded", "cnn-member2-data4"],
+)
 def test_sharded_equals_unsharded(m, model, mesh_shape, eight_devices):
   """Both epoch paths on 8 simulated devices; 6 members are padded to the 8-device mesh;
   on a (2, 4) mesh each member's batch (and its batch norm) is split over 4 devices."""
@@ -223,11 +230,18 @@ def test_value_and_input_grad_is_the_same_sum_in_every_layout(dropout):
 
   want_value, want_grad = jax.vmap(jax.value_and_grad(direct))(x, weights_BxM, norm_B, keys_BxM)
   assert float(jnp.abs(want_grad).sum()) > 0
-  for layout, per_pass in (("vmap", None), ("unroll", None), ("groups", 2), ("groups", 3), ("shared_input", 2),
-                           ("shared_input", None)):
+  for layout, per_pass in (
+    ("vmap", None),
+    ("unroll", None),
+    ("groups", 2),
+    ("groups", 3),
+    ("shared_input", 2),
+    ("shared_input", None),
+  ):
     members = ensemble.prepare(model, variables, layout=layout, members_per_pass=per_pass)
     value, grad = jax.jit(ensemble.value_and_input_grad, static_argnums=1)(
-        members, fn, x, weights_BxM, norm_B, dropout_keys_BxM=keys_BxM)
+      members, fn, x, weights_BxM, norm_B, dropout_keys_BxM=keys_BxM
+    )
     np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=layout)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6, err_msg=layout)
     assert members.num_members == 6
@@ -242,7 +256,8 @@ def test_shared_input_members_give_the_plain_logits_and_input_gradient():
   variables = _trainer(model).init(jax.random.split(jax.random.key(0), 6), train.images).variables
   # Trained-looking biases: a dropped bias would not be caught by init's zeros.
   variables = jax.tree_util.tree_map_with_path(
-      lambda path, a: a + 0.5 if "bias" in jax.tree_util.keystr(path) else a, variables)
+    lambda path, a: a + 0.5 if "bias" in jax.tree_util.keystr(path) else a, variables
+  )
   x = jnp.asarray(test.images[:5])
   cot = jax.random.normal(jax.random.key(1), (6, 5, 10))
   keys = jax.random.split(jax.random.key(2), 6)
@@ -254,12 +269,17 @@ def test_shared_input_members_give_the_plain_logits_and_input_gradient():
 
   def shared(x, keys, members_per_pass):
     members = _cpu.share_input(model, variables, members_per_pass)
-    fn = ((lambda v: model.apply(v, x, train=False)) if keys is None
-          else (lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k})))
+    fn = (
+      (lambda v: model.apply(v, x, train=False))
+      if keys is None
+      else (lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k}))
+    )
     g = members.members_per_pass
     args = () if keys is None else (keys.reshape(-1, g, *keys.shape[1:]),)
-    per_group = [_cpu.map_shared_input(fn, jax.tree.map(lambda a, i=i: a[i], members), x,
-                                           *[a[i] for a in args]) for i in range(6 // g)]
+    per_group = [
+      _cpu.map_shared_input(fn, jax.tree.map(lambda a, i=i: a[i], members), x, *[a[i] for a in args])
+      for i in range(6 // g)
+    ]
     return jnp.concatenate(per_group)
 
   for k in (None, keys):
@@ -286,8 +306,11 @@ def test_shared_input_members_give_the_plain_logits_and_input_gradient():
 def test_unrolled_apply_equals_vmapped_for_conv_models():
   x = jnp.asarray(np.random.default_rng(0).random((6, 8, 8, 1), np.float32))
   state = _trainer(_CNN).init(jax.random.split(jax.random.key(0), 3), x)
-  np.testing.assert_allclose(ensemble.apply(_CNN, state.variables, x, unroll=True),
-                             ensemble.apply(_CNN, state.variables, x, unroll=False), atol=1e-5)
+  np.testing.assert_allclose(
+    ensemble.apply(_CNN, state.variables, x, unroll=True),
+    ensemble.apply(_CNN, state.variables, x, unroll=False),
+    atol=1e-5,
+  )
   assert _cpu.has_convolutions(state) and _cpu.has_convolutions(state.variables)
   assert _cpu.unroll_members(state.variables) == (jax.default_backend() == "cpu")
   assert not _cpu.unroll_members(_trainer().init(jax.random.split(jax.random.key(0), 2), x).variables)
@@ -296,8 +319,9 @@ def test_unrolled_apply_equals_vmapped_for_conv_models():
 def test_clean_mlp_ensemble_reaches_90_percent_on_digits():
   train, test = _digits()
   keys, _ = _member_inputs(4, 1, 1)
-  res = _trainer(batch_size=64).fit(keys, train.images, train.labels, epochs=30,
-                                    eval_data=(test.images, test.labels), progress=False)
+  res = _trainer(batch_size=64).fit(
+    keys, train.images, train.labels, epochs=30, eval_data=(test.images, test.labels), progress=False
+  )
   acc = np.asarray(res.history[-1]["eval_accuracy"])
   assert acc.min() >= 0.90, acc
 
@@ -305,8 +329,9 @@ def test_clean_mlp_ensemble_reaches_90_percent_on_digits():
 def test_clean_mlp_ensemble_reaches_84_percent_on_embedded_fashion_mnist():
   train, test = data.load("fashion_mnist_subset", "train"), data.load("fashion_mnist_subset", "test")
   keys, _ = _member_inputs(2, 1, 1)
-  res = _trainer(batch_size=128).fit(keys, train.images, train.labels, epochs=10,
-                                     eval_data=(test.images, test.labels), progress=False)
+  res = _trainer(batch_size=128).fit(
+    keys, train.images, train.labels, epochs=10, eval_data=(test.images, test.labels), progress=False
+  )
   acc = np.asarray(res.history[-1]["eval_accuracy"])
   assert acc.min() >= 0.84, acc
 
@@ -316,11 +341,13 @@ def test_more_label_noise_scores_monotonically_lower():
   train, test = _digits()
   rates = [0.0, 0.5, 0.7, 0.8, 0.88]
   reps = 2
-  labels = np.stack([data.flip_labels(jax.random.key(100 + i), train.labels, r, 10)
-                     for r in rates for i in range(reps)])
+  labels = np.stack(
+    [data.flip_labels(jax.random.key(100 + i), train.labels, r, 10) for r in rates for i in range(reps)]
+  )
   keys, _ = _member_inputs(len(labels), 1, 1)
-  res = _trainer(batch_size=64).fit(keys, train.images, labels, epochs=40,
-                                    eval_data=(test.images, test.labels), progress=False)
+  res = _trainer(batch_size=64).fit(
+    keys, train.images, labels, epochs=40, eval_data=(test.images, test.labels), progress=False
+  )
   acc = np.asarray(res.history[-1]["eval_accuracy"]).reshape(len(rates), reps).mean(1)
   assert np.all(np.diff(acc) < 0), acc
   assert acc[0] >= 0.9 and acc[-1] <= acc[0] - 0.2, acc
@@ -353,8 +380,9 @@ def test_epoch_data_is_drawn_for_the_real_members_only(eight_devices):
 
   plain = _trainer(tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False, epoch_data=hook)
   assert seen == [(0, (6, 256)), (1, (6, 256))]
-  sharded = _trainer(mesh=sharding.make_mesh(8, 1), tx=_SGD).fit(keys, x, y, indices=indices, epochs=2,
-                                                                 progress=False, epoch_data=hook)
+  sharded = _trainer(mesh=sharding.make_mesh(8, 1), tx=_SGD).fit(
+    keys, x, y, indices=indices, epochs=2, progress=False, epoch_data=hook
+  )
   assert seen[2:] == seen[:2]
   _assert_trees_close(plain.state, sharded.state, atol=2e-5)
   # The hook's data is what trained: by hand, epoch by epoch, the same state.
@@ -367,8 +395,7 @@ def test_epoch_data_is_drawn_for_the_real_members_only(eight_devices):
   clean = _trainer(tx=_SGD).fit(keys, x, y, indices=indices, epochs=2, progress=False)
   assert not np.allclose(clean.state.params["Dense_0"]["kernel"], plain.state.params["Dense_0"]["kernel"])
   with pytest.raises(ValueError, match="epoch_data changed the shapes"):
-    _trainer(tx=_SGD).fit(keys, x, y, indices=indices, epochs=1, progress=False,
-                          epoch_data=lambda e, x, l: (x[:-1], l))
+    _trainer(tx=_SGD).fit(keys, x, y, indices=indices, epochs=1, progress=False, epoch_data=lambda e, x, l: (x[:-1], l))
 
 
 def test_init_state_starts_from_given_weights_and_is_part_of_the_configuration(tmp_path):
@@ -380,8 +407,16 @@ def test_init_state_starts_from_given_weights_and_is_part_of_the_configuration(t
   start = _trainer().fit(keys, x, y, indices=indices, epochs=0, progress=False, init_state=first.state)
   _assert_trees_close(start.state.params, first.state.params, atol=0)
   _assert_trees_close(start.state.opt_state, jax.vmap(_TX.init)(first.state.params), atol=0)
-  tuned = _trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False, init_state=first.state,
-                         checkpoint=ensemble.Checkpointing(tmp_path))
+  tuned = _trainer().fit(
+    keys,
+    x,
+    y,
+    indices=indices,
+    epochs=1,
+    progress=False,
+    init_state=first.state,
+    checkpoint=ensemble.Checkpointing(tmp_path),
+  )
   fresh = _trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False)
   assert tuned.history[0]["loss"][0] < fresh.history[0]["loss"][0]  # It went on from trained weights.
   with pytest.raises(ValueError, match="different configuration"):  # Another start is another run.
@@ -401,15 +436,26 @@ def test_killed_run_resumes_and_equals_uninterrupted(tmp_path):
       raise _Stop
 
   with pytest.raises(_Stop):
-    _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path),
-                            on_epoch_end=stop_after_two, progress=False)
-  resumed = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path),
-                                    progress=False)
+    _trainer(_CNN).fit(
+      keys,
+      x,
+      y,
+      indices=indices,
+      epochs=4,
+      checkpoint=ensemble.Checkpointing(tmp_path),
+      on_epoch_end=stop_after_two,
+      progress=False,
+    )
+  resumed = _trainer(_CNN).fit(
+    keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False
+  )
   assert resumed.resumed_from == 2
   assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
   _assert_trees_close(straight.state, resumed.state, atol=0)
   # A finished run is reused, not retrained.
-  again = _trainer(_CNN).fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
+  again = _trainer(_CNN).fit(
+    keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False
+  )
   assert again.resumed_from == 4
   _assert_trees_close(straight.state, again.state, atol=0)
   template = _trainer(_CNN).init(keys, x)
@@ -433,10 +479,20 @@ def test_checkpoint_interval_skips_saves_but_a_stopped_run_keeps_its_finished_ep
       raise _Stop
 
   with pytest.raises(_Stop):
-    _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
-                   on_epoch_end=stop_after_three, progress=False)
+    _trainer().fit(
+      keys,
+      x,
+      y,
+      indices=indices,
+      epochs=5,
+      checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
+      on_epoch_end=stop_after_three,
+      progress=False,
+    )
   assert _saved_epochs(tmp_path) == [3]  # Epochs 1 and 2 were due but inside the interval.
-  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=5, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9), progress=False)
+  resumed = _trainer().fit(
+    keys, x, y, indices=indices, epochs=5, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9), progress=False
+  )
   assert resumed.resumed_from == 3 and [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5]
   assert _saved_epochs(tmp_path) == [3, 5]  # The last epoch is always saved.
   _assert_trees_close(straight.state, resumed.state, atol=0)
@@ -460,11 +516,14 @@ def test_interrupt_while_an_epoch_runs_saves_that_epoch(tmp_path, monkeypatch):
 
   monkeypatch.setattr(training.distributed, "to_host", interrupted_third)
   with pytest.raises(KeyboardInterrupt):
-    _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
-                   progress=False)
+    _trainer().fit(
+      keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9), progress=False
+    )
   monkeypatch.undo()
   assert _saved_epochs(tmp_path) == [3]
-  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
+  resumed = _trainer().fit(
+    keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False
+  )
   assert resumed.resumed_from == 3
   assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
   _assert_trees_close(straight.state, resumed.state, atol=0)
@@ -490,12 +549,22 @@ def test_sigterm_saves_the_finished_epochs(tmp_path):
   try:
     assert distributed.interrupt_on_sigterm()
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-      _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
-                     on_epoch_end=terminate_after_two, progress=False)
+      _trainer().fit(
+        keys,
+        x,
+        y,
+        indices=indices,
+        epochs=4,
+        checkpoint=ensemble.Checkpointing(tmp_path, interval_s=1e9),
+        on_epoch_end=terminate_after_two,
+        progress=False,
+      )
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert _saved_epochs(tmp_path) == [2]
-  resumed = _trainer().fit(keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
+  resumed = _trainer().fit(
+    keys, x, y, indices=indices, epochs=4, checkpoint=ensemble.Checkpointing(tmp_path), progress=False
+  )
   assert resumed.resumed_from == 2
   straight = _trainer().fit(keys, x, y, indices=indices, epochs=4, progress=False)
   _assert_trees_close(straight.state, resumed.state, atol=0)
@@ -509,7 +578,9 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
   with pytest.raises(ValueError, match="different configuration"):
     _trainer().fit(keys, x, (y + 1) % 10, epochs=2, checkpoint=ensemble.Checkpointing(tmp_path), progress=False)
   with pytest.raises(ValueError, match="different configuration"):
-    _trainer().fit(keys, x, y, epochs=2, checkpoint=ensemble.Checkpointing(tmp_path, fingerprint={"lr": 0.1}), progress=False)
+    _trainer().fit(
+      keys, x, y, epochs=2, checkpoint=ensemble.Checkpointing(tmp_path, fingerprint={"lr": 0.1}), progress=False
+    )
 
 
 def test_non_finite_loss_fails_fast(tmp_path):

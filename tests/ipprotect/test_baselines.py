@@ -12,8 +12,7 @@ from jipguard import data
 from jipguard.ipprotect import baselines
 
 # Tiny and fast: sklearn's 8x8 digits; a small DP-MERF so that compiles stay short.
-_TINY = baselines.DPMERFConfig(num_features=200, hidden=(32,), code_dim=4, steps=300, batch_size=64,
-                               learning_rate=1e-2)
+_TINY = baselines.DPMERFConfig(num_features=200, hidden=(32,), code_dim=4, steps=300, batch_size=64, learning_rate=1e-2)
 
 
 def _digits(n=120):
@@ -22,7 +21,6 @@ def _digits(n=120):
 
 
 class IdentityRandomTest(parameterized.TestCase):
-
   def test_identity_returns_the_input(self):
     x, y = _digits()
     xs, ys = baselines.sanitize("identity", jax.random.key(0), x, y, 10)
@@ -47,7 +45,6 @@ class IdentityRandomTest(parameterized.TestCase):
 
 
 class InstaHideTest(parameterized.TestCase):
-
   @parameterized.parameters(2, 4, 15)
   def test_mix_is_a_dominant_convex_combination_of_k_images_under_a_sign_mask(self, k):
     x, _ = _digits(60)
@@ -92,7 +89,6 @@ class InstaHideTest(parameterized.TestCase):
 
 
 class DPMERFTest(parameterized.TestCase):
-
   def test_features_have_unit_norm_and_approximate_the_gaussian_kernel(self):
     x, _ = _digits(8)
     flat = jnp.asarray(x.reshape(len(x), -1))
@@ -171,15 +167,21 @@ class DPMERFTest(parameterized.TestCase):
 
 
 class ErrorTest(parameterized.TestCase):
-
   def setUp(self):
     super().setUp()
     self.x, self.y = _digits(20)
     self.key = jax.random.key(0)
 
   def _sanitize(self, name="identity", key=None, x=None, y=None, num_classes=10, param=None, **kw):
-    return baselines.sanitize(name, self.key if key is None else key, self.x if x is None else x,
-                              self.y if y is None else y, num_classes, param, **kw)
+    return baselines.sanitize(
+      name,
+      self.key if key is None else key,
+      self.x if x is None else x,
+      self.y if y is None else y,
+      num_classes,
+      param,
+      **kw,
+    )
 
   def test_bad_names_and_params(self):
     with pytest.raises(ValueError, match="unknown baseline 'instahyde'"):

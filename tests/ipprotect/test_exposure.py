@@ -13,6 +13,7 @@ from jipguard.ipprotect import exposure, vgg
 # ---------------------------------------------------------------------------------------------
 # VGG: layer names, torchvision / Keras mapping, the loader.
 
+
 def test_layer_maps_match_torchvision_and_keras_numbering():
   assert vgg.vgg_layer_names("vgg16")[-1] == "conv5_1" and len(vgg.vgg_layer_names("vgg16")) == 11
   assert len(vgg.vgg_layer_names("vgg19")) == 13
@@ -65,12 +66,14 @@ def test_torchvision_state_dict_converts_and_loader_maps_every_layer(tmp_path):
 def _reference_features_nchw(state_dict, arch, x_nchw, last_index):
   """torchvision's ``features[:last_index]`` evaluated directly on OIHW weights in NCHW (no torch)."""
   import jax.numpy as jnp
+
   x, index = jnp.asarray(x_nchw), 0
   for n in vgg.VGG_BLOCKS[arch]:
     for _ in range(n):
       w, b = state_dict[f"features.{index}.weight"], state_dict[f"features.{index}.bias"]
-      x = jax.lax.conv_general_dilated(x, jnp.asarray(w), (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=("NCHW", "OIHW", "NCHW")) + b.reshape(1, -1, 1, 1)
+      x = jax.lax.conv_general_dilated(
+        x, jnp.asarray(w), (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")
+      ) + b.reshape(1, -1, 1, 1)
       x = jnp.maximum(x, 0)  # features[index + 1]: ReLU.
       index += 2
       if index >= last_index:
@@ -127,8 +130,9 @@ def test_keras_h5_converts(tmp_path):
 
 def test_loader_errors_and_deeper_layers(tmp_path):
   full = vgg.random_vgg_params(1, "vgg16", "conv5_3")
-  flax_shapes = jax.eval_shape(vgg.VGGFeatures("vgg16", "conv5_3").init, jax.random.key(0),
-                               jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))["params"]
+  flax_shapes = jax.eval_shape(
+    vgg.VGGFeatures("vgg16", "conv5_3").init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+  )["params"]
   assert jax.tree.map(np.shape, full) == jax.tree.map(lambda s: s.shape, flax_shapes)
   path = str(tmp_path / "w.npz")
   vgg.save_vgg_weights(path, "vgg16", "torch", full)
@@ -185,6 +189,7 @@ def test_vgg_perceptual_distance_and_image_exposure(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The 0-1 normalised harmonic mean (VI-A4).
+
 
 def test_harmonic_mean_hand_computed():
   assert float(exposure.harmonic_mean(0.5, 0.25)) == pytest.approx(1 / 3)  # 2 * 0.125 / 0.75.

@@ -13,9 +13,18 @@ from jipguard.ipprotect import ablation, cli, job
 def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   cfg = job.preset("smoke")
   m = job.run(cfg, str(tmp_path), progress=False)
-  for key in ("utility_mae", "seller_utility_original", "seller_utility_sanitized", "compliance_train",
-              "compliance_val", "risk_train", "risk_val", "rank_correlation", "compliance_lower_bound",
-              "images_per_second"):
+  for key in (
+    "utility_mae",
+    "seller_utility_original",
+    "seller_utility_sanitized",
+    "compliance_train",
+    "compliance_val",
+    "risk_train",
+    "risk_val",
+    "rank_correlation",
+    "compliance_lower_bound",
+    "images_per_second",
+  ):
     assert key in m
   assert len(m["seller_utility_original"]) == 8
   assert 0 <= m["utility_mae_fresh_images"] <= 1 and 0 <= m["utility_mae_val_oob"] <= 1
@@ -59,8 +68,9 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
 
 
 def test_experiment_flags_override_the_preset():
-  cfg, workdir, _ = cli.config_from_flags(["--omega_tr", "10", "--lam", "0.5", "--no_val_stop", "--preset", "paper",
-                               "--seller_epochs", "2"])
+  cfg, workdir, _ = cli.config_from_flags(
+    ["--omega_tr", "10", "--lam", "0.5", "--no_val_stop", "--preset", "paper", "--seller_epochs", "2"]
+  )
   assert cfg.omega_tr == 10 and cfg.sanitizer.lam == 0.5 and not cfg.sanitizer.val_stop
   assert cfg.sanitizer.steps == 2000 and cfg.sanitizer.tau == 1.5 and cfg.seller_train.epochs == 2
   assert workdir.endswith("ipprotect-fashion_mnist_subset-paper-tr10-s0")
@@ -80,6 +90,7 @@ def test_experiment_flags_override_the_preset():
 
 def test_saturation_diagnostic_restores_the_runs_sampled_models(tmp_path, capsys):
   import re
+
   flags = ["--preset", "smoke", "--cache_dir", str(tmp_path), "--images", "8", "--checkpoints", "40", "5"]
   assert cli.saturation_main(flags) == 0
   first = capsys.readouterr().out

@@ -14,8 +14,8 @@ def _logits(pred_MxN, c=3):
 
 def test_utility_compliance_and_mae_by_hand():
   labels = np.array([0, 1, 2, 0])
-  orig = _logits([[0, 1, 2, 0], [0, 0, 0, 0]])   # Accuracies 1.0 and 0.5.
-  san = _logits([[0, 1, 1, 1], [0, 0, 0, 1]])    # Accuracies 0.5 and 0.25.
+  orig = _logits([[0, 1, 2, 0], [0, 0, 0, 0]])  # Accuracies 1.0 and 0.5.
+  san = _logits([[0, 1, 1, 1], [0, 0, 0, 1]])  # Accuracies 0.5 and 0.25.
   np.testing.assert_allclose(metrics.utility(orig, labels), [1.0, 0.5])
   np.testing.assert_allclose(metrics.utility(san, labels), [0.5, 0.25])
   assert metrics.utility_mae([1.0, 0.5], [0.5, 0.25]) == pytest.approx(0.375)
@@ -27,8 +27,9 @@ def test_utility_compliance_and_mae_by_hand():
   with pytest.raises(ValueError, match="at least one image"):
     metrics.utility(orig, labels, np.zeros((2, 4), bool))
   # Logit L2 distance: a changed argmax between one-hot*5 vectors is 5*sqrt(2).
-  np.testing.assert_allclose(metrics.estimated_risk(orig, san), [2 * 5 * math.sqrt(2) / 4, 5 * math.sqrt(2) / 4],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.estimated_risk(orig, san), [2 * 5 * math.sqrt(2) / 4, 5 * math.sqrt(2) / 4], rtol=1e-6
+  )
 
 
 def test_rank_correlation():

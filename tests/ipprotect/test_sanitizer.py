@@ -14,8 +14,9 @@ from jipguard.ensemble import _cpu
 from jipguard.ipprotect import sanitizer, sellers
 
 _MODEL = models.MLP(num_classes=10, hidden=(32,))
-_CFG = sanitizer.SanitizerConfig(steps=60, data_batch=4, loss="probs", learning_rate=0.1, zeta=0.01,
-                                 val_every=10, min_steps=20)
+_CFG = sanitizer.SanitizerConfig(
+  steps=60, data_batch=4, loss="probs", learning_rate=0.1, zeta=0.01, val_every=10, min_steps=20
+)
 
 
 @functools.cache
@@ -23,8 +24,9 @@ def _setup():
   """A tiny buyer set and 6 + 2 sampled models (module-cached: training is the slow part)."""
   test = data.load("fashion_mnist_subset", "test")
   buyer = test.subset(np.arange(48))
-  omega = sellers.sample_models(_MODEL, sellers.TrainConfig(epochs=10, batch_size=16), jax.random.key(0),
-                                  buyer, 8, progress=False)
+  omega = sellers.sample_models(
+    _MODEL, sellers.TrainConfig(epochs=10, batch_size=16), jax.random.key(0), buyer, 8, progress=False
+  )
   return buyer, omega.member(slice(0, 6)).variables, omega.member(slice(6, 8)).variables
 
 
@@ -33,8 +35,15 @@ def test_hinge_is_zero_inside_the_ball_and_linear_outside():
   anchor = jax.random.normal(jax.random.key(1), buyer.image_shape)
   target = ensemble.apply(_MODEL, tr, buyer.images[:1])[:, 0]
   weights = jnp.ones(6)
-  objective = functools.partial(sanitizer.image_objective, target_MxK=target, anchor=anchor, weights_M=weights,
-                                key=jax.random.key(2), params=tr, model=_MODEL)
+  objective = functools.partial(
+    sanitizer.image_objective,
+    target_MxK=target,
+    anchor=anchor,
+    weights_M=weights,
+    key=jax.random.key(2),
+    params=tr,
+    model=_MODEL,
+  )
   cfg = dataclasses.replace(_CFG, lam=0.7, tau=1.5)
   direction = jax.random.normal(jax.random.key(3), buyer.image_shape)
   direction = direction / sanitizer.rms_distance(direction, 0)
@@ -50,9 +59,10 @@ def test_hinge_is_zero_inside_the_ball_and_linear_outside():
 
 
 def _objective_of(buyer, tr, images, cfg):
-  target = jnp.swapaxes(ensemble.apply(_MODEL, tr, buyer.images[:len(images)]), 0, 1)
+  target = jnp.swapaxes(ensemble.apply(_MODEL, tr, buyer.images[: len(images)]), 0, 1)
   anchors = jax.vmap(lambda k: jax.random.normal(k, buyer.image_shape))(
-      sanitizer.image_keys(sanitizer.secret_key(7), 0, len(images)))
+    sanitizer.image_keys(sanitizer.secret_key(7), 0, len(images))
+  )
   f = jax.vmap(functools.partial(sanitizer.image_objective, model=_MODEL, cfg=cfg), in_axes=(0, 0, 0, None, 0, None))
   keys = jax.random.split(jax.random.key(0), len(images))
   return f(jnp.asarray(images), target, anchors, jnp.ones(6), keys, tr)[0]
@@ -62,8 +72,9 @@ def test_objective_decreases():
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, val_stop=False, steps=1)
   start = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7)
-  end = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, steps=60),
-                                 start=0, seed=0, anchor_seed=7)
+  end = sanitizer.sanitize_batch(
+    _MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, steps=60), start=0, seed=0, anchor_seed=7
+  )
   before, after = _objective_of(buyer, tr, start.images, cfg), _objective_of(buyer, tr, end.images, cfg)
   assert np.all(np.asarray(after) < 0.5 * np.asarray(before)), (before, after)
   assert np.all(end.steps == 60)
@@ -73,12 +84,11 @@ def test_batch_equals_images_one_by_one():
   buyer, tr, va = _setup()
   batch = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
   for k in range(4):
-    one = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[k:k + 1], _CFG, start=k, seed=3, anchor_seed=11)
+    one = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[k : k + 1], _CFG, start=k, seed=3, anchor_seed=11)
     assert one.steps[0] == batch.steps[k]
     np.testing.assert_allclose(one.images[0], batch.images[k], atol=1e-4)
   # Padding a batch with inactive images changes nothing either.
-  padded = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11,
-                                    pad_to=8)
+  padded = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11, pad_to=8)
   np.testing.assert_allclose(padded.images, batch.images, atol=1e-5)
 
 
@@ -86,20 +96,23 @@ def test_batch_equals_images_one_by_one():
 def test_sharded_sanitize_equals_single_device(mesh_shape, eight_devices):
   """Images split over the data axis (12 images padded to 16), models over the member axis."""
   from jipguard import sharding
+
   buyer, tr, va = _setup()
   # Images stop after 10-25 steps. (Much longer runs of this lr-0.1 "probs" setting drift
   # apart: Adam's normalisation amplifies rounding in near-zero gradients once softmax saturates.)
   cfg = dataclasses.replace(_CFG, data_batch=12, steps=30, min_steps=10, val_every=5, zeta=0.02)
   plain = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_seed=11, progress=False)
-  sharded = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_seed=11, progress=False,
-                               mesh=sharding.make_mesh(*mesh_shape))
+  sharded = sanitizer.sanitize(
+    _MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_seed=11, progress=False, mesh=sharding.make_mesh(*mesh_shape)
+  )
   np.testing.assert_array_equal(plain.steps, sharded.steps)
   assert len(set(plain.steps.tolist())) > 1  # The stopping rule acted, per image.
   np.testing.assert_allclose(plain.images, sharded.images, atol=1e-4)
   np.testing.assert_allclose(plain.val_loss, sharded.val_loss, atol=1e-5)
   with pytest.raises(ValueError, match="member axis"):
-    sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:8], cfg, start=0, seed=3, anchor_seed=11,
-                             mesh=sharding.make_mesh(4, 2))  # |Omega_Tr| = 6 members on 4 shards.
+    sanitizer.sanitize_batch(
+      _MODEL, tr, va, buyer.images[:8], cfg, start=0, seed=3, anchor_seed=11, mesh=sharding.make_mesh(4, 2)
+    )  # |Omega_Tr| = 6 members on 4 shards.
 
 
 @pytest.mark.parametrize("robust", [False, True], ids=["plain", "noise-dropout"])
@@ -117,13 +130,20 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
   keys = jax.random.split(jax.random.key(2), 4)
   objective = functools.partial(sanitizer.image_objective, model=_MODEL, cfg=cfg)
   (_, (util, _)), grads = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))(
-      x + 0.3, targets, anchors, weights, keys, tr)
+    x + 0.3, targets, anchors, weights, keys, tr
+  )
   assert float(jnp.min(jnp.abs(grads).sum((1, 2, 3)))) > 0
   opt = sanitizer.optimizer(cfg).init(x)
   args = (x + 0.3, opt, targets, anchors, weights, keys)
   whole = sanitizer.sanitize_step(sanitizer.step_members(_MODEL, tr, cfg, layout="vmap"), *args, cfg=cfg)
-  layouts = [("groups", 1), ("groups", 2), ("groups", 3),  # Plain variables in groups.
-             ("shared_input", 1), ("shared_input", 2), ("shared_input", None)]  # Input layer as one product.
+  layouts = [
+    ("groups", 1),
+    ("groups", 2),
+    ("groups", 3),  # Plain variables in groups.
+    ("shared_input", 1),
+    ("shared_input", 2),
+    ("shared_input", None),
+  ]  # Input layer as one product.
   for layout, per_pass in layouts:
     members = sanitizer.step_members(_MODEL, tr, cfg, layout=layout, members_per_pass=per_pass)
     assert members.members_per_pass == (per_pass or 6)
@@ -174,7 +194,8 @@ def test_conv_sanitizing_on_cpu_takes_eigen_convolutions_and_computes_the_same(m
   assert members.layout == "unroll"
   assert sanitizer.sanitize_step_jit.for_members(members) is sanitizer.sanitize_step_jit.conv_cpu
   assert sanitizer.sanitize_step_jit.for_members(sanitizer.step_members(_MODEL, tr_mlp, cfg)) is (
-      sanitizer.sanitize_step_jit.default)
+    sanitizer.sanitize_step_jit.default
+  )
   x = jnp.asarray(images)
   targets = jnp.swapaxes(ensemble.apply(cnn, tr, x), 0, 1)
   anchors = jax.random.normal(jax.random.key(1), x.shape)
@@ -205,8 +226,9 @@ def test_compaction_drops_stopped_images_and_changes_nothing(monkeypatch):
   before = sanitizer._run_steps.default._cache_size()
   compact = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_seed=11, progress=False)
   assert sanitizer._run_steps.default._cache_size() > before + 1  # The 16-image program and a smaller one.
-  full = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:16], dataclasses.replace(cfg, compact=False), seed=3,
-                            anchor_seed=11, progress=False)
+  full = sanitizer.sanitize(
+    _MODEL, tr, va, buyer.images[:16], dataclasses.replace(cfg, compact=False), seed=3, anchor_seed=11, progress=False
+  )
   assert np.sum(compact.steps <= 15) >= 12 and compact.steps.max() > 20  # It was worth compacting.
   np.testing.assert_array_equal(compact.steps, full.steps)
   np.testing.assert_allclose(compact.images, full.images, atol=1e-4)
@@ -229,11 +251,13 @@ def test_stopping_rule_stops_images_and_stopped_images_do_not_change():
   cfg = dataclasses.replace(_CFG, zeta=10.0, steps=200)  # Every image converges at min_steps.
   res = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=1)
   assert np.all(res.steps == cfg.min_steps)
-  longer = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, steps=400),
-                                    start=0, seed=0, anchor_seed=1)
+  longer = sanitizer.sanitize_batch(
+    _MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, steps=400), start=0, seed=0, anchor_seed=1
+  )
   np.testing.assert_array_equal(longer.images, res.images)
-  never = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, zeta=0.0),
-                                   start=0, seed=0, anchor_seed=1)
+  never = sanitizer.sanitize_batch(
+    _MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, zeta=0.0), start=0, seed=0, anchor_seed=1
+  )
   assert np.all(never.steps == 200)
 
 
@@ -270,23 +294,33 @@ def test_resumed_sanitization_equals_uninterrupted(tmp_path, monkeypatch):
   calls.clear()
   spy = lambda *a, **k: (calls.append(k["start"]), real(*a, **k))[1]
   monkeypatch.setattr(sanitizer, "sanitize_batch", spy)
-  resumed = sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path,
-                               progress=False)
+  resumed = sanitizer.sanitize(
+    _MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path, progress=False
+  )
   assert calls == [4, 8]  # Batch 0 came from the checkpoint.
   for f in dataclasses.fields(sanitizer.BatchResult):
     if f.name != "seconds":  # Wall times differ between runs.
       np.testing.assert_array_equal(getattr(resumed, f.name), getattr(straight, f.name))
   assert np.all(resumed.seconds > 0)
   # All restored: the batch times are those recorded when the batches ran.
-  again = sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path,
-                             progress=False)
+  again = sanitizer.sanitize(
+    _MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path, progress=False
+  )
   np.testing.assert_array_equal(again.seconds, resumed.seconds)
   with pytest.raises(ValueError, match="different configuration"):
-    sanitizer.sanitize(_MODEL, tr, va, images, dataclasses.replace(_CFG, lam=1.0), seed=0, anchor_seed=9,
-                       checkpoint_dir=tmp_path, progress=False)
+    sanitizer.sanitize(
+      _MODEL,
+      tr,
+      va,
+      images,
+      dataclasses.replace(_CFG, lam=1.0),
+      seed=0,
+      anchor_seed=9,
+      checkpoint_dir=tmp_path,
+      progress=False,
+    )
   with pytest.raises(ValueError, match="differs in \\['anchor'\\]"):
-    sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=10, checkpoint_dir=tmp_path,
-                       progress=False)
+    sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=10, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_sanitizer_input_errors():
@@ -298,8 +332,9 @@ def test_sanitizer_input_errors():
   with pytest.raises(ValueError, match="val_stop needs"):
     sanitizer.sanitize(_MODEL, tr, None, buyer.images[:2], _CFG, seed=0, anchor_seed=1, progress=False)
   with pytest.raises(ValueError, match="model_batch"):
-    sanitizer.sanitize(_MODEL, tr, va, buyer.images[:2], dataclasses.replace(_CFG, model_batch=7), seed=0,
-                       anchor_seed=1, progress=False)
+    sanitizer.sanitize(
+      _MODEL, tr, va, buyer.images[:2], dataclasses.replace(_CFG, model_batch=7), seed=0, anchor_seed=1, progress=False
+    )
   with pytest.raises(ValueError, match="loss must be"):
     sanitizer.SanitizerConfig(loss="hinge")
   with pytest.raises(ValueError, match="temperature must be > 0"):
@@ -319,8 +354,8 @@ def test_kl_loss_is_distillation_kl():
 def test_margin_loss_is_the_cw_hinge_and_keeps_its_gradient_where_probs_saturates():
   target = jnp.array([0.0, 3.0, 1.0])  # Class 1.
   dist = lambda a, kind, **kw: sanitizer._distance(jnp.asarray(a), target, kind, **kw)
-  assert float(dist([0.0, 5.0, 1.0], "margin")) == 0.0                         # Wins by 4 >= 1.
-  assert float(dist([0.0, 5.0, 4.5], "margin")) == pytest.approx(0.5)          # Wins by 0.5 < 1.
+  assert float(dist([0.0, 5.0, 1.0], "margin")) == 0.0  # Wins by 4 >= 1.
+  assert float(dist([0.0, 5.0, 4.5], "margin")) == pytest.approx(0.5)  # Wins by 0.5 < 1.
   assert float(dist([3.0, 1.0, 0.0], "margin", margin=2.0)) == pytest.approx(4.0)
   # Saturated on a wrong class: the probability loss has no gradient left, the margin loss does.
   saturated = jnp.array([60.0, 0.0, 0.0])
@@ -354,21 +389,25 @@ def test_out_of_bag_fits_each_image_only_to_its_eligible_models():
   cfg = dataclasses.replace(_CFG, val_stop=False, steps=30, out_of_bag=True)
   only_first = np.zeros((4, 6), np.float32)
   only_first[:, 0] = 1.0
-  got = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7,
-                                 member_mask=only_first)
+  got = sanitizer.sanitize_batch(
+    _MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7, member_mask=only_first
+  )
   first = jax.tree.map(lambda a: a[:1], tr)
-  want = sanitizer.sanitize_batch(_MODEL, first, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False),
-                                  start=0, seed=0, anchor_seed=7)
+  want = sanitizer.sanitize_batch(
+    _MODEL, first, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False), start=0, seed=0, anchor_seed=7
+  )
   # (Float rounding of the masked sum, amplified by Adam's normalisation, moves pixels ~1e-4.)
   np.testing.assert_allclose(got.images, want.images, atol=1e-3)
-  plain = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False),
-                                   start=0, seed=0, anchor_seed=7)
+  plain = sanitizer.sanitize_batch(
+    _MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False), start=0, seed=0, anchor_seed=7
+  )
   assert np.abs(plain.images - got.images).max() > 0.1
   with pytest.raises(ValueError, match="member_mask is required"):
     sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7)
   with pytest.raises(ValueError, match="member_mask must be"):
-    sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7,
-                             member_mask=np.zeros((4, 6)))
+    sanitizer.sanitize_batch(
+      _MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7, member_mask=np.zeros((4, 6))
+    )
   # The option is off by default and then absent from fingerprints (older runs resume).
   assert "out_of_bag" not in sanitizer.SanitizerConfig().fingerprint()
   assert sanitizer.SanitizerConfig(out_of_bag=True).fingerprint()["out_of_bag"] is True

@@ -55,10 +55,13 @@ def test_out_of_bag_mask_marks_exactly_the_models_that_did_not_train_on_an_image
   # sample_models trains on exactly these bootstraps: a model that never saw an image and one
   # that did are told apart by their loss on it (memorised images have near-zero loss).
   buyer = data.load("fashion_mnist_subset", "test").subset(np.arange(40))
-  omega = sellers.sample_models(_MODEL, sellers.TrainConfig(epochs=40, batch_size=8), jax.random.key(5), buyer,
-                                  6, progress=False)
+  omega = sellers.sample_models(
+    _MODEL, sellers.TrainConfig(epochs=40, batch_size=8), jax.random.key(5), buyer, 6, progress=False
+  )
   probs = jax.nn.softmax(ensemble.apply(_MODEL, omega.variables, buyer.images), -1)  # M x N x C
   p_true = np.asarray(jnp.take_along_axis(probs, jnp.asarray(buyer.labels)[None, :, None], -1)[..., 0]).T
   strict = sellers.out_of_bag_mask(boots, 40).astype(bool) & (mask.sum(1, keepdims=True) < 6)
   assert p_true[~strict].mean() > 0.85 and p_true[strict].mean() < p_true[~strict].mean() - 0.1, (
-      p_true[~strict].mean(), p_true[strict].mean())
+    p_true[~strict].mean(),
+    p_true[strict].mean(),
+  )

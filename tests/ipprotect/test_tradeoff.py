@@ -29,7 +29,7 @@ def _points(out):
   pts = {}
   for name in sorted(os.listdir(root)):
     with open(os.path.join(root, name)) as f:
-      pts[name[:-len(".json")]] = json.load(f)
+      pts[name[: -len(".json")]] = json.load(f)
   return pts
 
 
@@ -39,8 +39,15 @@ def test_every_point_and_artefact_is_written(study):
   expected = {f"ipprotect-{n}-s0" for n in cfg.omega_tr} | {"identity-None-s0", "random-None-s0"}
   expected |= {f"{m}-{p}-s0" for m in ("instahide", "dp_merf") for p in cfg.params[m]}
   assert set(pts) == expected
-  for name in ("table3.md", "table3.json", "fig2.png", "fig2_image.png", "fig2_training.png",
-               "fig2_inference.png", "config.json"):
+  for name in (
+    "table3.md",
+    "table3.json",
+    "fig2.png",
+    "fig2_image.png",
+    "fig2_training.png",
+    "fig2_inference.png",
+    "config.json",
+  ):
     assert os.path.getsize(os.path.join(out, name)) > 0
   md = open(os.path.join(out, "table3.md")).read()
   assert "stand-in" in md and "VGG conv5_1 perceptual loss" not in md.split("Image IP exposure column")[1][:80]
@@ -74,7 +81,9 @@ def test_table3_harmonic_means_match_the_points(study):
   for kind in ("image", "training", "inference"):
     t = table["tables"]["fashion_mnist_subset"][kind]
     hm_pts = [p for p in pts if p["method"] in ("ipprotect", "dp_merf", "instahide")]
-    exp = lambda p, kind=kind: float(p["image_exposure"]["own_cnn_feature"]) if kind == "image" else p[f"{kind}_exposure"]
+    exp = lambda p, kind=kind: (
+      float(p["image_exposure"]["own_cnn_feature"]) if kind == "image" else p[f"{kind}_exposure"]
+    )
     mae_max, exp_max = max(p["utility_mae"] for p in hm_pts), max(exp(p) for p in hm_pts)
     for method in ("ipprotect", "dp_merf", "instahide"):
       hms = []
@@ -89,9 +98,12 @@ def test_table3_harmonic_means_match_the_points(study):
 
 def test_a_finished_sweep_resumes_without_recomputing(study, monkeypatch):
   import dataclasses
+
   out, mod, cfg, table = study
+
   def fail(*args, **kwargs):
     raise AssertionError("a finished point was recomputed")
+
   monkeypatch.setattr(mod, "_sanitized", fail)
   monkeypatch.setattr(mod.exposure, "training_exposure", fail)
   again = mod.run_study(cfg, out, progress=False, log=lambda *_: None)
@@ -100,13 +112,20 @@ def test_a_finished_sweep_resumes_without_recomputing(study, monkeypatch):
   partial = mod.run_study(cfg, out, progress=False, log=lambda *_: None, report_only=True)
   assert partial["points"] == again["points"] - 1
   more_seeds = dataclasses.replace(cfg, seeds=(0, 1))  # Extending a sweep is allowed.
-  assert mod.run_study(more_seeds, out, progress=False, log=lambda *_: None, report_only=True)["points"] == partial["points"]
+  assert (
+    mod.run_study(more_seeds, out, progress=False, log=lambda *_: None, report_only=True)["points"] == partial["points"]
+  )
   with pytest.raises(ValueError, match="dx_size"):
     mod.run_study(dataclasses.replace(cfg, dx_size=100), out, progress=False)
   # A study made with another content of the same IPProtect preset name is refused, not mixed.
   real_preset = mod.job.preset
-  monkeypatch.setattr(mod.job, "preset", lambda name, dataset: dataclasses.replace(
-      real_preset(name, dataset), sanitizer=dataclasses.replace(real_preset(name, dataset).sanitizer, loss="probs")))
+  monkeypatch.setattr(
+    mod.job,
+    "preset",
+    lambda name, dataset: dataclasses.replace(
+      real_preset(name, dataset), sanitizer=dataclasses.replace(real_preset(name, dataset).sanitizer, loss="probs")
+    ),
+  )
   with pytest.raises(ValueError, match="ipprotect_configs"):
     mod.run_study(cfg, out, progress=False)
   with pytest.raises(ValueError, match="unknown methods"):

@@ -22,7 +22,6 @@ def _rgb(seed, n=6, hw=5, lo=0.3, hi=0.7):
 
 
 class LctTest(parameterized.TestCase):
-
   def test_yiq_matrix_matches_colorsys(self):
     rgb = np.random.default_rng(0).uniform(0, 1, (50, 3))
     ours = rgb @ lct.T_YIQ.T
@@ -75,10 +74,8 @@ class LctTest(parameterized.TestCase):
 
 
 class StatisticsTest(parameterized.TestCase):
-
   def test_circular_matching(self):
-    np.testing.assert_array_equal(verify.match([355, 20, 40, 100], [5, 5, 5, 90], tau=15),
-                                  [True, False, False, True])
+    np.testing.assert_array_equal(verify.match([355, 20, 40, 100], [5, 5, 5, 90], tau=15), [True, False, False, True])
     np.testing.assert_allclose(verify.distance(350, 10), 20)
     np.testing.assert_allclose(verify.distance(0.5, 0.1, period=None), 0.4)
 
@@ -115,13 +112,22 @@ def trained():
   x = lct.colorize(0, train.images, train.labels, 10)
   users = lct.assign_users(0, len(x), 1, 60)
   marked = lct.mark_users(x, users, [K_STAR])
-  cfg = learner.LearnerConfig(model="mlp", epochs=30, batch_size=64, learning_rate=2e-3, augment=learner.NAMED_AUGMENTS["none"])
-  model, state, hist = learner.train_learners(cfg, jax.random.split(jax.random.key(0), 1), marked, train.labels, 10,
-                                         progress=False)
+  cfg = learner.LearnerConfig(
+    model="mlp", epochs=30, batch_size=64, learning_rate=2e-3, augment=learner.NAMED_AUGMENTS["none"]
+  )
+  model, state, hist = learner.train_learners(
+    cfg, jax.random.split(jax.random.key(0), 1), marked, train.labels, 10, progress=False
+  )
   xt = lct.colorize(1, test.images, test.labels, 10)
-  return dict(model=model, variables=learner.member_variables(state, 0), user_x=x[users[0]],
-              user_y=train.labels[users[0]], held_x=xt[:600].reshape(3, 200, 28, 28, 3),
-              held_y=test.labels[:600].reshape(3, 200), history=hist)
+  return dict(
+    model=model,
+    variables=learner.member_variables(state, 0),
+    user_x=x[users[0]],
+    user_y=train.labels[users[0]],
+    held_x=xt[:600].reshape(3, 200, 28, 28, 3),
+    held_y=test.labels[:600].reshape(3, 200),
+    history=hist,
+  )
 
 
 def test_interrupted_learner_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
@@ -130,8 +136,9 @@ def test_interrupted_learner_resumes_to_the_uninterrupted_one(tmp_path, monkeypa
   flips, stochastic label smoothing drawn from the epoch) and ends where an uninterrupted one does."""
   train = data.load("fashion_mnist_subset", "train").subset(slice(0, 256))
   x = lct.colorize(0, train.images, train.labels, 10)
-  cfg = learner.LearnerConfig(model="mlp", epochs=4, batch_size=64,
-                         augment=learner.Augment(crop=2, flip=True, label_smoothing=0.2))
+  cfg = learner.LearnerConfig(
+    model="mlp", epochs=4, batch_size=64, augment=learner.Augment(crop=2, flip=True, label_smoothing=0.2)
+  )
   keys = jax.random.split(jax.random.key(3), 2)
   _, straight, hist = learner.train_learners(cfg, keys, x, train.labels, 10, progress=False)
   assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
@@ -148,7 +155,9 @@ def test_interrupted_learner_resumes_to_the_uninterrupted_one(tmp_path, monkeypa
     learner.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
   monkeypatch.undo()
   assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2]
-  _, resumed, hist2 = learner.train_learners(cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False)
+  _, resumed, hist2 = learner.train_learners(
+    cfg, keys, x, train.labels, 10, checkpoint_dir=str(tmp_path), progress=False
+  )
   assert hist2 == hist
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -167,15 +176,22 @@ def test_grid_search_recovers_k_star(trained):
 
 
 def test_gradient_search_recovers_k_star(trained):
-  best, sigs, losses = verify.gradient_search(trained["model"], trained["variables"], trained["user_x"],
-                                          trained["user_y"], inits=(0.0, 90.0, 180.0, 270.0), steps=60,
-                                          learning_rate=2.0)
+  best, sigs, losses = verify.gradient_search(
+    trained["model"],
+    trained["variables"],
+    trained["user_x"],
+    trained["user_y"],
+    inits=(0.0, 90.0, 180.0, 270.0),
+    steps=60,
+    learning_rate=2.0,
+  )
   assert sigs.shape == (4,) and losses.shape == (4,)
   assert verify.distance(best, K_STAR) < lct.PAPER_TAU, (best, sigs, losses)
 
 
 def _loop_losses(model, variables, x, y, sigs):
   import optax
+
   out = []
   for s in sigs:
     logits = model.apply(variables, lct.lct(x, float(s)), train=False)
@@ -200,6 +216,7 @@ def test_jitted_equals_loop_and_sharded(trained, request):
 def test_default_chunk_keeps_dense_models_marked_batch_in_cache(trained):
   """CPU, no convolutions: as many marked images as fit the CPU pass size; conv models 4,096."""
   from jipguard import models
+
   model, v = trained["model"], trained["variables"]
   assert not any(leaf.ndim == 4 for leaf in jax.tree.leaves(v))
   if jax.default_backend() == "cpu":
@@ -233,8 +250,13 @@ def test_blue_watermark_grid(trained):
   sigs = np.array([0.0, 0.1, 0.3], np.float32)
   got = verify.signature_losses(model, v, trained["user_x"][:5], trained["user_y"][:5], sigs, watermark=blue)
   import optax
-  ref = [optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(v, lct.blue_shift(trained["user_x"][:5], s, mask), train=False), trained["user_y"][:5]) for s in sigs]
+
+  ref = [
+    optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(v, lct.blue_shift(trained["user_x"][:5], s, mask), train=False), trained["user_y"][:5]
+    )
+    for s in sigs
+  ]
   np.testing.assert_allclose(got, np.stack(ref), rtol=1e-4, atol=1e-5)
 
 
@@ -259,6 +281,7 @@ def test_prune(trained):
 def test_benchmark_kernel_matches_torch_reference():
   pytest.importorskip("torch")
   from benchmarks import watermark_kernel
+
   err = watermark_kernel.max_rel_err(watermark_kernel.GridSize("mlp", 5, 7))
   assert err < watermark_kernel.CHECK_RTOL, err
   assert [s.label for s in watermark_kernel.SIZES(True)]
@@ -268,30 +291,64 @@ def test_cli_mark_and_verify(trained, tmp_path, capsys):
   learner.save_model(str(tmp_path / "model"), "mlp", 10, (28, 28, 3), trained["variables"])
   model, v, meta = learner.load_model(str(tmp_path / "model"))
   assert meta["image_shape"] == [28, 28, 3]
-  np.testing.assert_allclose(learner.logits(model, v, trained["user_x"][:4]),
-                             learner.logits(trained["model"], trained["variables"], trained["user_x"][:4]), rtol=1e-6)
+  np.testing.assert_allclose(
+    learner.logits(model, v, trained["user_x"][:4]),
+    learner.logits(trained["model"], trained["variables"], trained["user_x"][:4]),
+    rtol=1e-6,
+  )
   np.savez(tmp_path / "mine.npz", images=trained["user_x"], labels=trained["user_y"])
-  assert cli.main(["mark", "--input", str(tmp_path / "mine.npz"), "--signature", "40",
-                   "--output", str(tmp_path / "marked.npz")]) == 0
+  assert (
+    cli.main(
+      ["mark", "--input", str(tmp_path / "mine.npz"), "--signature", "40", "--output", str(tmp_path / "marked.npz")]
+    )
+    == 0
+  )
   with np.load(tmp_path / "marked.npz") as z:
     np.testing.assert_allclose(z["images"], lct.mark(trained["user_x"], 40.0), atol=1e-6)
     np.testing.assert_array_equal(z["labels"], trained["user_y"])
   capsys.readouterr()
-  assert cli.main(["verify", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "mine.npz"),
-                   "--signature", str(K_STAR), "--grid_step", "10", "--plot", str(tmp_path / "curve.png")]) == 0
+  assert (
+    cli.main(
+      [
+        "verify",
+        "--model",
+        str(tmp_path / "model"),
+        "--images",
+        str(tmp_path / "mine.npz"),
+        "--signature",
+        str(K_STAR),
+        "--grid_step",
+        "10",
+        "--plot",
+        str(tmp_path / "curve.png"),
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "verdict: MATCH" in out and (tmp_path / "curve.png").exists()
   with pytest.raises(FileNotFoundError):
     learner.load_model(str(tmp_path))
 
 
-@pytest.mark.parametrize("study,flags,match", [
-    ("multiuser", {}, r"--heldout_users x --heldout_per_user = 100 x 100 = 10000 images, but the test split of "
-                      r"fashion_mnist_subset has 1000: lower them"),
-    ("multiuser", {"heldout_users": 5, "train_size": 500}, r"--num_users x --per_user .* = 24 x 100 = 2400 "
-                                                             r"images, but the train split .* has 500"),
+@pytest.mark.parametrize(
+  "study,flags,match",
+  [
+    (
+      "multiuser",
+      {},
+      r"--heldout_users x --heldout_per_user = 100 x 100 = 10000 images, but the test split of "
+      r"fashion_mnist_subset has 1000: lower them",
+    ),
+    (
+      "multiuser",
+      {"heldout_users": 5, "train_size": 500},
+      r"--num_users x --per_user .* = 24 x 100 = 2400 "
+      r"images, but the train split .* has 500",
+    ),
     ("defences", {"heldout_users": 5, "train_size": 50}, r"= 1 x 100 = 100 images, but the train split"),
-])
+  ],
+)
 def test_studies_name_the_flags_when_a_split_is_too_small_before_training(tmp_path, study, flags, match):
   cfg = studies.STUDIES[study](dataset="fashion_mnist_subset", **flags)
   with pytest.raises(ValueError, match=match):
