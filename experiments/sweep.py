@@ -1,11 +1,12 @@
 """Sweep runner: a grid of configs of one experiment, one run directory each.
 
     # 3 x 2 = 6 IPProtect runs of the smoke preset, one after another:
-    python experiments/sweep.py --out runs/sweep-omega --grid omega_tr=10,50,100 --grid seed=0,1 \
+    python experiments/sweep.py --out runs/sweep-omega --grid omega_tr=10,50,100 --grid seed=0,1 \\
         -- --preset smoke --quiet
     python experiments/sweep.py --out runs/sweep-omega ... --list           # the configs and their status
     # One config per array task (SLURM; --task_index defaults to $SLURM_ARRAY_TASK_ID):
-    sbatch --array=0-5 --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
+    sbatch --array=0-5 \\
+        --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
 
 Every config is ``experiments/<experiment>.py`` with the arguments after ``--``, one
 ``--<name> <value>`` per grid axis and ``--workdir <out>/<config>``; finished configs are

@@ -5,7 +5,8 @@
         -- --preset smoke --quiet
     python experiments/sweep.py --out runs/sweep-omega ... --list           # the configs and their status
     # One config per array task (SLURM; --task_index defaults to $SLURM_ARRAY_TASK_ID):
-    sbatch --array=0-5 --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
+    sbatch --array=0-5 \\
+        --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
     # Fewer workers than configs: worker i of n runs configs i, i+n, i+2n, ...
     python experiments/sweep.py ... --task_index 0 --num_tasks 4
 

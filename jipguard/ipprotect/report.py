@@ -51,6 +51,12 @@ def seller_plot(m: dict[str, Any], path: str) -> None:
   rundir.save_figure(fig, path)
 
 
+def _schedule(s) -> str:
+  if not s.val_stop:
+    return "off (no Omega_V in the optimisation)"
+  return f"on (every {s.val_every} steps from step {s.min_steps})"
+
+
 def _loss_detail(s) -> str:
   if s.loss == "margin":
     return f" (kappa = {s.margin})"
@@ -70,7 +76,8 @@ def write_ipprotect_report(workdir: str, cfg, m: dict[str, Any], buyer, result) 
   seller_plot(m, os.path.join(workdir, "sellers.png"))
   s = cfg.sanitizer
   rows = "\n".join(
-    f"| {i + 1} | {n:g} | {100 * r:.1f}% | {pa:.1f} | {100 * uo:.1f} | {100 * us:.1f} | {100 * abs(us - uo):.1f} | {100 * c:.1f} |"
+    f"| {i + 1} | {n:g} | {100 * r:.1f}% | {pa:.1f} | {100 * uo:.1f} | {100 * us:.1f} | "
+    f"{100 * abs(us - uo):.1f} | {100 * c:.1f} |"
     for i, (n, r, pa, uo, us, c) in enumerate(
       zip(
         m["table_i"]["noise"],
@@ -91,7 +98,7 @@ sellers trained on {m["data_source"]["sellers"]}. Model `{cfg.model or "default"
 |Omega_Tr| = {cfg.omega_tr}, |Omega_V| = {cfg.omega_v}, lambda = {s.lam}, tau = {s.tau}, zeta = {s.zeta},
 T = {s.steps}, B = {s.model_batch or "round(0.95 |Omega_Tr|)"}, B_D = {s.data_batch}, loss = {s.loss}{_loss_detail(s)},
 lr = {s.learning_rate}, input noise = {s.input_noise}, hidden dropout = {s.hidden_dropout},
-stopping rule {f"on (every {s.val_every} steps from step {s.min_steps})" if s.val_stop else "off (no Omega_V in the optimisation)"}, seed {cfg.seed}.
+stopping rule {_schedule(s)}, seed {cfg.seed}.
 
 ## Utility preservation (lower MAE is better)
 

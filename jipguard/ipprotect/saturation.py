@@ -63,7 +63,8 @@ def run(
     top = probs(noise).max(-1)
     log(
       f"temperature {t:g}: max softmax on noise {float(top.mean()):.3f} (> 0.999: {float((top > 0.999).mean()):.2f}), "
-      f"on buyer images {float(target.max(-1).mean()):.3f}; median |grad| at the noise {float(jnp.median(grad_norm)):.2f}"
+      f"on buyer images {float(target.max(-1).mean()):.3f}; "
+      f"median |grad| at the noise {float(jnp.median(grad_norm)):.2f}"
     )
 
   n = min(images, len(buyer))

@@ -444,7 +444,8 @@ def run_study(
   text = (
     f"# Table III: IP exposure vs utility MAE\n\n`{command}`; datasets {list(cfg.datasets)}, seeds "
     f"{list(cfg.seeds)}, IPProtect preset `{cfg.ipprotect_preset}` at |Omega_Tr| in {list(cfg.omega_tr)}, "
-    f"|D_X| = {cfg.dx_size}.\n\nImage IP exposure column: **{t['image_metric_name']}**. Mean ± sample std (ddof = 1) over "
+    f"|D_X| = {cfg.dx_size}.\n\nImage IP exposure column: **{t['image_metric_name']}**. "
+    "Mean ± sample std (ddof = 1) over "
     "every parameter and seed of a method. HMean: harmonic mean of utility MAE and exposure, each divided by "
     "its maximum over the IPProtect, DP-MERF and InstaHide points of the dataset (lower is better; not "
     "defined for the Identity / Random ends).\n\n" + table3_markdown(t) + "\n"

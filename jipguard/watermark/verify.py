@@ -98,8 +98,9 @@ def signature_losses(
   """The loss matrix of Eq. 6: cross-entropy of every image watermarked with every signature.
 
   One jitted program (compiled once per shapes and model): the images of a chunk marked
-  with each signature of a chunk and classified as one flat batch, ``lax.map`` over signature chunks and image chunks so that at most about
-  ``chunk`` watermarked images are in flight per device. With ``mesh`` the signatures are
+  with each signature of a chunk and classified as one flat batch, ``lax.map`` over signature
+  chunks and image chunks so that at most about ``chunk`` watermarked images are in flight per
+  device. With ``mesh`` the signatures are
   padded to a multiple of its ``member`` axis and sharded over it (``shard_map``); the
   result equals the single-device one.
 
