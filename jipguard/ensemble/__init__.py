@@ -25,7 +25,7 @@ Shape suffixes (``logits_MxBxK``):
 | H, W, C | image height, width, channels |
 | K | classes (logits) |
 | T | steps of an epoch |
-| D, O | flattened input size, input layer width (shared input) |
+| D, O, F | shared input: flattened input size, input layer width, a group's G * O outputs side by side |
 """
 
 from jipguard.ensemble._cpu import cpu_pass_bytes

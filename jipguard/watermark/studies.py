@@ -13,8 +13,8 @@ colours (``lct.colorize``), RGB ones (``cifar10``) used as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -127,6 +127,19 @@ def load_colour(name: str, data_dir: str | None, seed: int) -> tuple[data.Datase
   return out[0], out[1]
 
 
+def cached_point(path: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+  """The JSON point at ``path``; computed by ``fn()`` and written first when absent (a finished
+  point is never redone)."""
+  if not os.path.exists(path):
+    rundir.write_json(path, fn())
+  return rundir.read_json(path)
+
+
+def accuracy_on(model, variables, ds: data.Dataset) -> float:
+  """Accuracy of one model on a dataset."""
+  return float(np.mean(np.argmax(learner.logits(model, variables, ds.images), -1) == ds.labels))
+
+
 def cached(path: str, fn):
   """``fn()`` saved as npz at ``path`` (a finished step is never redone)."""
   if os.path.exists(path):
@@ -213,7 +226,7 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
   train_s = time.time() - t0
   v = learner.member_variables(state, 0)
   learner.save_model(os.path.join(workdir, "model"), cfg.model, train.num_classes, train.image_shape, v)
-  test_acc = float(np.mean(np.argmax(np.asarray(learner.logits(model, v, test.images)), -1) == test.labels))
+  test_acc = accuracy_on(model, v, test)
   sigs = np.arange(0, 360, cfg.grid_step, dtype=np.float32)
   t0 = time.time()
   g_m = cached(
@@ -438,8 +451,8 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
   for over in SWEEPS[cfg.vary]:
     p = {**dict(model_name=cfg.model, k_star=cfg.signature, num_marked=cfg.per_user, augment=cfg.augment), **over}
     name = "-".join(f"{k}={v}" for k, v in over.items())
-    path = os.path.join(workdir, "results", f"{name}.json")
-    if not os.path.exists(path):
+
+    def point(p=p, name=name):
       t0 = time.time()
       model, v, users = single_point(
         cfg,
@@ -453,9 +466,9 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
         ckpt=os.path.join(workdir, "checkpoints", name),
       )
       r = grid_point(cfg, model, v, train, test, users, p["k_star"])
-      rundir.write_json(path, {**p, **r, "name": name, "seconds": time.time() - t0})
-    with open(path) as f:
-      points.append(json.load(f))
+      return {**p, **r, "name": name, "seconds": time.time() - t0}
+
+    points.append(cached_point(os.path.join(workdir, "results", f"{name}.json"), point))
   m = {
     "points": [{k: v for k, v in q.items() if k not in ("signatures", "losses")} for q in points],
     "matching_accuracy": float(np.mean([q["match"] for q in points])),
@@ -490,24 +503,23 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
     key=cfg.seed,
     ckpt=os.path.join(workdir, "checkpoints", "learner"),
   )
-  points = []
-  for frac in (0.0, 0.3, 0.5, 0.7, 0.9):
-    path = os.path.join(workdir, "results", f"prune={frac}.json")
-    if not os.path.exists(path):
-      vp = learner.prune(v, frac)
-      acc = float(np.mean(np.argmax(np.asarray(learner.logits(model, vp, test.images)), -1) == test.labels))
-      rundir.write_json(
-        path,
-        {
-          "name": f"prune={frac}",
-          "test_accuracy": acc,
-          **grid_point(cfg, model, vp, train, test, users, cfg.signature),
-        },
-      )
-    with open(path) as f:
-      points.append(json.load(f))
-  path = os.path.join(workdir, "results", f"finetune={cfg.finetune_epochs}.json")
-  if not os.path.exists(path):
+
+  def scored(name: str, variables, test_set: data.Dataset) -> dict[str, Any]:
+    return {
+      "name": name,
+      "test_accuracy": accuracy_on(model, variables, test_set),
+      **grid_point(cfg, model, variables, train, test_set, users, cfg.signature),
+    }
+
+  points = [
+    cached_point(
+      os.path.join(workdir, "results", f"prune={frac}.json"),
+      lambda frac=frac: scored(f"prune={frac}", learner.prune(v, frac), test),
+    )
+    for frac in (0.0, 0.3, 0.5, 0.7, 0.9)
+  ]
+
+  def finetuned() -> dict[str, Any]:
     # Fine-tuning on clean data the learner did not train on (the first half of the test split).
     half = len(test) // 2
     state0 = jax.tree.map(lambda x: x[None], v)
@@ -528,19 +540,9 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
       init_state=init,
       checkpoint_dir=os.path.join(workdir, "checkpoints", "finetune"),
     )
-    vf = learner.member_variables(fs, 0)
-    test2 = test.subset(slice(half, None))
-    acc = float(np.mean(np.argmax(np.asarray(learner.logits(model, vf, test2.images)), -1) == test2.labels))
-    rundir.write_json(
-      path,
-      {
-        "name": f"finetune={cfg.finetune_epochs}",
-        "test_accuracy": acc,
-        **grid_point(cfg, model, vf, train, test2, users, cfg.signature),
-      },
-    )
-  with open(path) as f:
-    points.append(json.load(f))
+    return scored(f"finetune={cfg.finetune_epochs}", learner.member_variables(fs, 0), test.subset(slice(half, None)))
+
+  points.append(cached_point(os.path.join(workdir, "results", f"finetune={cfg.finetune_epochs}.json"), finetuned))
   m = {"points": [{k: v for k, v in q.items() if k not in ("signatures", "losses")} for q in points]}
   rundir.write_json(os.path.join(workdir, "metrics.json"), m)
   report.loss_plot(
