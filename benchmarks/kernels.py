@@ -33,7 +33,7 @@ from benchmarks import harness
 from benchmarks import torch_reference as tr
 from jipguard import data, ensemble, models
 from jipguard.ensemble import training
-from jipguard.ipprotect import job, metrics, sanitizer, sellers
+from jipguard.ipprotect import job, metrics, objective, sanitizer, sellers
 
 LR = 1e-3
 # One optimiser object: every trainer of equal model and batch size shares one compiled epoch.
@@ -493,21 +493,21 @@ def _torch_sanitizers(size: SanitizeSize, state, x0, anchors, targets) -> dict[s
 
 def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None, check_steps: int = 3) -> harness.Row:
   configure_torch()
-  cfg = sanitizer.SanitizerConfig(loss=size.loss, **SANITIZE_CFG)
+  cfg = objective.SanitizerConfig(loss=size.loss, **SANITIZE_CFG)
   model, state, _, x0, anchors, weights, targets = _sanitize_problem(size)
   variables = jax.device_put(state.variables)
   args = [jax.device_put(a) for a in (targets, anchors, weights)]
   keys = jax.random.split(jax.random.key(1), size.images)
   # What `sanitizer.sanitize_batch` gives the step, made before the timed loop as it is there.
-  members = jax.block_until_ready(sanitizer.step_members(model, variables, cfg))
+  members = jax.block_until_ready(objective.step_members(model, variables, cfg))
   shared, per_pass = members.layout == "shared_input", members.members_per_pass
-  step = functools.partial(sanitizer.sanitize_step_jit.for_members(members), cfg=cfg)
+  step = functools.partial(objective.sanitize_step_jit.for_members(members), cfg=cfg)
 
   # Equivalence: from the same start, every side's per-image utility losses agree at each of
   # `check_steps` + 1 steps (the last one measures the pixels after `check_steps` updates).
   # Pixels themselves are not compared: Adam's first steps are +-lr wherever |grad| >> eps,
   # so float rounding in near-zero gradients flips single pixels by up to 2 lr.
-  x, opt = jnp.asarray(x0), sanitizer.optimizer(cfg).init(jnp.asarray(x0))
+  x, opt = jnp.asarray(x0), objective.optimizer(cfg).init(jnp.asarray(x0))
   utils = []
   with harness.jax_compile_seconds() as check_compile:  # The step compiles here, not in the timing.
     for _ in range(check_steps + 1):

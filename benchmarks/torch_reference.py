@@ -272,7 +272,7 @@ def train_epoch(
 def _distance(
   a: torch.Tensor, b: torch.Tensor, kind: str, temperature: float = 1.0, margin: float = 1.0
 ) -> torch.Tensor:
-  """``jipguard.ipprotect.sanitizer._distance``: L2 over the last axis, of logits or of softmax(logits / T), or the
+  """``jipguard.ipprotect.objective.distance``: L2 over the last axis, of logits or of softmax(logits / T), or the
   hinge on the logit margin of b's class in a."""
   if kind == "margin":
     is_c = F.one_hot(b.argmax(-1), a.shape[-1]).bool()

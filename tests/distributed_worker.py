@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jipguard import data, distributed, ensemble, models, sharding  # noqa: E402
-from jipguard.ipprotect import sanitizer  # noqa: E402
+from jipguard.ipprotect import objective, sanitizer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
   fit = trainer.fit(keys, x, y, indices=indices, epochs=2, progress=False)
   params = distributed.to_host(fit.state.params)
   variables = fit.state.variables
-  cfg = sanitizer.SanitizerConfig(
+  cfg = objective.SanitizerConfig(
     steps=20, data_batch=8, loss="probs", learning_rate=0.1, zeta=0.02, val_every=5, min_steps=10
   )
   tr = jax.tree.map(lambda a: a[:4], variables)

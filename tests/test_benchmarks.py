@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Makes `benchmarks` importable.
 
 from benchmarks import harness, kernels  # noqa: E402
-from jipguard.ipprotect import sanitizer  # noqa: E402
+from jipguard.ipprotect import objective  # noqa: E402
 
 _ROW_KEYS = {
   "kernel",
@@ -184,7 +184,7 @@ def test_sanitize_step_row_matches_torch_reference():
   assert row["jax_compile_s"] > 0  # The step first compiles in the equivalence check: it counts.
 
 
-@pytest.mark.parametrize("loss", sanitizer.LOSSES)  # Every loss of the sanitizer: a new one needs torch's too.
+@pytest.mark.parametrize("loss", objective.LOSSES)  # Every loss of the sanitizer: a new one needs torch's too.
 def test_torch_reference_loss_equals_the_sanitizers(loss):
   import jax.numpy as jnp
   import torch
@@ -193,7 +193,7 @@ def test_torch_reference_loss_equals_the_sanitizers(loss):
 
   rng = np.random.default_rng(0)
   a, b = (rng.standard_normal((6, 4, 10)).astype(np.float32) * 3 for _ in range(2))
-  want = sanitizer._distance(jnp.asarray(a), jnp.asarray(b), loss, 2.0, 1.5)
+  want = objective.distance(jnp.asarray(a), jnp.asarray(b), loss, 2.0, 1.5)
   got = torch_reference._distance(torch.from_numpy(a), torch.from_numpy(b), loss, 2.0, 1.5)
   np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-5, atol=1e-6)
 

@@ -4,7 +4,8 @@ A buyer shares a sanitized copy of its dataset D_B so that sellers can measure t
 utility on it while the images are worthless as images or training data.
 
 * ``sellers``: Table I's label-noised sellers and ``sample_models`` (bootstrapped models).
-* ``sanitizer``: Eq. 9 and Algorithm 1 (:func:`sanitize`, :class:`SanitizerConfig`).
+* ``objective``: Eq. 9 and one optimisation step (:class:`SanitizerConfig`, ``sanitize_step``);
+  ``sanitizer``: Algorithm 1 around it (:func:`sanitize`, :func:`sanitize_batch`).
 * ``job``: the main job (:func:`run`, :class:`IPProtectConfig`, presets); ``cli``: its flags.
 * ``metrics``: utility MAE, compliance, risk, ranks, bounds, pixel-space similarity.
 * ``exposure`` (with ``vgg``): image, training and inference IP exposure (Defs. 2-4).
@@ -31,7 +32,8 @@ Shape suffixes (``targets_BxMxK``):
 """
 
 from jipguard.ipprotect.job import IPProtectConfig, preset, run
-from jipguard.ipprotect.sanitizer import LOSSES, BatchResult, SanitizerConfig, sanitize, sanitize_batch
+from jipguard.ipprotect.objective import LOSSES, SanitizerConfig
+from jipguard.ipprotect.sanitizer import BatchResult, sanitize, sanitize_batch
 from jipguard.ipprotect.sellers import TrainConfig, sample_models, train_models
 
 __all__ = [

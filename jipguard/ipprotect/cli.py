@@ -14,7 +14,7 @@ import os
 import sys
 
 from jipguard import distributed, sharding
-from jipguard.ipprotect import ablation, job, sanitizer, saturation, tradeoff
+from jipguard.ipprotect import ablation, job, objective, saturation, tradeoff
 
 
 def _mesh_shape(text: str) -> tuple[int, int]:
@@ -62,7 +62,7 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
   add("anchor_seed", int, "64-bit anchor secret (default: drawn once, kept in checkpoints/)")
   p.add_argument(
     "--loss",
-    choices=list(sanitizer.LOSSES),
+    choices=list(objective.LOSSES),
     help="L: L2 of logits (paper), L2 of softmax probabilities, KL of the softmax outputs, or the "
     "hinge on the logit margin of each model's class on the original (Carlini-Wagner)",
   )

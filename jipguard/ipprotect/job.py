@@ -24,7 +24,7 @@ import numpy as np
 from jipguard import data as data_lib
 from jipguard import distributed, ensemble, models, rundir
 from jipguard.ipprotect import metrics, sanitizer, sellers
-from jipguard.ipprotect.sanitizer import SanitizerConfig
+from jipguard.ipprotect.objective import SanitizerConfig
 from jipguard.ipprotect.sellers import TrainConfig
 
 

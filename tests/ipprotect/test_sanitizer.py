@@ -11,10 +11,10 @@ import pytest
 
 from jipguard import data, ensemble, models
 from jipguard.ensemble import _cpu
-from jipguard.ipprotect import sanitizer, sellers
+from jipguard.ipprotect import objective, sanitizer, sellers
 
 _MODEL = models.MLP(num_classes=10, hidden=(32,))
-_CFG = sanitizer.SanitizerConfig(
+_CFG = objective.SanitizerConfig(
   steps=60, data_batch=4, loss="probs", learning_rate=0.1, zeta=0.01, val_every=10, min_steps=20
 )
 
@@ -35,8 +35,8 @@ def test_hinge_is_zero_inside_the_ball_and_linear_outside():
   anchor = jax.random.normal(jax.random.key(1), buyer.image_shape)
   target = ensemble.apply(_MODEL, tr, buyer.images[:1])[:, 0]
   weights = jnp.ones(6)
-  objective = functools.partial(
-    sanitizer.image_objective,
+  eq9 = functools.partial(
+    objective.image_objective,
     target_MxK=target,
     anchor=anchor,
     weights_M=weights,
@@ -46,15 +46,15 @@ def test_hinge_is_zero_inside_the_ball_and_linear_outside():
   )
   cfg = dataclasses.replace(_CFG, lam=0.7, tau=1.5)
   direction = jax.random.normal(jax.random.key(3), buyer.image_shape)
-  direction = direction / sanitizer.rms_distance(direction, 0)
+  direction = direction / objective.rms_distance(direction, 0)
   for radius in (0.0, 0.5, 1.49):
-    _, (_, security) = objective(anchor + radius * direction, cfg=cfg)
+    _, (_, security) = eq9(anchor + radius * direction, cfg=cfg)
     assert float(security) == 0.0
   for radius in (1.6, 3.0):
-    _, (_, security) = objective(anchor + radius * direction, cfg=cfg)
+    _, (_, security) = eq9(anchor + radius * direction, cfg=cfg)
     assert float(security) == pytest.approx(0.7 * (radius - 1.5), rel=1e-4)
   # Utility term: zero at the original image itself.
-  _, (utility, _) = objective(jnp.asarray(buyer.images[0]), cfg=cfg)
+  _, (utility, _) = eq9(jnp.asarray(buyer.images[0]), cfg=cfg)
   assert float(utility) < 1e-5
 
 
@@ -63,7 +63,7 @@ def _objective_of(buyer, tr, images, cfg):
   anchors = jax.vmap(lambda k: jax.random.normal(k, buyer.image_shape))(
     sanitizer.image_keys(sanitizer.secret_key(7), 0, len(images))
   )
-  f = jax.vmap(functools.partial(sanitizer.image_objective, model=_MODEL, cfg=cfg), in_axes=(0, 0, 0, None, 0, None))
+  f = jax.vmap(functools.partial(objective.image_objective, model=_MODEL, cfg=cfg), in_axes=(0, 0, 0, None, 0, None))
   keys = jax.random.split(jax.random.key(0), len(images))
   return f(jnp.asarray(images), target, anchors, jnp.ones(6), keys, tr)[0]
 
@@ -128,14 +128,14 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
   anchors = jax.random.normal(jax.random.key(1), x.shape)
   weights = jnp.asarray(np.random.default_rng(0).random((4, 6)) < 0.7, jnp.float32).at[:, 0].set(1)
   keys = jax.random.split(jax.random.key(2), 4)
-  objective = functools.partial(sanitizer.image_objective, model=_MODEL, cfg=cfg)
-  (_, (util, _)), grads = jax.vmap(jax.value_and_grad(objective, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))(
+  eq9 = functools.partial(objective.image_objective, model=_MODEL, cfg=cfg)
+  (_, (util, _)), grads = jax.vmap(jax.value_and_grad(eq9, has_aux=True), in_axes=(0, 0, 0, 0, 0, None))(
     x + 0.3, targets, anchors, weights, keys, tr
   )
   assert float(jnp.min(jnp.abs(grads).sum((1, 2, 3)))) > 0
-  opt = sanitizer.optimizer(cfg).init(x)
+  opt = objective.optimizer(cfg).init(x)
   args = (x + 0.3, opt, targets, anchors, weights, keys)
-  whole = sanitizer.sanitize_step(sanitizer.step_members(_MODEL, tr, cfg, layout="vmap"), *args, cfg=cfg)
+  whole = objective.sanitize_step(objective.step_members(_MODEL, tr, cfg, layout="vmap"), *args, cfg=cfg)
   layouts = [
     ("groups", 1),
     ("groups", 2),
@@ -145,21 +145,21 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
     ("shared_input", None),
   ]  # Input layer as one product.
   for layout, per_pass in layouts:
-    members = sanitizer.step_members(_MODEL, tr, cfg, layout=layout, members_per_pass=per_pass)
+    members = objective.step_members(_MODEL, tr, cfg, layout=layout, members_per_pass=per_pass)
     assert members.members_per_pass == (per_pass or 6)
-    got_util, got_grads = sanitizer.objective_grads(members, x + 0.3, targets, anchors, weights, keys, cfg=cfg)
+    got_util, got_grads = objective.objective_grads(members, x + 0.3, targets, anchors, weights, keys, cfg=cfg)
     np.testing.assert_allclose(got_util, util, rtol=1e-5)
     np.testing.assert_allclose(got_grads, grads, rtol=1e-4, atol=1e-7)
-    step = sanitizer.sanitize_step(members, *args, cfg=cfg)
+    step = objective.sanitize_step(members, *args, cfg=cfg)
     np.testing.assert_allclose(step[2], whole[2], rtol=1e-5)
   with pytest.raises(ValueError, match="must divide"):
-    sanitizer.step_members(_MODEL, tr, cfg, layout="groups", members_per_pass=4)
+    objective.step_members(_MODEL, tr, cfg, layout="groups", members_per_pass=4)
   with pytest.raises(ValueError, match="layout must be one of"):
-    sanitizer.step_members(_MODEL, tr, cfg, layout="grouped")
+    objective.step_members(_MODEL, tr, cfg, layout="grouped")
   if robust or jax.default_backend() != "cpu":  # The automatic groups are CPU's.
     return
   chosen = []
-  step_members = sanitizer.step_members
+  step_members = objective.step_members
   monkeypatch.setattr(sanitizer, "step_members", lambda *a, **k: chosen.append(step_members(*a, **k)) or chosen[-1])
   run = lambda: sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
   assert _cpu.members_per_pass(tr) is None
@@ -190,20 +190,20 @@ def test_conv_sanitizing_on_cpu_takes_eigen_convolutions_and_computes_the_same(m
   tr = trainer.init(jax.random.split(jax.random.key(5), 3), images).variables
   va = trainer.init(jax.random.split(jax.random.key(6), 2), images).variables
   cfg = dataclasses.replace(_CFG, steps=30, tau=0.5)
-  members = sanitizer.step_members(cnn, tr, cfg)
+  members = objective.step_members(cnn, tr, cfg)
   assert members.layout == "unroll"
-  assert sanitizer.sanitize_step_jit.for_members(members) is sanitizer.sanitize_step_jit.conv_cpu
-  assert sanitizer.sanitize_step_jit.for_members(sanitizer.step_members(_MODEL, tr_mlp, cfg)) is (
-    sanitizer.sanitize_step_jit.default
+  assert objective.sanitize_step_jit.for_members(members) is objective.sanitize_step_jit.conv_cpu
+  assert objective.sanitize_step_jit.for_members(objective.step_members(_MODEL, tr_mlp, cfg)) is (
+    objective.sanitize_step_jit.default
   )
   x = jnp.asarray(images)
   targets = jnp.swapaxes(ensemble.apply(cnn, tr, x), 0, 1)
   anchors = jax.random.normal(jax.random.key(1), x.shape)
   weights = jnp.ones((4, 3), jnp.float32)
   keys = jax.random.split(jax.random.key(2), 4)
-  args = (members, x + 0.3, sanitizer.optimizer(cfg).init(x), targets, anchors, weights, keys)
-  eigen = sanitizer.sanitize_step_jit.conv_cpu(*args, cfg=cfg)
-  default = sanitizer.sanitize_step_jit.default(*args, cfg=cfg)
+  args = (members, x + 0.3, objective.optimizer(cfg).init(x), targets, anchors, weights, keys)
+  eigen = objective.sanitize_step_jit.conv_cpu(*args, cfg=cfg)
+  default = objective.sanitize_step_jit.default(*args, cfg=cfg)
   np.testing.assert_allclose(eigen[2], default[2], rtol=1e-5)
   run = lambda: sanitizer.sanitize_batch(cnn, tr, va, images, cfg, start=0, seed=3, anchor_seed=11)
   compiled = sanitizer._run_steps.conv_cpu._cache_size(), sanitizer._run_steps.default._cache_size()
@@ -336,31 +336,31 @@ def test_sanitizer_input_errors():
       _MODEL, tr, va, buyer.images[:2], dataclasses.replace(_CFG, model_batch=7), seed=0, anchor_seed=1, progress=False
     )
   with pytest.raises(ValueError, match="loss must be"):
-    sanitizer.SanitizerConfig(loss="hinge")
+    objective.SanitizerConfig(loss="hinge")
   with pytest.raises(ValueError, match="temperature must be > 0"):
-    sanitizer.SanitizerConfig(temperature=0.0)
+    objective.SanitizerConfig(temperature=0.0)
 
 
 def test_kl_loss_is_distillation_kl():
   rng = np.random.default_rng(0)
   a, b = (jnp.asarray(rng.standard_normal((5, 10)), jnp.float32) for _ in range(2))
-  got = sanitizer._distance(a, b, "kl", 2.0)
+  got = objective.distance(a, b, "kl", 2.0)
   p, q = jax.nn.softmax(b / 2.0), jax.nn.softmax(a / 2.0)
   np.testing.assert_allclose(got, jnp.sum(p * jnp.log(p / q), -1), rtol=1e-5)
   assert np.all(np.asarray(got) > 0)
-  np.testing.assert_allclose(sanitizer._distance(b, b, "kl"), 0.0, atol=1e-6)
+  np.testing.assert_allclose(objective.distance(b, b, "kl"), 0.0, atol=1e-6)
 
 
 def test_margin_loss_is_the_cw_hinge_and_keeps_its_gradient_where_probs_saturates():
   target = jnp.array([0.0, 3.0, 1.0])  # Class 1.
-  dist = lambda a, kind, **kw: sanitizer._distance(jnp.asarray(a), target, kind, **kw)
+  dist = lambda a, kind, **kw: objective.distance(jnp.asarray(a), target, kind, **kw)
   assert float(dist([0.0, 5.0, 1.0], "margin")) == 0.0  # Wins by 4 >= 1.
   assert float(dist([0.0, 5.0, 4.5], "margin")) == pytest.approx(0.5)  # Wins by 0.5 < 1.
   assert float(dist([3.0, 1.0, 0.0], "margin", margin=2.0)) == pytest.approx(4.0)
   # Saturated on a wrong class: the probability loss has no gradient left, the margin loss does.
   saturated = jnp.array([60.0, 0.0, 0.0])
-  g_probs = jax.grad(lambda a: sanitizer._distance(a, target, "probs"))(saturated)
-  g_margin = jax.grad(lambda a: sanitizer._distance(a, target, "margin"))(saturated)
+  g_probs = jax.grad(lambda a: objective.distance(a, target, "probs"))(saturated)
+  g_margin = jax.grad(lambda a: objective.distance(a, target, "margin"))(saturated)
   assert float(jnp.abs(g_probs).max()) < 1e-12
   np.testing.assert_allclose(g_margin, [1.0, -1.0, 0.0])
 
@@ -377,11 +377,11 @@ def test_margin_loss_makes_every_training_model_predict_its_class_on_the_origina
   # ... by the margin (up to the last step's size), with the images still far from the originals.
   top2 = np.sort(got, -1)[..., -2:]
   assert np.all(top2[..., 1] - top2[..., 0] > 1.5)
-  assert np.all(np.asarray(jax.vmap(sanitizer.rms_distance)(out.images, buyer.images[:8])) > 0.5)
-  assert "margin" not in sanitizer.SanitizerConfig().fingerprint()
-  assert sanitizer.SanitizerConfig(loss="margin", margin=2.0).fingerprint()["margin"] == 2.0
+  assert np.all(np.asarray(jax.vmap(objective.rms_distance)(out.images, buyer.images[:8])) > 0.5)
+  assert "margin" not in objective.SanitizerConfig().fingerprint()
+  assert objective.SanitizerConfig(loss="margin", margin=2.0).fingerprint()["margin"] == 2.0
   with pytest.raises(ValueError, match="margin must be >= 0"):
-    sanitizer.SanitizerConfig(margin=-1.0)
+    objective.SanitizerConfig(margin=-1.0)
 
 
 def test_out_of_bag_fits_each_image_only_to_its_eligible_models():
@@ -409,5 +409,5 @@ def test_out_of_bag_fits_each_image_only_to_its_eligible_models():
       _MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7, member_mask=np.zeros((4, 6))
     )
   # The option is off by default and then absent from fingerprints (older runs resume).
-  assert "out_of_bag" not in sanitizer.SanitizerConfig().fingerprint()
-  assert sanitizer.SanitizerConfig(out_of_bag=True).fingerprint()["out_of_bag"] is True
+  assert "out_of_bag" not in objective.SanitizerConfig().fingerprint()
+  assert objective.SanitizerConfig(out_of_bag=True).fingerprint()["out_of_bag"] is True
