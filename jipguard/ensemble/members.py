@@ -217,10 +217,14 @@ def prepare(
     elif _cpu.has_convolutions(variables["params"]):
       layout = "unroll"
     else:
-      members_per_pass = _cpu.members_per_pass(variables, mesh) if members_per_pass is None else members_per_pass
-      layout = (
-        "shared_input" if models.input_layer(model) is not None else "vmap" if members_per_pass is None else "groups"
-      )
+      if members_per_pass is None:
+        members_per_pass = _cpu.members_per_pass(variables, mesh)
+      if models.input_layer(model) is not None:
+        layout = "shared_input"
+      elif members_per_pass is None:
+        layout = "vmap"
+      else:
+        layout = "groups"
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if layout == "shared_input":
@@ -239,10 +243,10 @@ def _group_logits(members: Members, tree: PyTree, x_HxWxC: jax.Array, keys_G: ja
   """
   model, x = members.model, x_HxWxC[None]
   if keys_G is None:
-    call = lambda v: model.apply(v, x, train=False)[0]  # noqa: E731
+    call = lambda v: model.apply(v, x, train=False)[0]
     args = ()
   else:
-    call = lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k})[0]  # noqa: E731
+    call = lambda v, k: model.apply(v, x, train=True, rngs={"dropout": k})[0]
     args = (keys_G,)
   if members.layout == "shared_input":
     return _cpu.map_shared_input(call, tree, x, *args)
