@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from jipguard import data as data_lib
@@ -237,8 +238,6 @@ def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
     return int(rundir.read_secret(path)["anchor_seed"])
   seed = secrets.randbits(64)
   if jax.process_count() > 1:  # Every host must use process 0's secret.
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     halves = multihost_utils.broadcast_one_to_all(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
     seed = (int(halves[0]) << 32) | int(halves[1])
   if distributed.is_main_process():
