@@ -99,15 +99,11 @@ def preset(name: str) -> StudyConfig:
 
 
 # What is swept does not change any one point: a study may be extended by more of them.
-_SWEPT = ("methods", "seeds", "omega_tr", "params")
+_SWEPT = ("methods", "seeds", "omega_tr", "params")  # Keys of config.json a study may change.
 
 
 def _json(cfg: StudyConfig) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def _fingerprint(d: dict[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in d.items() if k not in _SWEPT}
 
 
 def _point_path(out: str, dataset: str, method: str, param, seed: int) -> str:

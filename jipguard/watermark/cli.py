@@ -75,8 +75,11 @@ def _study_config(a: argparse.Namespace) -> studies.StudyConfig:
 
 def default_workdir(cfg: studies.StudyConfig) -> str:
   """``runs/wm-<study>-<dataset>-<model>-s<seed>``, with the LCT kind or the swept factor."""
-  name = studies.study_name(cfg)
-  tag = {"multiuser": lambda: f"multiuser-{cfg.lct}", "sweep": lambda: f"sweep-{cfg.vary}"}.get(name, lambda: name)()
+  tag = studies.study_name(cfg)
+  if isinstance(cfg, studies.MultiuserConfig):
+    tag += f"-{cfg.lct}"
+  elif isinstance(cfg, studies.SweepConfig):
+    tag += f"-{cfg.vary}"
   return os.path.join("runs", f"wm-{tag}-{os.path.basename(os.path.normpath(cfg.dataset))}-{cfg.model}-s{cfg.seed}")
 
 
