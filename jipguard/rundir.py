@@ -14,6 +14,9 @@ Every experiment writes one directory (docs/scaling.md, "Run directories") throu
 * :func:`write_secret` / :func:`read_secret`: files readable by their owner only (mode 0600
   from creation), for anchor secrets and keys; reports name them, never print them.
 * :func:`write_table`: one table as markdown (``.md``) and CSV (``.csv``).
+* :func:`append_jsonl`: one line of ``metrics.jsonl`` per epoch or batch, flushed to disk, so a
+  curve can be plotted while a run goes. A resumed run appends again: the last line of a step
+  is the one that counts (:func:`read_jsonl` keeps it).
 
 The ground floor: this module imports no paper.
 """
@@ -212,6 +215,34 @@ def write_config(
     )
   if write:
     write_json(path, {"config": dict(config), **environment()})
+
+
+def append_jsonl(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
+  """Appends ``row`` as one line of strict JSON to ``path`` (``metrics.jsonl``), fsynced.
+
+  A run killed while writing leaves at most a partial last line, which :func:`read_jsonl` skips.
+  """
+  line = json.dumps(strict_json(row), sort_keys=True, allow_nan=False)
+  with open(path, "a") as f:
+    f.write(line + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, *, key: Sequence[str] = ()) -> list[dict[str, Any]]:
+  """The rows of a :func:`append_jsonl` file, a partial last line skipped; with ``key`` (field
+  names), one row per key value, the last one written (a resumed run's repeat of a step)."""
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # The partial last line of a killed run.
+  if not key:
+    return rows
+  last = {tuple(r.get(k) for k in key): r for r in rows}
+  return list(last.values())
 
 
 # ------------------------------------------------------------------------------- secrets
