@@ -341,9 +341,11 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
 
 
 def write(out_dir: str | os.PathLike, rows: list[Row], machine: dict[str, Any]) -> pathlib.Path:
-  """Writes ``results.json`` (the rows) and ``results.md`` into ``out_dir``, each atomically; returns it."""
+  """Writes ``results.json`` (the rows), ``results.md`` and ``results.csv`` into ``out_dir``, each atomically;
+  returns it."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rundir.write_text(str(out / "results.json"), json.dumps(rows, indent=1) + "\n")
   rundir.write_text(str(out / "results.md"), markdown(rows, machine))
+  rundir.write_csv(str(out / "results.csv"), rows, [k for k, _ in _COLUMNS])
   return out

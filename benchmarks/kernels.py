@@ -493,7 +493,7 @@ def _torch_sanitizers(size: SanitizeSize, state, x0, anchors, targets) -> dict[s
 
 def sanitize_row(size: SanitizeSize, repeats: int, budget_s: float | None = None, check_steps: int = 3) -> harness.Row:
   configure_torch()
-  cfg = objective.SanitizerConfig(loss=size.loss, **SANITIZE_CFG)
+  cfg = objective.SanitizerConfig.paper(loss=size.loss, **SANITIZE_CFG)
   model, state, _, x0, anchors, weights, targets = _sanitize_problem(size)
   variables = jax.device_put(state.variables)
   args = [jax.device_put(a) for a in (targets, anchors, weights)]
@@ -632,12 +632,12 @@ def sanitize_dataset_row(size: DatasetSize, repeats: int, budget_s: float | None
 
   def jax_run():
     last["jax"] = sanitizer.sanitize_batch(
-      model, tr_vars, v_vars, buyer.images, cfg, start=0, seed=seed, anchor_seed=anchor_seed
+      model, tr_vars, v_vars, buyer.images, cfg, start=0, seed=seed, anchor_secret=anchor_seed
     )
 
   with harness.jax_compile_seconds() as compile_clock:
     jax_t = harness.time_calls(jax_run, repeats, budget_s)
-  x0, anchors, _ = sanitizer.starting_points(buyer.image_shape, 0, size.images, seed=seed, anchor_seed=anchor_seed)
+  x0, anchors, _ = sanitizer.starting_points(buyer.image_shape, 0, size.images, seed=seed, anchor_secret=anchor_seed)
   make = _torch_model("mlp", (28, 28, 1), dropout=False)
   timings, torch_out = {}, {}
 

@@ -1,7 +1,7 @@
 """Times jipguard's kernels against a PyTorch reference; writes results.json and results.md.
 
-    python benchmarks/run.py --quick --out /tmp/bench_quick      # ~2 min on 2 cores
-    python benchmarks/run.py --out runs/bench                    # full sizes
+    python benchmarks/run.py --quick --workdir runs/bench-quick   # ~2 min on 2 cores
+    python benchmarks/run.py --workdir runs/bench                # full sizes
     python benchmarks/run.py --retable benchmarks/results/X.json  # an old table, current columns
 
 Take timings you report on a quiet machine (see benchmarks/README.md).
@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="small sizes (M=10, short epoch), 3 repeats")
-  parser.add_argument("--out", help="directory for results.json / results.md (required unless --retable)")
+  parser.add_argument(
+    "--workdir",
+    "--out",  # The name in the commands recorded by results/ before --workdir became jipguard's one name.
+    dest="out",
+    help="directory for results.json / .md / .csv (required unless --retable)",
+  )
   parser.add_argument(
     "--retable",
     metavar="JSON",
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(harness.table(rows)))
     return
   if not args.out:
-    parser.error("--out is required (or --retable JSON)")
+    parser.error("--workdir is required (or --retable JSON)")
   repeats = args.repeats or (3 if args.quick else 5)
   # The same arithmetic on both sides: JAX's GPU default is TF32-like, torch's is full fp32 for
   # matmuls but TF32 for convolutions. (No effect on a CPU.)

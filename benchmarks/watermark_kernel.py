@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from benchmarks import harness
 from benchmarks import torch_reference as tr
 from jipguard import models
-from jipguard.watermark import lct, verify
+from jipguard.watermark import lct, verifier
 
 CHECK_RTOL = 1e-3
 NAME = "watermark_grid_search"
@@ -131,7 +131,7 @@ def max_rel_err(size: GridSize) -> float:
     .cpu()
     .numpy()
   )
-  got = verify.signature_losses(model, variables, images, labels, sigs)
+  got = verifier.signature_losses(model, variables, images, labels, sigs)
   return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12))
 
 
@@ -145,7 +145,7 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
   last = {}
 
   def jax_call():
-    last["jax"] = verify.signature_losses(model, variables, x, y, sigs)  # Returns numpy: blocks.
+    last["jax"] = verifier.signature_losses(model, variables, x, y, sigs)  # Returns numpy: blocks.
 
   def torch_call():
     last["torch"] = _kernels().torch_sync(torch_grid_losses(module, images_t, labels_t, sigs))
@@ -173,7 +173,13 @@ def row(size: GridSize, repeats: int, budget_s: float | None = None) -> harness.
 def main(argv: list[str] | None = None) -> None:
   """Runs this kernel alone: ``python -m benchmarks.watermark_kernel --out DIR [--quick]``."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True, help="directory for results.json / results.md")
+  p.add_argument(
+    "--workdir",
+    "--out",  # The name in the commands recorded by results/ before --workdir became jipguard's one name.
+    dest="out",
+    required=True,
+    help="directory for results.json / .md / .csv",
+  )
   p.add_argument("--quick", action="store_true")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--match", help="only sizes whose label contains this")

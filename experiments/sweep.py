@@ -1,22 +1,21 @@
-"""Sweep runner: a grid of configs of one experiment, one run directory each.
+"""Sweep runner: a grid of configs of one command, one run directory each (``jipguard sweep``).
 
     # 3 x 2 = 6 IPProtect runs of the smoke preset, one after another:
-    python experiments/sweep.py --out runs/sweep-omega --grid omega_tr=10,50,100 --grid seed=0,1 \\
+    python experiments/sweep.py --workdir runs/sweep-omega --grid omega_tr=10,50,100 --grid seed=0,1 \\
         -- --preset smoke --quiet
-    python experiments/sweep.py --out runs/sweep-omega ... --list           # the configs and their status
+    python experiments/sweep.py --workdir runs/sweep-omega ... --list           # the configs and their status
     # One config per array task (SLURM; --task_index defaults to $SLURM_ARRAY_TASK_ID):
     sbatch --array=0-5 \\
-        --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
+        --wrap "python experiments/sweep.py --workdir runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
 
-Every config is ``experiments/<experiment>.py`` with the arguments after ``--``, one
-``--<name> <value>`` per grid axis and ``--workdir <out>/<config>``; finished configs are
-skipped, interrupted ones resume (``jipguard.sweep``).
+Every config is ``jipguard <command>`` (``--command``, default ipprotect) with the arguments
+after ``--``, one ``--<name> <value>`` per grid axis and ``--workdir <workdir>/<config>``;
+finished configs are skipped, interrupted ones resume (``jipguard.sweep``).
 """
 
-import os
 import sys
 
 from jipguard import sweep
 
 if __name__ == "__main__":
-  sys.exit(sweep.main(experiments=os.path.dirname(os.path.abspath(__file__)), description=__doc__))
+  sys.exit(sweep.main(description=__doc__))

@@ -1,6 +1,6 @@
 """IP exposure vs utility trade-off study (IPProtect paper, section VI-C: Fig. 2 and Table III).
 
-    python experiments/tradeoff.py --preset smoke --out runs/tradeoff-smoke   # minutes
+    python experiments/tradeoff.py --preset smoke --workdir runs/tradeoff-smoke   # minutes
     python experiments/tradeoff.py                                            # default preset
     python experiments/tradeoff.py --dataset fashion_mnist --omega_tr 10 50 --seeds 0
 

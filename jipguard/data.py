@@ -27,6 +27,7 @@ import importlib.util
 import math
 import os
 import struct
+import zipfile
 import zlib
 
 import jax
@@ -36,6 +37,8 @@ import numpy as np
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion_mnist_subset", "digits", "mnist", "fashion_mnist", "cifar10")
 DEFAULT_DATASET = "fashion_mnist_subset"
+# A field of an .npz that marks its images as a sanitized set (pixels outside [0, 1] allowed).
+SANITIZED_KEY = "sanitized"
 SPLITS = ("train", "test")
 
 _ALIASES = {"embedded": "fashion_mnist_subset"}
@@ -124,7 +127,9 @@ class Dataset:
     return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
 
 
-def validate(images, labels, *, num_classes: int | None = None, what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+def validate(
+  images, labels, *, num_classes: int | None = None, what: str = "dataset", unit_range: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
   """Checks and normalises an image/label pair.
 
   Args:
@@ -133,6 +138,8 @@ def validate(images, labels, *, num_classes: int | None = None, what: str = "dat
     labels: integer array (N,), values >= 0 (and < num_classes if given).
     num_classes: if given, the exclusive upper bound for labels.
     what: names the data in error messages, e.g. a file path.
+    unit_range: float pixels must lie in [0, 1]; False for sets whose pixels are not images'
+      (IPProtect's sanitized sets: finite, any range).
 
   Returns:
     (images, labels): float32 NHWC images in [0, 1], int32 labels.
@@ -158,7 +165,7 @@ def validate(images, labels, *, num_classes: int | None = None, what: str = "dat
     if bad:
       raise DataError(f"{what}: {bad} pixel values are NaN or infinite")
     lo, hi = float(images.min()), float(images.max())
-    if lo < 0 or hi > 1:
+    if unit_range and (lo < 0 or hi > 1):
       raise DataError(
         f"{what}: float pixels must lie in [0, 1], found min {lo} and max {hi} (scale uint8 data by 1/255)"
       )
@@ -511,12 +518,15 @@ def _load_npz(path: str, split: str) -> Dataset:
     if len(found) != 1:
       raise DataError(f"{path}: holds {len(found)} .npz files {found}; pass one file's path")
     path = os.path.join(path, found[0])
-  keys = ("x_train", "y_train", "x_test", "y_test", "images", "labels")
+  keys = ("x_train", "y_train", "x_test", "y_test", "images", "labels", SANITIZED_KEY)
   try:
-    with np.load(path, allow_pickle=False) as z:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz archive")
+    with z:
       arrays = {k: z[k] for k in z.files if k in keys}
-  except (OSError, ValueError, EOFError, zlib.error) as err:
-    raise DataError(f"{path}: cannot read npz file: {err}") from err
+  except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+    raise DataError(f"{path}: cannot read npz file ({type(err).__name__}: {err})") from err
   if f"x_{split}" in arrays and f"y_{split}" in arrays:
     images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
   elif "images" in arrays and "labels" in arrays and split == "train":
@@ -526,7 +536,9 @@ def _load_npz(path: str, split: str) -> Dataset:
       f"{path}: no {split!r} split: expected keys x_{split}/y_{split} (or "
       f"images/labels, a single train split), found {sorted(arrays) or 'none'}"
     )
-  images, labels = validate(images, labels, what=path)
+  # A sanitized set (IPProtect's sanitized.npz says so) has pixels outside [0, 1].
+  sanitized = bool(arrays.get(SANITIZED_KEY, False))
+  images, labels = validate(images, labels, what=path, unit_range=not sanitized)
   num_classes = 1 + max(int(np.max(y, initial=0)) for k, y in arrays.items() if k in ("y_train", "y_test", "labels"))
   return Dataset(images, labels, num_classes, os.path.splitext(os.path.basename(path))[0], f"npz file {path}")
 

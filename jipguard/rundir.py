@@ -298,9 +298,14 @@ def write_table(
   stem = os.fspath(path_stem)
   head = f"# {title}\n\n" if title else ""
   write_text(stem + ".md", head + markdown_table(rows, columns, fmt=fmt))
+  write_csv(stem + ".csv", rows, columns)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+  """Writes ``rows`` as CSV (full precision; a missing value is an empty cell), atomically."""
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")
   writer.writerow(columns)
   for r in rows:
-    writer.writerow([r.get(c, "") for c in columns])
-  write_text(stem + ".csv", buf.getvalue())
+    writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
+  write_text(path, buf.getvalue())

@@ -1,18 +1,18 @@
-"""Sweep runner: a grid of configs of one experiment, one run directory each (``experiments/sweep.py``).
+"""Sweep runner: a grid of configs of one command, one run directory each (``jipguard sweep``).
 
     # 3 x 2 = 6 IPProtect runs of the smoke preset, one after another:
-    python experiments/sweep.py --out runs/sweep-omega --grid omega_tr=10,50,100 --grid seed=0,1 \\
+    jipguard sweep --workdir runs/sweep-omega --grid omega_tr=10,50,100 --grid seed=0,1 \\
         -- --preset smoke --quiet
-    python experiments/sweep.py --out runs/sweep-omega ... --list           # the configs and their status
+    jipguard sweep --workdir runs/sweep-omega ... --list           # the configs and their status
     # One config per array task (SLURM; --task_index defaults to $SLURM_ARRAY_TASK_ID):
     sbatch --array=0-5 \\
-        --wrap "python experiments/sweep.py --out runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
+        --wrap "jipguard sweep --workdir runs/sweep-omega ... --task_index \\$SLURM_ARRAY_TASK_ID"
     # Fewer workers than configs: worker i of n runs configs i, i+n, i+2n, ...
-    python experiments/sweep.py ... --task_index 0 --num_tasks 4
+    jipguard sweep ... --task_index 0 --num_tasks 4
 
-Every config is the experiment's command line (``experiments/<experiment>.py``) with the
-arguments after ``--``, then ``--<name> <value>`` for each grid axis, then
-``--workdir <out>/<config name>``. A config whose run directory holds ``metrics.json``
+Every config is the command's command line (``jipguard <command>``, or a script given by its
+path) with the arguments after ``--``, then ``--<name> <value>`` for each grid axis, then
+``--workdir <sweep workdir>/<config name>``. A config whose run directory holds ``metrics.json``
 (written last by every experiment) is finished and never rerun; an interrupted one
 resumes from its own checkpoints. Each run is a separate process (a failure is logged
 to ``<out>/logs/<config>.log`` and the sweep goes on); they share a persistent JAX
@@ -22,7 +22,6 @@ compilation cache (``<out>/.jax_cache``) so equal programs compile once. At the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -34,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-from jipguard import distributed, rundir
+from jipguard import cli, distributed, rundir
 
 HEADLINE = ("utility_mae", "rank_correlation", "compliance_train", "compliance_val", "correlation_mean", "ssim_mean")
 
@@ -43,7 +42,7 @@ HEADLINE = ("utility_mae", "rank_correlation", "compliance_train", "compliance_v
 class Config:
   """One point of the grid."""
 
-  name: str  # Directory name under --out, e.g. "omega_tr=10,seed=0".
+  name: str  # Directory name under the sweep's --workdir, e.g. "omega_tr=10,seed=0".
   params: dict[str, str]  # Grid values (as given on the command line).
   argv: tuple[str, ...]  # The experiment's arguments, --workdir included.
   workdir: str
@@ -96,17 +95,15 @@ def my_configs(configs: list[Config], task_index: int | None, num_tasks: int | N
   return configs[task_index::num_tasks]
 
 
-def run_config(config: Config, experiment: pathlib.Path, out: str, env: dict[str, str]) -> tuple[str, float]:
-  """Runs one config in its own process; returns ``(status, seconds)``."""
+def run_config(config: Config, command: list[str], out: str, env: dict[str, str]) -> tuple[str, float]:
+  """Runs one config in its own process (``command`` + its arguments); returns ``(status, seconds)``."""
   os.makedirs(os.path.join(out, "logs"), exist_ok=True)
   log_path = os.path.join(out, "logs", f"{config.name}.log")
   t = time.perf_counter()
   with open(log_path, "a") as log:
-    log.write(f"$ {sys.executable} {experiment} {' '.join(config.argv)}\n")
+    log.write(f"$ {' '.join([*command, *config.argv])}\n")
     log.flush()
-    proc = subprocess.Popen(
-      [sys.executable, str(experiment), *config.argv], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
+    proc = subprocess.Popen([*command, *config.argv], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
       rc = proc.wait()
     except KeyboardInterrupt as e:
@@ -138,38 +135,25 @@ def summary(configs: list[Config], statuses: dict[str, str]) -> list[dict[str, A
   return rows
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
-  keys = [k for k in HEADLINE if any(k in r.get("metrics", {}) for r in rows)]
-  lines = [
-    f"# Sweep\n\nCommand: `{command}`\n",
-    "| config | status | " + " | ".join(keys) + " |",
-    "|---|---|" + "---|" * len(keys),
-  ]
-  for r in rows:
-    vals = [f"{r['metrics'][k]:.4g}" if k in r.get("metrics", {}) else "-" for k in keys]
-    lines.append(f"| {r['name']} | {r['status']} | " + " | ".join(vals) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None, *, experiments: str | os.PathLike, description: str | None = None) -> int:
-  """The sweep of ``experiments/sweep.py``; ``experiments``: the folder of the experiment scripts."""
-  argv = sys.argv[1:] if argv is None else argv
-  experiments = pathlib.Path(experiments)
+@cli.command
+def main(argv: list[str] | None = None, *, description: str | None = None) -> int:
+  """``jipguard sweep``: runs (or lists) a grid of configs of one command."""
+  argv = list(sys.argv[1:] if argv is None else argv)
   ours, base = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-  p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=description or __doc__)
   p.add_argument(
-    "--experiment",
+    "--command",
     default="ipprotect",
-    help="experiments/<name>.py (default ipprotect), or a path to any script taking --workdir "
-    "and writing metrics.json last",
+    help="the jipguard command of every config (default: %(default)s), or the path of a script that takes "
+    "--workdir and writes metrics.json last",
   )
-  p.add_argument("--out", required=True, help="sweep directory: one run directory per config")
+  p.add_argument("--workdir", required=True, help="sweep directory: one run directory per config")
   p.add_argument(
     "--grid",
     action="append",
     default=[],
     metavar="NAME=V1,V2,...",
-    help="a grid axis: the experiment's flag --NAME takes each value (repeatable)",
+    help="a grid axis: the command's flag --NAME takes each value (repeatable)",
   )
   p.add_argument(
     "--task_index",
@@ -184,32 +168,35 @@ def main(argv: list[str] | None = None, *, experiments: str | os.PathLike, descr
     help="with --task_index: the number of array tasks sharing the grid (default: one config each)",
   )
   p.add_argument("--list", action="store_true", help="print the configs and their status; run nothing")
+  p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
   a = p.parse_args(ours)
 
-  experiment = pathlib.Path(a.experiment) if a.experiment.endswith(".py") else experiments / f"{a.experiment}.py"
-  if not experiment.is_file() or experiment.resolve() == (experiments / "sweep.py").resolve():
-    p.error(f"no experiment {a.experiment!r}: expected {experiment}")
-  try:
-    configs = expand(a.out, parse_grid(a.grid), base)
-  except ValueError as e:
-    p.error(str(e))
+  if a.command.endswith(".py"):
+    if not os.path.isfile(a.command):
+      raise cli.FlagError(f"--command {a.command}: no such script")
+    command = [sys.executable, a.command]
+  elif a.command in ("sweep",) or a.command not in _commands():
+    raise cli.FlagError(f"--command must be a script path or one of {', '.join(_commands())}, got {a.command!r}")
+  else:
+    command = [sys.executable, "-m", "jipguard", a.command]
+  cli.check_int("--num_tasks", a.num_tasks, lo=1)
+  configs = expand(a.workdir, parse_grid(a.grid), base)
   task_index = a.task_index
   if task_index is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
     task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
-  try:
-    mine = my_configs(configs, task_index, a.num_tasks)
-  except ValueError as e:
-    p.error(str(e))
+  mine = my_configs(configs, task_index, a.num_tasks)
   if a.list:
     for i, c in enumerate(configs):
       print(f"{i:4d}  {'done   ' if is_finished(c) else 'pending'}  {c.name}  ->  {' '.join(c.argv)}")
     return 0
 
-  os.makedirs(a.out, exist_ok=True)
+  out = a.workdir
+  os.makedirs(out, exist_ok=True)
   distributed.interrupt_on_sigterm()  # A terminated sweep lets its running config save, then stops.
   env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(a.out), ".jax_cache"))
-  root = str(pathlib.Path(experiments).resolve().parent)  # The checkout, for runs from a source tree.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), ".jax_cache"))
+  # The jipguard this process runs, also for a source tree that is not installed.
+  root = str(pathlib.Path(__file__).resolve().parents[1])
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
   statuses, failed = {}, 0
   for i, c in enumerate(mine):
@@ -219,7 +206,7 @@ def main(argv: list[str] | None = None, *, experiments: str | os.PathLike, descr
       continue
     print(f"[{i + 1}/{len(mine)}] {c.name} ...", flush=True)
     try:
-      status, seconds = run_config(c, experiment, a.out, env)
+      status, seconds = run_config(c, command, out, env)
     except KeyboardInterrupt as e:
       print(f"[{i + 1}/{len(mine)}] {c.name}: stopped ({e or 'interrupted'}); the same command resumes", flush=True)
       return 130
@@ -228,9 +215,19 @@ def main(argv: list[str] | None = None, *, experiments: str | os.PathLike, descr
     print(f"[{i + 1}/{len(mine)}] {c.name}: {status} in {seconds:.1f} s", flush=True)
 
   rows = summary(configs, statuses)
-  command = " ".join(["python", "experiments/sweep.py", *argv])
+  text = " ".join(["jipguard", "sweep", *argv])
   tag = "" if task_index is None else f".task{task_index}"  # Array tasks never write the same file.
-  rundir.write_json(os.path.join(a.out, f"sweep{tag}.json"), {"command": command, "configs": rows})
-  rundir.write_text(os.path.join(a.out, f"sweep{tag}.md"), markdown(rows, command))
-  print(markdown(rows, command))
+  rundir.write_json(os.path.join(out, f"sweep{tag}.json"), {"command": text, "configs": rows})
+  keys = [k for k in HEADLINE if any(k in r.get("metrics", {}) for r in rows)]
+  table = [{"config": r["name"], "status": r["status"], **r.get("metrics", {})} for r in rows]
+  rundir.write_table(os.path.join(out, f"sweep{tag}"), table, ["config", "status", *keys], title=f"Sweep: `{text}`")
+  with open(os.path.join(out, f"sweep{tag}.md")) as f:
+    print(f.read())
   return 1 if failed else 0
+
+
+def _commands() -> list[str]:
+  """The names of ``jipguard``'s commands (``jipguard.__main__.COMMANDS``)."""
+  from jipguard.__main__ import COMMANDS  # noqa: PLC0415 (the dispatcher imports this module's main lazily)
+
+  return list(COMMANDS)

@@ -30,3 +30,19 @@ def eight_devices():
     assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
   elif jax.device_count() < 8:
     pytest.skip(f"needs 8 devices; {jax.default_backend()} has {jax.device_count()}")
+
+
+@pytest.fixture
+def readme_snippet():
+  """``readme_snippet(name)``: the code block under ``<!-- snippet: name -->`` in README.md."""
+  import pathlib  # noqa: PLC0415
+  import re  # noqa: PLC0415
+
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+  def get(name: str) -> str:
+    found = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```", text, re.S)
+    assert found, f"README.md has no snippet {name!r}"
+    return found.group(1)
+
+  return get

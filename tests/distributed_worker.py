@@ -47,7 +47,7 @@ def main(argv=None) -> int:
   )
   tr = jax.tree.map(lambda a: a[:4], variables)
   va = jax.tree.map(lambda a: a[4:6], variables)
-  san = sanitizer.sanitize(model, tr, va, x[:8], cfg, seed=3, anchor_seed=11, progress=False, mesh=mesh)
+  san = sanitizer.sanitize(model, tr, va, x[:8], cfg, seed=3, anchor_secret=11, progress=False, mesh=mesh)
   if distributed.is_main_process():
     flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(

@@ -244,6 +244,7 @@ def test_run_writes_finished_rows_before_a_later_row_fails(tmp_path):
   rows = json.loads((tmp_path / "results.json").read_text())
   assert [r["size"] for r in rows] == ["first"] and rows[0]["ratio"] == 1.0
   assert "| fake | first |" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "results.csv").read_text().splitlines()[1].startswith("fake,first,")
   # Written through a temporary file, yet readable as a plainly created file would be.
   umask = os.umask(0o022)
   os.umask(umask)
@@ -285,7 +286,7 @@ def test_run_without_torch_says_how_to_install_it():
 
   root = pathlib.Path(__file__).resolve().parents[1]
   code = (
-    "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py', '--quick', '--out', 'unused']; "
+    "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['run.py', '--quick', '--workdir', 'unused']; "
     "runpy.run_path('benchmarks/run.py', run_name='__main__')"
   )
   r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)

@@ -315,6 +315,29 @@ def test_npz_loader(tmp_path):
   (tmp_path / "junk.npz").write_bytes(b"not a zip")
   with pytest.raises(data.DataError, match="cannot read npz"):
     data.load_local(tmp_path / "junk.npz")
+  # A truncated archive (zip magic, cut short) and a plain .npy under an .npz name.
+  whole = (tmp_path / "two.npz").read_bytes()
+  (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+  with pytest.raises(data.DataError, match="cannot read npz"):
+    data.load_local(tmp_path / "cut.npz")
+  np.save(tmp_path / "array.npy", x)
+  (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+  with pytest.raises(data.DataError, match="not an .npz"):
+    data.load_local(tmp_path / "array.npz")
+
+
+def test_npz_sanitized_sets_may_leave_the_unit_range(tmp_path):
+  """IPProtect's sanitized.npz says what it is; other float sets outside [0, 1] are refused."""
+  x = np.random.default_rng(0).normal(size=(5, 4, 4, 1)).astype(np.float32)
+  np.savez(tmp_path / "plain.npz", images=x, labels=np.arange(5))
+  with pytest.raises(data.DataError, match=r"must lie in \[0, 1\]"):
+    data.load_local(tmp_path / "plain.npz")
+  np.savez(tmp_path / "sanitized.npz", images=x, labels=np.arange(5), sanitized=np.array(True))
+  np.testing.assert_array_equal(data.load_local(tmp_path / "sanitized.npz").images, x)
+  x[0, 0, 0, 0] = np.nan  # Still finite only.
+  np.savez(tmp_path / "nan.npz", images=x, labels=np.arange(5), sanitized=np.array(True))
+  with pytest.raises(data.DataError, match="NaN"):
+    data.load_local(tmp_path / "nan.npz")
 
 
 def _save_png(path, array):

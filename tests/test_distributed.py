@@ -111,7 +111,7 @@ def test_every_experiment_takes_the_compilation_cache_flag(tmp_path):
   from jipguard.watermark import cli as watermark_cli  # noqa: PLC0415
   from jipguard.watermark import studies  # noqa: PLC0415
 
-  assert cli.tradeoff_parse(["--compilation_cache", where])[-1] == where
+  assert cli.tradeoff_parse(["--compilation_cache", where])[-1].compilation_cache == where
   for cmd in (
     ["multiuser"],
     ["sweep", "--vary", sorted(studies.SWEEPS)[0]],

@@ -7,8 +7,6 @@ import pytest
 
 from jipguard import sweep
 
-_EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-
 # A stand-in experiment: records each run, fails for --omega_tr 13, writes metrics.json last.
 _FAKE = """
 import argparse, json, os
@@ -59,9 +57,9 @@ def test_sweep_skips_finished_configs_and_logs_failures(tmp_path, capsys):
   fake.write_text(_FAKE)
   out = str(tmp_path / "sweep")
   argv = [
-    "--experiment",
+    "--command",
     str(fake),
-    "--out",
+    "--workdir",
     out,
     "--grid",
     "omega_tr=10,13",
@@ -72,17 +70,17 @@ def test_sweep_skips_finished_configs_and_logs_failures(tmp_path, capsys):
     "smoke",
   ]
   # One array task first: exactly its config runs.
-  assert sweep.main(argv[:4] + ["--task_index", "1"] + argv[4:], experiments=_EXPERIMENTS) == 0
+  assert sweep.main(argv[:4] + ["--task_index", "1"] + argv[4:]) == 0
   assert sorted(d for d in os.listdir(out) if "=" in d) == ["omega_tr=10,seed=1"]
   assert os.path.exists(os.path.join(out, "sweep.task1.json"))
   # The whole grid: the failing configs are reported, the others finish.
-  assert sweep.main(argv, experiments=_EXPERIMENTS) == 1
+  assert sweep.main(argv) == 1
   rows = {r["name"]: r for r in json.load(open(os.path.join(out, "sweep.json")))["configs"]}
   assert rows["omega_tr=10,seed=1"]["metrics"]["utility_mae"] == pytest.approx(1.01)
   assert rows["omega_tr=13,seed=0"]["status"].startswith("failed")
   assert "boom" in open(os.path.join(out, "logs", "omega_tr=13,seed=0.log")).read()
   # Again: finished configs are not rerun; failed ones are retried.
-  assert sweep.main(argv, experiments=_EXPERIMENTS) == 1
+  assert sweep.main(argv) == 1
   assert _runs(out, "omega_tr=10,seed=0") == 1 and _runs(out, "omega_tr=10,seed=1") == 1  # Ran once, ever.
   assert _runs(out, "omega_tr=13,seed=1") == 2
   assert "finished before, skipped" in capsys.readouterr().out
@@ -130,9 +128,9 @@ def test_sigterm_to_a_sweep_lets_its_running_config_save(tmp_path, also_child):
     [
       sys.executable,
       os.path.join(root, "experiments", "sweep.py"),
-      "--experiment",
+      "--command",
       str(fake),
-      "--out",
+      "--workdir",
       str(out),
       "--grid",
       "seed=0,1",

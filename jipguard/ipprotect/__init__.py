@@ -6,6 +6,8 @@ utility on it while the images are worthless as images or training data.
 * ``sellers``: Table I's label-noised sellers and ``sample_models`` (bootstrapped models).
 * ``objective``: Eq. 9 and one optimisation step (:class:`SanitizerConfig`, ``sanitize_step``);
   ``sanitizer``: Algorithm 1 around it (:func:`sanitize`, :func:`sanitize_batch`).
+* ``api``: :func:`sanitize_dataset`, one call for a notebook (the buyer's own arrays in,
+  sanitized images and a :class:`SanitizeReport` out).
 * ``job``: the main job (:func:`run`, :class:`IPProtectConfig`, presets); ``cli``: its flags.
 * ``metrics``: utility MAE, compliance, risk, ranks, bounds, pixel-space similarity.
 * ``exposure`` (with ``vgg``): image, training and inference IP exposure (Defs. 2-4).
@@ -31,6 +33,7 @@ Shape suffixes (``targets_BxMxK``):
 | Z | generator code size (DP-MERF) |
 """
 
+from jipguard.ipprotect.api import SanitizeReport, sanitize_dataset
 from jipguard.ipprotect.job import IPProtectConfig, preset, run
 from jipguard.ipprotect.objective import LOSSES, SanitizerConfig
 from jipguard.ipprotect.sanitizer import BatchResult, sanitize, sanitize_batch
@@ -40,6 +43,7 @@ __all__ = [
   "LOSSES",
   "BatchResult",
   "IPProtectConfig",
+  "SanitizeReport",
   "SanitizerConfig",
   "TrainConfig",
   "preset",
@@ -47,5 +51,6 @@ __all__ = [
   "sample_models",
   "sanitize",
   "sanitize_batch",
+  "sanitize_dataset",
   "train_models",
 ]

@@ -22,8 +22,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from jipguard import cli, distributed, ensemble, models, rundir
 from jipguard import data as data_lib
-from jipguard import distributed, ensemble, models, rundir
 from jipguard.ipprotect import metrics, sanitizer, sellers
 from jipguard.ipprotect.objective import SanitizerConfig
 from jipguard.ipprotect.sellers import TrainConfig
@@ -45,8 +45,23 @@ class IPProtectConfig:
   omega_v: int = 10  # |Omega_V| (Table II).
   sanitizer: SanitizerConfig = SanitizerConfig()
   seed: int = 0  # Seed of everything but the anchors.
-  anchor_seed: int | None = None  # 64-bit anchor secret; None = drawn once, kept private.
+  # Integer the 256-bit anchor secret is derived from (reproducible runs); None = a fresh secret
+  # drawn once and kept private. config.json records a given seed only as a salted commitment.
+  anchor_seed: int | None = None
   cache_dir: str | None = None  # Share trained ensembles between runs (ablations); None = checkpoints/.
+
+  def __post_init__(self):
+    cli.check_int("omega_tr", self.omega_tr, lo=1)
+    cli.check_int("omega_v", self.omega_v, lo=1)
+    cli.check_int("models_per_seller", self.models_per_seller, lo=1)
+    cli.check_int("buyer_size", self.buyer_size, lo=1)
+    cli.check_int("seller_pool_size", self.seller_pool_size, lo=1)
+    cli.check_int("seed", self.seed, lo=0)
+    cli.check_int("anchor_seed", self.anchor_seed, lo=0)
+    if self.model is not None:
+      cli.check_choice("model", self.model, sorted(models.MODELS))
+    if self.sanitizer.model_batch is not None and self.sanitizer.model_batch > self.omega_tr:
+      raise ValueError(f"model_batch must be <= omega_tr = {self.omega_tr}, got {self.sanitizer.model_batch}")
 
 
 def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfig:
@@ -106,27 +121,32 @@ def preset(name: str, dataset: str = data_lib.DEFAULT_DATASET) -> IPProtectConfi
       models_per_seller=10,
       omega_tr=100,
       omega_v=table2["omega_v"],
-      sanitizer=SanitizerConfig(
-        steps=2000, data_batch=table2["data_batch"], zeta=table2["zeta"], tau=table2["tau"], lam=0.1
-      ),
+      sanitizer=SanitizerConfig.paper(data_batch=table2["data_batch"], zeta=table2["zeta"], tau=table2["tau"], lam=0.1),
     )
   raise ValueError(f"unknown preset {name!r}; choose smoke, default or paper")
 
 
-def config_to_json(cfg: IPProtectConfig) -> dict[str, Any]:
-  """The config as JSON; a given anchor secret is recorded only as its SHA-256 commitment."""
+def config_to_json(cfg: IPProtectConfig, *, anchor_salt: str | None = None) -> dict[str, Any]:
+  """The config as JSON. A given ``anchor_seed`` is recorded only as a salted commitment
+  ``{"scrypt": scrypt(seed, salt), "salt": salt}`` (``anchor_salt``: hex; a fresh one if None),
+  never as the seed or a plain hash of it."""
   d = dataclasses.asdict(cfg)
   d["seller_train"], d["omega_train"] = cfg.seller_train.fingerprint(), cfg.omega_train.fingerprint()
   d["sanitizer"] = cfg.sanitizer.fingerprint()
   if cfg.anchor_seed is not None:
-    d["anchor_seed"] = "sha256:" + hashlib.sha256(str(cfg.anchor_seed).encode()).hexdigest()
+    salt = anchor_salt or secrets.token_hex(16)
+    d["anchor_seed"] = {"scrypt": _seed_commitment(cfg.anchor_seed, salt), "salt": salt}
   return d
+
+
+def _seed_commitment(seed: int, salt_hex: str) -> str:
+  return hashlib.scrypt(str(seed).encode(), salt=bytes.fromhex(salt_hex), n=2**14, r=8, p=1, dklen=32).hex()
 
 
 def config_from_json(d: dict[str, Any]) -> IPProtectConfig:
   """Inverse of :func:`config_to_json` (an anchor commitment comes back as None)."""
   d = dict(d)
-  if isinstance(d.get("anchor_seed"), str):
+  if not isinstance(d.get("anchor_seed"), int):
     d["anchor_seed"] = None
   d["seller_train"] = TrainConfig(**d["seller_train"])
   d["omega_train"] = TrainConfig(**d["omega_train"])
@@ -134,13 +154,30 @@ def config_from_json(d: dict[str, Any]) -> IPProtectConfig:
   return IPProtectConfig(**d)
 
 
+def _saved_anchor_salt(workdir: str) -> str | None:
+  """The salt of the anchor-seed commitment in ``workdir``'s config.json, if it has one."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  saved = rundir.read_json(path)
+  anchor = saved.get("config", {}).get("anchor_seed") if isinstance(saved, dict) else None
+  return anchor.get("salt") if isinstance(anchor, dict) else None
+
+
 def load_data(cfg: IPProtectConfig) -> tuple[data_lib.Dataset, data_lib.Dataset]:
   """Buyer (test split, first ``buyer_size`` of a fixed permutation) and seller pool (train)."""
   test = data_lib.load(cfg.dataset, "test", data_dir=cfg.data_dir)
   train = data_lib.load(cfg.dataset, "train", data_dir=cfg.data_dir)
 
+  for what, n, ds, split in (
+    ("buyer_size", cfg.buyer_size, test, "test"),
+    ("seller_pool_size", cfg.seller_pool_size, train, "train"),
+  ):
+    if n is not None and n > len(ds):
+      raise data_lib.DataError(f"{what} must be <= {len(ds)} (the {split} split of {ds.name}), got {n}")
+
   def take(ds, n, k):
-    if n is None or n >= len(ds):
+    if n is None or n == len(ds):
       return ds
     return ds.subset(np.sort(_order(cfg, k, len(ds))[:n]))
 
@@ -172,29 +209,32 @@ def run_model(cfg: IPProtectConfig, buyer: data_lib.Dataset) -> nn.Module:
   return models.get_model(cfg.model or ("mlp" if buyer.image_shape[-1] == 1 else "cnn"), buyer.num_classes)
 
 
-def _ensemble_dir(cfg: IPProtectConfig, model: nn.Module, root: str, kind: str, *parts: Any) -> str:
+def _ensemble_dir(cfg: IPProtectConfig, model: nn.Module, root: str | None, kind: str, *parts: Any) -> str | None:
+  if root is None:
+    return None
   tag = hashlib.sha256(
     json.dumps([cfg.dataset, cfg.data_dir, repr(model), cfg.seed, *parts], sort_keys=True, default=str).encode()
   ).hexdigest()[:16]
   return os.path.join(root, f"{kind}-{tag}")
 
 
-def _omega_key(cfg: IPProtectConfig) -> jax.Array:
+def omega_key(cfg: IPProtectConfig) -> jax.Array:
+  """The key of the run's sample_models (their bootstraps: ``sellers.sample_bootstraps``)."""
   return jax.random.fold_in(jax.random.key(cfg.seed), 3)
 
 
 def sampled_models(
-  cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Dataset, root: str, **kwargs: Any
+  cfg: IPProtectConfig, model: nn.Module, buyer: data_lib.Dataset, root: str | None, **kwargs: Any
 ) -> ensemble.EnsembleState:
   """The run's Omega_Tr + Omega_V (in that order), trained or restored from ``root``.
 
   ``root`` is where :func:`run` keeps ensembles: ``cfg.cache_dir`` if set, else the run
-  directory's ``checkpoints``. ``kwargs`` go to :func:`sellers.sample_models`.
+  directory's ``checkpoints`` (None: trained and kept nowhere). ``kwargs`` go to :func:`sellers.sample_models`.
   """
   return sellers.sample_models(
     model,
     cfg.omega_train,
-    _omega_key(cfg),
+    omega_key(cfg),
     buyer,
     cfg.omega_tr + cfg.omega_v,
     checkpoint_dir=_ensemble_dir(
@@ -229,20 +269,32 @@ def seller_models(
   )
 
 
-def _anchor_seed(cfg: IPProtectConfig, ckpt: str) -> int:
-  """The run's anchor secret: given, or drawn once and kept in the private checkpoints (0600)."""
+def _shared_token(n: int) -> bytes:
+  """``n`` random bytes from ``secrets``; with several processes, process 0's (broadcast)."""
+  token = secrets.token_bytes(n)
+  if jax.process_count() > 1:
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8)).astype(np.uint8).tobytes()
+  return token
+
+
+def anchor_secret_of(cfg: IPProtectConfig, ckpt: str) -> bytes:
+  """The run's 256-bit anchor secret: derived from a given ``anchor_seed``, or drawn once and kept
+  in the private checkpoints (``anchor_secret.json``, 0600)."""
   if cfg.anchor_seed is not None:
-    return cfg.anchor_seed
+    return sanitizer.anchor_secret(cfg.anchor_seed)
   path = os.path.join(ckpt, "anchor_secret.json")
   if os.path.exists(path):
-    return int(rundir.read_secret(path)["anchor_seed"])
-  seed = secrets.randbits(64)
-  if jax.process_count() > 1:  # Every host must use process 0's secret.
-    halves = multihost_utils.broadcast_one_to_all(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
-    seed = (int(halves[0]) << 32) | int(halves[1])
+    saved = rundir.read_secret(path)
+    if "anchor_secret" not in saved:
+      raise rundir.ConfigMismatch(
+        f"{path} holds a 64-bit anchor secret of an older jipguard, whose sanitization cannot resume; "
+        "use a new --workdir"
+      )
+    return bytes.fromhex(saved["anchor_secret"])
+  secret = _shared_token(sanitizer.ANCHOR_SECRET_BYTES)
   if distributed.is_main_process():
-    rundir.write_secret(path, {"anchor_seed": seed, "note": "private to the buyer: never share"})
-  return seed
+    rundir.write_secret(path, {"anchor_secret": secret.hex(), "note": "private to the buyer: never share"})
+  return secret
 
 
 def run(
@@ -257,25 +309,55 @@ def run(
   checkpoints).
   """
   main = distributed.is_main_process()
-  cfg_json = config_to_json(cfg)
+  buyer, pool = load_data(cfg)  # Bad data fail here, before the run directory exists.
+  model = run_model(cfg, buyer)
+  salt = _saved_anchor_salt(workdir)
+  if salt is None and cfg.anchor_seed is not None:
+    salt = _shared_token(16).hex()
+  cfg_json = config_to_json(cfg, anchor_salt=salt)
   cfg_json.pop("cache_dir")  # Where ensembles are cached does not change the results.
   rundir.write_config(workdir, cfg_json, write=main)
   ckpt = os.path.join(workdir, "checkpoints")
   os.makedirs(ckpt, exist_ok=True)
-
-  buyer, pool = load_data(cfg)
-  model = run_model(cfg, buyer)
+  log = os.path.join(workdir, "metrics.jsonl")
+  epoch_log = lambda phase: (
+    lambda epoch, record: main and rundir.append_jsonl(log, {"phase": phase, "epoch": epoch, **record})
+  )
+  batch_log = lambda i, res: (
+    main
+    and rundir.append_jsonl(
+      log,
+      {
+        "phase": "sanitize",
+        "batch": i,
+        "images": len(res.images),
+        "steps_mean": float(np.mean(res.steps)),
+        "val_loss_mean": float(np.nanmean(res.val_loss)) if np.isfinite(res.val_loss).any() else None,
+        "train_loss_mean": float(np.nanmean(res.train_loss)) if np.isfinite(res.train_loss).any() else None,
+        "seconds": float(np.sum(res.seconds)),
+      },
+    )
+  )
   noise = sellers.TABLE_I_NOISE[sellers.table_i_family(buyer.name)]
   timings = {}
 
   ens_dir = cfg.cache_dir or ckpt
 
   t = time.perf_counter()
-  seller_ens = seller_models(cfg, model, pool, ens_dir, progress=progress, mesh=mesh)
+  seller_ens = seller_models(cfg, model, pool, ens_dir, progress=progress, mesh=mesh, on_epoch_end=epoch_log("sellers"))
   timings["sellers_s"] = time.perf_counter() - t
 
   t = time.perf_counter()
-  omega = sampled_models(cfg, model, buyer, ens_dir, desc="sample_models", progress=progress, mesh=mesh)
+  omega = sampled_models(
+    cfg,
+    model,
+    buyer,
+    ens_dir,
+    desc="sample_models",
+    progress=progress,
+    mesh=mesh,
+    on_epoch_end=epoch_log("sample_models"),
+  )
   # Host copies (small): evaluation runs locally; the sanitizer places them on the mesh.
   omega_vars, seller_vars = distributed.to_host((omega.variables, seller_ens.variables))
   params_tr = jax.tree.map(lambda a: a[: cfg.omega_tr], omega_vars)
@@ -284,7 +366,7 @@ def run(
 
   t = time.perf_counter()
   # The bootstraps sample_models trained Omega_Tr and Omega_V on.
-  boots = sellers.sample_bootstraps(_omega_key(cfg), len(buyer), cfg.omega_tr + cfg.omega_v)
+  boots = sellers.sample_bootstraps(omega_key(cfg), len(buyer), cfg.omega_tr + cfg.omega_v)
   mask = sellers.out_of_bag_mask(boots[: cfg.omega_tr], len(buyer)) if cfg.sanitizer.out_of_bag else None
   result = sanitizer.sanitize(
     model,
@@ -293,11 +375,12 @@ def run(
     buyer.images,
     cfg.sanitizer,
     seed=cfg.seed,
-    anchor_seed=_anchor_seed(cfg, ckpt),
+    anchor_secret=anchor_secret_of(cfg, ckpt),
     checkpoint_dir=os.path.join(ckpt, "sanitize"),
     progress=progress,
     mesh=mesh,
     member_mask=mask,
+    on_batch=batch_log,
   )
   timings["sanitize_s"] = time.perf_counter() - t
 
@@ -331,6 +414,7 @@ def run(
     os.path.join(workdir, "sanitized.npz"),
     images=result.images.astype(np.float32),
     labels=buyer.labels.astype(np.int32),
+    **{data_lib.SANITIZED_KEY: np.array(True)},  # data.load reads it back (pixels outside [0, 1]).
   )
   from jipguard.ipprotect import report  # noqa: PLC0415 (matplotlib only when writing the report)
 

@@ -28,19 +28,25 @@ overshoots). Out-of-bag models saw the image no more than a seller did. An image
 every model was trained on (probability ~0.63^|Omega_Tr|) uses all of them.
 
 Keys: image k (global index in D_B) uses ``fold_in(init_key, k)`` for its starting
-noise, ``fold_in(anchor_key, k)`` for its anchor x_N, and ``fold_in(fold_in(step_key,
-k), t)`` at step t. ``anchor_key`` comes from a one-time secret seed drawn with
-``secrets`` unless given; it is kept in the buyer's private checkpoint directory and
-never written to ``sanitized.npz``.
+noise and ``fold_in(fold_in(step_key, k), t)`` at step t (both from the public ``seed``).
+Its anchor x_N comes from the run's 256-bit **anchor secret** (:func:`anchor_secret`: drawn
+with ``secrets``, or derived from a given integer seed by scrypt) through a KDF: the per-image
+key is HMAC-SHA256(secret, "jipguard/ipprotect/anchor/k") cut to JAX's 64-bit threefry key
+(:func:`anchor_keys`). Recovering one image's anchor is a 2^64 search for that image alone;
+the secret, and every other image's anchor, stay out of reach. The secret is kept in the
+buyer's private checkpoint directory (0600) and never written to ``sanitized.npz``;
+checkpoints record only a keyed commitment to it (:func:`anchor_commitment`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import hashlib
+import hmac
 import os
+import secrets
 import time
 from typing import Any
 
@@ -167,21 +173,60 @@ def image_keys(seed_key: jax.Array, start: int, count: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(seed_key, k))(jnp.arange(start, start + count))
 
 
-def secret_key(seed: int) -> jax.Array:
-  """A threefry key from a 64-bit integer seed (anchors use a one-time 64-bit secret)."""
-  if not 0 <= seed < 2**64:
-    raise ValueError("anchor seed must be an integer in [0, 2**64)")
-  return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
+ANCHOR_SECRET_BYTES = 32  # 256 bits.
+_SEED_SALT = b"jipguard/ipprotect/anchor_seed"  # scrypt's salt for secrets derived from a given seed.
+
+
+def anchor_secret(seed: int | None = None) -> bytes:
+  """A 256-bit anchor secret: fresh from ``secrets`` (``seed=None``), or derived from an integer
+  ``seed`` by scrypt (reproducible runs; such a secret is only as hard to guess as the seed)."""
+  if seed is None:
+    return secrets.token_bytes(ANCHOR_SECRET_BYTES)
+  return _secret_from_seed(seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _secret_from_seed(seed: int) -> bytes:
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"anchor seed must be a non-negative integer, got {seed!r}")
+  return hashlib.scrypt(str(seed).encode(), salt=_SEED_SALT, n=2**14, r=8, p=1, dklen=ANCHOR_SECRET_BYTES)
+
+
+def _as_secret(secret: bytes | int) -> bytes:
+  if isinstance(secret, (bytes, bytearray)):
+    if len(secret) != ANCHOR_SECRET_BYTES:
+      raise ValueError(f"an anchor secret has {ANCHOR_SECRET_BYTES} bytes, got {len(secret)}")
+    return bytes(secret)
+  return anchor_secret(secret)
+
+
+def anchor_keys(secret: bytes | int, start: int, count: int) -> jax.Array:
+  """Threefry keys of the anchors of images start..start+count-1 (module doc: a KDF of the secret)."""
+  secret = _as_secret(secret)
+  words = np.empty((count, 2), np.uint32)
+  for i in range(count):
+    digest = hmac.digest(secret, b"jipguard/ipprotect/anchor/%d" % (start + i), "sha256")
+    words[i] = np.frombuffer(digest[:8], ">u4")
+  return jax.random.wrap_key_data(words)
+
+
+def anchor_commitment(secret: bytes | int) -> str:
+  """A keyed commitment to the anchor secret (HMAC-SHA256 of a fixed message): equal for equal
+  secrets, so a checkpoint of another secret is refused, and revealing nothing of the secret."""
+  return hmac.digest(_as_secret(secret), b"jipguard/ipprotect/commitment", "sha256").hex()
 
 
 def starting_points(
-  image_shape: Sequence[int], start: int, count: int, *, seed: int, anchor_seed: int
+  image_shape: Sequence[int], start: int, count: int, *, seed: int, anchor_secret: bytes | int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Images start..start+count-1's starting noise x~_0, anchors x_N and step keys (module doc)."""
+  """Images start..start+count-1's starting noise x~_0, anchors x_N and step keys (module doc).
+
+  ``anchor_secret``: 32 bytes (:func:`anchor_secret`), or an integer seed it is derived from.
+  """
   root = jax.random.key(seed)
   normal = lambda k: jax.random.normal(k, tuple(image_shape))
   x0 = jax.vmap(normal)(image_keys(jax.random.fold_in(root, 0), start, count))
-  anchors = jax.vmap(normal)(image_keys(secret_key(anchor_seed), start, count))
+  anchors = jax.vmap(normal)(anchor_keys(anchor_secret, start, count))
   return x0, anchors, image_keys(jax.random.fold_in(root, 1), start, count)
 
 
@@ -249,7 +294,7 @@ def sanitize_batch(
   *,
   start: int,
   seed: int,
-  anchor_seed: int,
+  anchor_secret: bytes | int,
   pad_to: int | None = None,
   mesh: jax.sharding.Mesh | None = None,
   member_mask: np.ndarray | None = None,
@@ -273,7 +318,7 @@ def sanitize_batch(
   m = jax.tree.leaves(params_tr)[0].shape[0]
   x = jnp.zeros((b, *images.shape[1:]), jnp.float32).at[:n].set(images)
   shape = images.shape[1:]
-  x0, anchors, step_keys = starting_points(shape, start, b, seed=seed, anchor_seed=anchor_seed)
+  x0, anchors, step_keys = starting_points(shape, start, b, seed=seed, anchor_secret=anchor_secret)
   active = jnp.arange(b) < n
   extra = {}
   if member_mask is not None:
@@ -370,11 +415,12 @@ def sanitize(
   cfg: SanitizerConfig,
   *,
   seed: int,
-  anchor_seed: int,
+  anchor_secret: bytes | int,
   checkpoint_dir: str | os.PathLike | None = None,
   progress: bool = True,
   mesh: jax.sharding.Mesh | None = None,
   member_mask: np.ndarray | None = None,
+  on_batch: Callable[[int, BatchResult], None] | None = None,
 ) -> BatchResult:
   """Algorithm 1 over a whole dataset, in data batches of ``cfg.data_batch`` images.
 
@@ -388,13 +434,16 @@ def sanitize(
     images: The buyer's images, NHWC.
     cfg: Sanitizer parameters.
     seed: Seed of the starting noise and the per-step randomness.
-    anchor_seed: One-time secret seed of the anchors x_N (keep it private).
+    anchor_secret: The run's 32-byte anchor secret (:func:`anchor_secret`; keep it private), or an
+      integer seed it is derived from.
     checkpoint_dir: Where finished batches go.
     progress: Show a progress bar over images.
     mesh: Optional device mesh: images over its data axis, models over its member axis
       (see :func:`sanitize_batch`); batches are padded to a multiple of the data axis.
     member_mask: With ``cfg.out_of_bag``: ``N x |Omega_Tr|`` eligible models per image
       (:func:`out_of_bag_mask`).
+    on_batch: Called as ``on_batch(index, result)`` after each batch sanitized in this call
+      (not for batches restored from ``checkpoint_dir``), e.g. to append to ``metrics.jsonl``.
 
   Returns:
     A :class:`BatchResult` for all images.
@@ -415,7 +464,7 @@ def sanitize(
     "config": cfg.fingerprint(),
     "seed": seed,
     "model": repr(model),
-    "anchor": hashlib.sha256(str(anchor_seed).encode()).hexdigest(),  # A commitment, not the secret.
+    "anchor": anchor_commitment(anchor_secret),  # Keyed: reveals nothing of the secret.
     "data": ensemble.digest(images, params_tr, params_v, member_mask),
   }
   if checkpoint_dir is not None:
@@ -443,7 +492,7 @@ def sanitize(
           cfg,
           start=start,
           seed=seed,
-          anchor_seed=anchor_seed,
+          anchor_secret=anchor_secret,
           pad_to=padded,
           mesh=mesh,
           member_mask=None if member_mask is None else member_mask[start : start + batch],
@@ -458,6 +507,8 @@ def sanitize(
             args=ocp.args.Composite(batch=ocp.args.StandardSave(dataclasses.asdict(res)), meta=ocp.args.JsonSave(meta)),
           )
           manager.wait_until_finished()
+        if on_batch is not None:
+          on_batch(i, res)
       results.append(res)
       bar.update(len(res.images))
       val = f" val {np.mean(res.val_loss):.3f}" if np.all(np.isfinite(res.val_loss)) else ""

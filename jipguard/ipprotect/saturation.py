@@ -77,7 +77,7 @@ def run(
   )
   for steps in sorted(set(checkpoints)):
     san = dataclasses.replace(cfg.sanitizer, steps=steps, val_stop=False, data_batch=n)
-    out = sanitizer.sanitize_batch(model, tr, None, x, san, start=0, seed=cfg.seed, anchor_seed=0).images
+    out = sanitizer.sanitize_batch(model, tr, None, x, san, start=0, seed=cfg.seed, anchor_secret=0).images
     logits = np.asarray(apply(tr, out))
     agree = (logits.argmax(-1) == want_tr).mean(0)  # Per image.
     top = np.asarray(jax.nn.softmax(logits, -1)).max(-1).mean()

@@ -8,7 +8,7 @@ the 8 sellers x ``models_per_seller`` models with their noisy labels, and the |O
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 from typing import Any
 
@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import optax
 
+from jipguard import cli, ensemble, rundir
 from jipguard import data as data_lib
-from jipguard import ensemble, rundir
 
 # Table I of the paper: noise exponents of the 8 sellers and the accuracies they reached.
 TABLE_I_NOISE = {
@@ -78,8 +78,10 @@ class TrainConfig:
   weight_decay: float = 0.0  # L2 coefficient added to the gradient (torch Adam's weight_decay).
 
   def __post_init__(self):
-    if self.weight_decay < 0:
-      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    cli.check_int("epochs", self.epochs, lo=1)
+    cli.check_int("batch_size", self.batch_size, lo=1)
+    cli.check_float("learning_rate", self.learning_rate, lo=0, lo_open=True)
+    cli.check_float("weight_decay", self.weight_decay, lo=0)
 
   def optimizer(self) -> optax.GradientTransformation:
     """Adam; with ``weight_decay`` the coupled L2 of ``torch.optim.Adam(weight_decay=...)``.
@@ -111,10 +113,11 @@ def train_models(
   mesh: jax.sharding.Mesh | None = None,
   progress: bool = True,
   checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S,
+  on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> ensemble.EnsembleState:
   """Trains ``num_members`` models in one ensemble call (resumable via ``checkpoint_dir``,
   saved at most every ``checkpoint_interval_s`` seconds, on the last epoch and on the way out
-  of an exception: ``EnsembleTrainer.fit``)."""
+  of an exception: ``EnsembleTrainer.fit``; ``on_epoch_end`` as there)."""
   trainer = ensemble.EnsembleTrainer(model, cfg.optimizer(), batch_size=cfg.batch_size, mesh=mesh)
   keys = jax.random.split(key, num_members)
   ckpt = (
@@ -123,7 +126,15 @@ def train_models(
     else ensemble.Checkpointing(checkpoint_dir, interval_s=checkpoint_interval_s, fingerprint=cfg.fingerprint())
   )
   result = trainer.fit(
-    keys, images, labels, epochs=cfg.epochs, indices=indices, checkpoint=ckpt, desc=desc, progress=progress
+    keys,
+    images,
+    labels,
+    epochs=cfg.epochs,
+    indices=indices,
+    checkpoint=ckpt,
+    desc=desc,
+    progress=progress,
+    on_epoch_end=on_epoch_end,
   )
   return result.state
 

@@ -320,6 +320,36 @@ def _ms(v) -> str:
   return f"{m:.2f} ± {s:.2f}" if isinstance(s, float) and math.isfinite(s) else f"{m:.2f}"
 
 
+TABLE3_COLUMNS = (
+  "dataset",
+  "exposure",
+  "method",
+  "mae_mean",
+  "mae_std",
+  "exposure_mean",
+  "exposure_std",
+  "hmean_mean",
+  "hmean_std",
+)
+
+
+def table3_rows(t: dict[str, Any]) -> list[dict[str, Any]]:
+  """Table III as rows (``table3.csv``): one per dataset, exposure kind and method."""
+  rows = []
+  for d, kinds in t["tables"].items():
+    for kind in KINDS:
+      for method in METHODS:
+        row = kinds[kind].get(method)
+        if row is None:
+          continue
+        out = {"dataset": d, "exposure": kind, "method": LABELS[method]}
+        for k in ("mae", "exposure", "hmean"):
+          mean, std = row[k] if row[k] is not None else (None, None)
+          out[f"{k}_mean"], out[f"{k}_std"] = mean, std
+        rows.append(out)
+  return rows
+
+
 def table3_markdown(t: dict[str, Any]) -> str:
   datasets = list(t["tables"])
   head = "| IP | method | " + " | ".join(f"{d}: MAE | {d}: IP exp. | {d}: HMean" for d in datasets) + " |"
@@ -447,6 +477,7 @@ def run_study(
     "defined for the Identity / Random ends).\n\n" + table3_markdown(t) + "\n"
   )
   rundir.write_text(os.path.join(out, "table3.md"), text)
+  rundir.write_csv(os.path.join(out, "table3.csv"), table3_rows(t), TABLE3_COLUMNS)
   figure(points, KINDS, os.path.join(out, "fig2.png"))
   for kind in KINDS:
     figure(points, (kind,), os.path.join(out, f"fig2_{kind}.png"))

@@ -8,8 +8,9 @@ loss (Eq. 6) and declares a match when ``|k^ - k*| < tau``.
 * ``lct``: the watermarks (``lct.lct``, :func:`blue_shift`, :class:`Watermark`, :func:`mark`)
   and the tinted offline colour data (:func:`colorize`).
 * ``learner``: :func:`train_learners` (augmented, one stacked ensemble), saving, pruning.
-* ``verify``: :func:`signature_losses`, :func:`grid_search`, :func:`gradient_search`, the
-  matching rule and adv^P, the MIA baselines.
+* ``verifier``: :func:`verify` (one call: a model and the owner's unmarked images -> a
+  :class:`Verdict`), :func:`signature_losses`, :func:`grid_search`, :func:`gradient_search`,
+  the matching rule and adv^P, the MIA baselines.
 * ``studies``: multi-user, sweeps, defences (configs and runs); ``cli``: the command line;
   ``report``: report.md and figures.
 
@@ -30,7 +31,16 @@ Shape suffixes (``losses_KxN``):
 
 from jipguard.watermark.lct import PAPER_SPACE, PAPER_TAU, Watermark, blue_shift, colorize, mark, mark_users
 from jipguard.watermark.learner import Augment, LearnerConfig, load_model, prune, save_model, train_learners
-from jipguard.watermark.verify import GridResult, adv_p, gradient_search, grid_search, match, signature_losses
+from jipguard.watermark.verifier import (
+  GridResult,
+  Verdict,
+  adv_p,
+  gradient_search,
+  grid_search,
+  match,
+  signature_losses,
+  verify,
+)
 
 __all__ = [
   "PAPER_SPACE",
@@ -52,4 +62,6 @@ __all__ = [
   "save_model",
   "signature_losses",
   "train_learners",
+  "Verdict",
+  "verify",
 ]

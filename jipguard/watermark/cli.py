@@ -1,8 +1,8 @@
 """Command line of anti-neuron watermarking: the studies, and the mark / verify tools.
 
-``experiments/watermark.py`` is a thin wrapper of :func:`main`. The study sub-commands take one
-flag per field of their config (``studies.MultiuserConfig``, ``SweepConfig``, ``DefencesConfig``),
-with the config's default.
+``jipguard watermark`` runs :func:`main`; ``experiments/watermark.py`` is a thin wrapper of it.
+The study sub-commands take one flag per field of their config (``studies.MultiuserConfig``,
+``SweepConfig``, ``DefencesConfig``), with the config's default.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import dataclasses
 import json
 import os
 import typing
+import zipfile
 
 import jax
 import numpy as np
 
+from jipguard import cli as jcli
 from jipguard import data, distributed, rundir
-from jipguard.watermark import lct, learner, report, studies, verify
+from jipguard.watermark import lct, learner, report, studies, verifier
 
 # Help of the studies' flags (one per config field).
 _HELP = {
@@ -47,6 +49,17 @@ _HELP = {
   "finetune_epochs": "epochs of fine-tuning on clean data",
 }
 _CHOICES = {"augment": sorted(learner.NAMED_AUGMENTS), "lct": list(studies.LCT_KINDS), "vary": sorted(studies.SWEEPS)}
+# Allowed ranges of the studies' numeric flags (cli.check_int / check_float keywords).
+_RANGES = {
+  "seed": dict(lo=0),
+  "mia_users": dict(lo=0),
+  "heldout_users": dict(lo=0),
+  "finetune_epochs": dict(lo=0),
+  "lr": dict(lo=0, lo_open=True),
+  "grid_step": dict(lo=0, hi=360, lo_open=True, hi_open=True),
+  "tau": dict(lo=0, hi=180, lo_open=True),
+  "signature": dict(lo=0, hi=360, hi_open=True),
+}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -69,7 +82,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _study_config(a: argparse.Namespace) -> studies.StudyConfig:
+  """The study's config from its flags, each checked against its allowed range first."""
   cls = studies.STUDIES[a.cmd]
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if hints[f.name] is int:
+      jcli.check_int(f"--{f.name}", getattr(a, f.name), **_RANGES.get(f.name, dict(lo=1)))
+    elif hints[f.name] is float:
+      jcli.check_float(f"--{f.name}", getattr(a, f.name), **_RANGES.get(f.name, {}))
   return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -90,12 +110,19 @@ def load_images(path: str) -> data.Dataset:
 
 def cmd_mark(a: argparse.Namespace) -> int:
   """``mark``: writes a copy of an image set with every image marked."""
+  jcli.check_float("--signature", a.signature, **_RANGES["signature"])
+  jcli.check_int("--transform_seed", a.transform_seed, lo=0)
+  if not a.output.endswith(".npz"):
+    raise jcli.FlagError(f"--output must name an .npz file, got {a.output!r}")
   if a.input.endswith(".npz") and os.path.isfile(a.input):
-    with np.load(a.input) as z:
-      arrays = {k: z[k] for k in z.files}
+    try:
+      with np.load(a.input, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as err:
+      raise data.DataError(f"{a.input}: cannot read npz file ({type(err).__name__}: {err})") from err
     key = "images" if "images" in arrays else "x_train"
     if key not in arrays:
-      raise SystemExit(f"{a.input}: expected an 'images' (or 'x_train') array, found {sorted(arrays)}")
+      raise data.DataError(f"{a.input}: expected an 'images' (or 'x_train') array, found {sorted(arrays)}")
     images = arrays[key].astype(np.float32)
     if arrays[key].dtype == np.uint8:
       images /= 255.0
@@ -103,7 +130,9 @@ def cmd_mark(a: argparse.Namespace) -> int:
     ds = load_images(a.input)
     arrays, key, images = {"labels": ds.labels}, "images", ds.images
   if images.ndim != 4 or images.shape[-1] != 3:
-    raise SystemExit(f"need RGB images N x H x W x 3, got {images.shape}")
+    raise data.DataError(f"{a.input}: need RGB images N x H x W x 3, got shape {images.shape}")
+  if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
+    raise data.DataError(f"{a.input}: pixels must be finite and in [0, 1] (uint8 or float)")
   t = None if a.transform_seed is None else lct.user_transform(jax.random.key(a.transform_seed))
   arrays[key] = lct.mark(images, a.signature, lct.Watermark.hue(t))
   rundir.write_npz(a.output, **arrays)
@@ -113,38 +142,47 @@ def cmd_mark(a: argparse.Namespace) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
   """``verify``: recovers the signature from a saved model and the owner's unmarked images; prints a verdict."""
+  jcli.check_float("--signature", a.signature, **_RANGES["signature"])
+  jcli.check_float("--tau", a.tau, **_RANGES["tau"])
+  jcli.check_float("--grid_step", a.grid_step, **_RANGES["grid_step"])
+  jcli.check_int("--transform_seed", a.transform_seed, lo=0)
+  if not os.path.isdir(a.model):
+    raise FileNotFoundError(f"--model {a.model}: no saved model directory there (learner.save_model)")
   model, v, meta = learner.load_model(a.model)
   ds = load_images(a.images)
   if ds.image_shape != tuple(meta["image_shape"]):
-    raise SystemExit(f"images are {ds.image_shape}, the model takes {tuple(meta['image_shape'])}")
+    raise data.DataError(f"{a.images}: images are {ds.image_shape}, the model takes {tuple(meta['image_shape'])}")
   t = None if a.transform_seed is None else lct.user_transform(jax.random.key(a.transform_seed))
-  sigs = np.arange(0, 360, a.grid_step, dtype=np.float32)
-  r = verify.grid_search(model, v, ds.images, ds.labels, sigs, watermark=lct.Watermark.hue(t))
+  verdict = verifier.verify(
+    model,
+    v,
+    ds.images,
+    ds.labels,
+    signature=a.signature,
+    tau=a.tau,
+    grid_step=a.grid_step,
+    gradient=a.gradient,
+    watermark=lct.Watermark.hue(t),
+  )
+  r = verdict.grid
+  every = max(1, int(15 / a.grid_step))
   print("signature (deg) -> mean loss")
-  for s, l in zip(r.signatures[:: max(1, int(15 / a.grid_step))], r.losses[:: max(1, int(15 / a.grid_step))]):
+  for s, l in zip(r.signatures[::every], r.losses[::every]):
     print(f"  {s:6.1f}  {l:.4f}  " + "#" * int(40 * (l - r.losses.min()) / max(np.ptp(r.losses), 1e-9)))
   print(f"recovered signature (grid): {r.recovered:.1f} deg")
-  rec = r.recovered
   if a.gradient:
-    rec, _, _ = verify.gradient_search(model, v, ds.images, ds.labels, watermark=lct.Watermark.hue(t))
-    print(f"recovered signature (gradient search): {rec:.1f} deg")
+    print(f"recovered signature (gradient search): {verdict.recovered:.1f} deg")
   if a.signature is not None:
-    ok = bool(verify.match(rec, a.signature, a.tau))
+    ok = verdict.matched
     print(
-      f"verdict: {'MATCH' if ok else 'NO MATCH'}: |k^ - k*| = {float(verify.distance(rec, a.signature)):.1f} "
+      f"verdict: {'MATCH' if ok else 'NO MATCH'}: |k^ - k*| = {verdict.distance:.1f} "
       f"{'<' if ok else '>='} tau = {a.tau}: the model was {'very likely' if ok else 'not shown to be'} "
       "trained on the marked images"
     )
+  elif not verdict.matched:
+    print("verdict: the recovered signature is the null one: no sign of a watermark")
   else:
-    null = verify.distance(rec, 0) < a.tau
-    print(
-      "verdict: "
-      + (
-        "the recovered signature is the null one: no sign of a watermark"
-        if null
-        else f"a non-null signature ({rec:.1f} deg) was recovered: compare it with the owner's"
-      )
-    )
+    print(f"verdict: a non-null signature ({verdict.recovered:.1f} deg) was recovered: compare it with the owner's")
   if a.plot:
     report.loss_plot(
       a.plot,
@@ -156,9 +194,25 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def parser(description: str | None = None) -> argparse.ArgumentParser:
-  """The flags of ``experiments/watermark.py``: one sub-command per study, ``mark`` and ``verify``."""
-  p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="cmd", required=True)
+  """The flags of ``jipguard watermark``: one sub-command per study, ``mark`` and ``verify``."""
+  p = jcli.ArgumentParser(description=description)
+  sub = p.add_subparsers(dest="cmd", required=True, metavar="{mark,verify," + ",".join(studies.STUDIES) + "}")
+  q = sub.add_parser("mark", help="mark images with a signature")
+  q.add_argument("--input", required=True, help=".npz (images[, labels]) or an image folder")
+  q.add_argument("--output", required=True, help="output .npz")
+  q.add_argument("--signature", type=float, required=True, help="k* in degrees, in [0, 360)")
+  q.add_argument("--transform_seed", type=int, help="use a user transform T_u drawn from this seed")
+  jcli.add_common_flags(q)
+  q = sub.add_parser("verify", help="recover the signature from a saved model and unmarked images")
+  q.add_argument("--model", required=True, help="a saved model directory (learner.save_model)")
+  q.add_argument("--images", required=True, help="the owner's unmarked images with labels (.npz or folder)")
+  q.add_argument("--signature", type=float, help="the owner's private signature (for the verdict)")
+  q.add_argument("--transform_seed", type=int, help="the owner's T_u seed, if marked with one")
+  q.add_argument("--tau", type=float, default=lct.PAPER_TAU, help="match if |k^ - k*| < tau (default: %(default)s)")
+  q.add_argument("--grid_step", type=float, default=1.0, help="grid step in degrees (default: %(default)s)")
+  q.add_argument("--gradient", action="store_true", help="refine with gradient search")
+  q.add_argument("--plot", help="write the loss-vs-signature plot here (PNG)")
+  jcli.add_common_flags(q)
   helps = {
     "multiuser": "many users with random signatures, held-out users, MIA baselines",
     "sweep": "one marked user; vary one factor",
@@ -166,37 +220,27 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
   }
   for name, cls in studies.STUDIES.items():
     q = sub.add_parser(name, help=helps[name])
-    q.add_argument("--workdir", help="run directory (default runs/wm-<study>-<dataset>-<model>-s<seed>)")
+    jcli.add_common_flags(q, workdir_help="run directory (default: runs/wm-<study>-<dataset>-<model>-s<seed>)")
     _add_config_flags(q, cls)
-  q = sub.add_parser("mark", help="mark images with a signature")
-  q.add_argument("--input", required=True, help=".npz (images[, labels]) or an image folder")
-  q.add_argument("--output", required=True, help="output .npz")
-  q.add_argument("--signature", type=float, required=True, help="k* in degrees")
-  q.add_argument("--transform_seed", type=int, help="use a user transform T_u drawn from this seed")
-  q = sub.add_parser("verify", help="recover the signature from a saved model and unmarked images")
-  q.add_argument("--model", required=True, help="a saved model directory (learner.save_model)")
-  q.add_argument("--images", required=True, help="the owner's unmarked images with labels (.npz or folder)")
-  q.add_argument("--signature", type=float, help="the owner's private signature (for the verdict)")
-  q.add_argument("--transform_seed", type=int, help="the owner's T_u seed, if marked with one")
-  q.add_argument("--tau", type=float, default=lct.PAPER_TAU)
-  q.add_argument("--grid_step", type=float, default=1.0)
-  q.add_argument("--gradient", action="store_true", help="refine with gradient search")
-  q.add_argument("--plot", help="write the loss-vs-signature plot here (PNG)")
   for q in sub.choices.values():
     distributed.add_compilation_cache_flag(q)
   return p
 
 
+@jcli.command
 def main(argv: list[str] | None = None, *, description: str | None = None) -> int:
   """Runs a study, ``mark`` or ``verify``; returns the exit status."""
   a = parser(description).parse_args(argv)
+  cfg = None if a.cmd in ("mark", "verify") else _study_config(a)  # Flags checked before any work.
+  if a.print_config:
+    return jcli.print_config(cfg if cfg is not None else {k: v for k, v in vars(a).items() if k != "print_config"})
   distributed.enable_compilation_cache(a.compilation_cache)  # Before any compilation.
   distributed.interrupt_on_sigterm()  # A terminated run saves its finished epochs.
   if a.cmd == "mark":
     return cmd_mark(a)
   if a.cmd == "verify":
     return cmd_verify(a)
-  cfg = _study_config(a)
+  data.load(cfg.dataset, "train", data_dir=cfg.data_dir)  # Bad data fail before the run directory exists.
   workdir = a.workdir or default_workdir(cfg)
   m = {"multiuser": studies.multiuser, "sweep": studies.sweep, "defences": studies.defences}[a.cmd](cfg, workdir)
   print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, indent=2))

@@ -142,10 +142,14 @@ class Watermark:
 
 
 def mark(images: np.ndarray, signature: float, watermark: Watermark | None = None) -> np.ndarray:
-  """Host convenience: ``watermark(images, signature)`` as float32 numpy (default: LCT, T_YIQ)."""
+  """One call: ``images`` (RGB, ``...xHxWx3`` in [0, 1]) marked with ``signature`` (degrees), as
+  float32 numpy; default watermark: the LCT with T_YIQ."""
   images = np.asarray(images, np.float32)
+  check_rgb(images)
   if not np.all(np.isfinite(images)):
     raise ValueError("images contain NaN or infinite values")
+  if not np.isfinite(signature):
+    raise ValueError(f"signature must be a finite angle in degrees, got {signature}")
   wm = Watermark.hue() if watermark is None else watermark
   return np.asarray(_mark_jit(wm, jnp.asarray(images), jnp.float32(signature)))
 

@@ -152,6 +152,7 @@ def train_learners(
   checkpoint_interval_s: float = ensemble.CHECKPOINT_INTERVAL_S,
   progress: bool = True,
   desc: str = "learner",
+  metrics_log: str | None = None,
 ) -> tuple[nn.Module, ensemble.EnsembleState, list[dict[str, Any]]]:
   """Trains M learners on a shared pool (member m sees ``indices_MxS[m]``), with augmentation.
 
@@ -172,6 +173,7 @@ def train_learners(
     checkpoint_interval_s: Save at most this often (``fit``'s; 0: every epoch).
     progress: Progress bar.
     desc: Its label.
+    metrics_log: A run directory's ``metrics.jsonl``: one line per epoch (``phase``: ``desc``).
 
   Returns:
     ``(model, state, history)``; ``history`` as :class:`ensemble.FitResult`'s.
@@ -210,6 +212,9 @@ def train_learners(
     desc=desc,
     epoch_data=epoch_data,
     init_state=init_state,
+    on_epoch_end=None
+    if metrics_log is None
+    else lambda epoch, record: rundir.append_jsonl(metrics_log, {"phase": desc, "epoch": epoch, **record}),
   )
   return model, result.state, result.history
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jipguard import data, ensemble, rundir
-from jipguard.watermark import lct, learner, report, verify
+from jipguard.watermark import lct, learner, report, verifier
 
 LCT_KINDS = ("same", "per_user")
 
@@ -152,14 +152,14 @@ def cached(path: str, fn):
 
 def verify_users(model, variables, x, y, users, transforms, sigs, chunk=None) -> np.ndarray:
   """Mean loss per user and signature, ``U x K``: one call when all users share T_YIQ
-  (``chunk``: ``verify.signature_losses``'s, default ``verify.default_chunk``)."""
+  (``chunk``: ``verifier.signature_losses``'s, default ``verifier.default_chunk``)."""
   if transforms is None:
     flat = users.reshape(-1)
-    l = verify.signature_losses(model, variables, x[flat], y[flat], sigs, chunk=chunk)
+    l = verifier.signature_losses(model, variables, x[flat], y[flat], sigs, chunk=chunk)
     return l.reshape(len(sigs), *users.shape).mean(-1).T
   return np.stack(
     [
-      verify.signature_losses(model, variables, x[u], y[u], sigs, watermark=lct.Watermark.hue(t), chunk=chunk).mean(1)
+      verifier.signature_losses(model, variables, x[u], y[u], sigs, watermark=lct.Watermark.hue(t), chunk=chunk).mean(1)
       for u, t in zip(users, transforms)
     ]
   )
@@ -222,6 +222,7 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
     train.labels,
     train.num_classes,
     checkpoint_dir=os.path.join(workdir, "checkpoints", "learner"),
+    metrics_log=os.path.join(workdir, "metrics.jsonl"),
   )
   train_s = time.time() - t0
   v = learner.member_variables(state, 0)
@@ -242,8 +243,8 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
   slot = np.concatenate([[0.0], lct.PAPER_SPACE])  # The paper's 12-slot space with the null slot.
   slot_idx = np.searchsorted(sigs, slot)
   ok_slots = np.all(sigs[np.clip(slot_idx, 0, len(sigs) - 1)] == slot)
-  match_m = verify.match(rec_m, k_star, cfg.tau)
-  false_h = verify.match(rec_h, k_claim, cfg.tau)
+  match_m = verifier.match(rec_m, k_star, cfg.tau)
+  false_h = verifier.match(rec_h, k_claim, cfg.tau)
   m = dict(
     test_accuracy=test_acc,
     final_train_loss=hist[-1]["loss"][0] if hist else None,
@@ -251,14 +252,14 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
     num_users=cfg.num_users,
     false_match_rate=float(false_h.mean()),
     num_heldout_users=cfg.heldout_users,
-    heldout_non_null_rate=float((verify.distance(rec_h, 0) >= cfg.tau).mean()),
-    heldout_abs_recovered_mean=float(verify.distance(rec_h, 0).mean()),
-    heldout_abs_recovered_std=float(verify.distance(rec_h, 0).std(ddof=1)) if len(rec_h) > 1 else None,
-    member_abs_error_mean=float(verify.distance(rec_m, k_star).mean()),
+    heldout_non_null_rate=float((verifier.distance(rec_h, 0) >= cfg.tau).mean()),
+    heldout_abs_recovered_mean=float(verifier.distance(rec_h, 0).mean()),
+    heldout_abs_recovered_std=float(verifier.distance(rec_h, 0).std(ddof=1)) if len(rec_h) > 1 else None,
+    member_abs_error_mean=float(verifier.distance(rec_m, k_star).mean()),
     recovered_members=rec_m.tolist(),
     private_members=k_star.tolist(),
     recovered_heldout=rec_h.tolist(),
-    adv_p_anw_members=verify.adv_p(match_m, 2 * cfg.tau / 360),
+    adv_p_anw_members=verifier.adv_p(match_m, 2 * cfg.tau / 360),
     train_seconds=train_s,
     grid_seconds=grid_s,
   )
@@ -266,8 +267,8 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
     rec_slot_m = slot[np.argmin(g_m[:, slot_idx], 1)]
     rec_slot_h = slot[np.argmin(g_h[:, slot_idx], 1)]
     m.update(
-      slot_matching_accuracy=float(verify.match(rec_slot_m, k_star, cfg.tau).mean()),
-      slot_false_match_rate=float(verify.match(rec_slot_h, k_claim, cfg.tau).mean()),
+      slot_matching_accuracy=float(verifier.match(rec_slot_m, k_star, cfg.tau).mean()),
+      slot_false_match_rate=float(verifier.match(rec_slot_h, k_claim, cfg.tau).mean()),
       slot_heldout_null_rate=float((rec_slot_h == 0).mean()),
     )
   if cfg.gradient:
@@ -277,7 +278,7 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
       lambda: {
         "best": np.array(
           [
-            verify.gradient_search(
+            verifier.gradient_search(
               model,
               v,
               train.images[u],
@@ -290,8 +291,8 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
       },
     )["best"]
     m.update(
-      gradient_matching_accuracy=float(verify.match(gs, k_star, cfg.tau).mean()),
-      gradient_abs_error_mean=float(verify.distance(gs, k_star).mean()),
+      gradient_matching_accuracy=float(verifier.match(gs, k_star, cfg.tau).mean()),
+      gradient_abs_error_mean=float(verifier.distance(gs, k_star).mean()),
       gradient_recovered=gs.tolist(),
       gradient_seconds=time.time() - t0,
     )
@@ -352,6 +353,7 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
     idx_full,
     checkpoint_dir=os.path.join(ck, "shadow_std"),
     desc="shadow std",
+    metrics_log=os.path.join(workdir, "metrics.jsonl"),
   )
   _, s_half, _ = learner.train_learners(
     scfg,
@@ -362,6 +364,7 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
     idx_half,
     checkpoint_dir=os.path.join(ck, "shadow_pow"),
     desc="shadow pow",
+    metrics_log=os.path.join(workdir, "metrics.jsonl"),
   )
   # MIAs query the learner with the exact images it was trained on (member users' marked copies),
   # their best case; held-out users' images were never used.
@@ -372,8 +375,8 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
     own = idx_full[i]
     sh_full = learner.per_example_losses(sm, learner.member_variables(s_full, i), pool[own], pool_y[own])
     sh_half = learner.per_example_losses(sm, learner.member_variables(s_half, i), pool[own], pool_y[own])
-    t_std = verify.mia_std_threshold(sh_full)
-    t_pow = verify.mia_pow_threshold(sh_half[: s // 2], sh_half[s // 2 :])
+    t_std = verifier.mia_std_threshold(sh_full)
+    t_pow = verifier.mia_pow_threshold(sh_half[: s // 2], sh_half[s // 2 :])
     std_sample.append(np.mean((target[own] < t_std) == truth[i]))
     pow_sample.append(np.mean((target[own] < t_pow) == truth[i]))
     std_pred.append(np.mean(target[own] < t_std) > 0.5)
@@ -381,7 +384,7 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
   std_ok, pow_ok = np.array(std_pred) == truth, np.array(pow_pred) == truth
   shadow0 = learner.per_example_losses(sm, learner.member_variables(s_full, 0), pool[idx_full[0]], pool_y[idx_full[0]])
   report.loss_histogram(
-    os.path.join(workdir, "mia.png"), target[: u * p_m], target[u * p_m :], verify.mia_std_threshold(shadow0)
+    os.path.join(workdir, "mia.png"), target[: u * p_m], target[u * p_m :], verifier.mia_std_threshold(shadow0)
   )
   return dict(
     mia_users_each=u,
@@ -389,16 +392,17 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
     mia_pow_user_accuracy=float(pow_ok.mean()),
     mia_std_sample_accuracy=float(np.mean(std_sample)),
     mia_pow_sample_accuracy=float(np.mean(pow_sample)),
-    adv_p_mia_std=verify.adv_p(std_ok, 0.5),
-    adv_p_mia_pow=verify.adv_p(pow_ok, 0.5),
+    adv_p_mia_std=verifier.adv_p(std_ok, 0.5),
+    adv_p_mia_pow=verifier.adv_p(pow_ok, 0.5),
   )
 
 
 # ------------------------------------------------------------------ single-user sweeps
 
 
-def single_point(cfg: StudyConfig, train, test, *, model_name, k_star, num_marked, augment, key, ckpt):
-  """Trains one learner on the pool with one user's ``num_marked`` images marked ``k_star``:
+def single_point(cfg: StudyConfig, train, test, *, model_name, k_star, num_marked, augment, key, workdir, name):
+  """Trains one learner on the pool with one user's ``num_marked`` images marked ``k_star``
+  (checkpoints in ``workdir/checkpoints/name``, epochs in ``workdir/metrics.jsonl``):
   ``(model, its variables, the user's image indices)``."""
   users = lct.assign_users(cfg.seed, len(train), 1, num_marked)
   marked = lct.mark_users(train.images, users, [k_star])
@@ -406,7 +410,14 @@ def single_point(cfg: StudyConfig, train, test, *, model_name, k_star, num_marke
     model=model_name, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.lr, augment=augment
   )
   model, state, _ = learner.train_learners(
-    lcfg, jax.random.split(jax.random.key(key), 1), marked, train.labels, train.num_classes, checkpoint_dir=ckpt
+    lcfg,
+    jax.random.split(jax.random.key(key), 1),
+    marked,
+    train.labels,
+    train.num_classes,
+    checkpoint_dir=os.path.join(workdir, "checkpoints", name),
+    metrics_log=os.path.join(workdir, "metrics.jsonl"),
+    desc=name,
   )
   return model, learner.member_variables(state, 0), users
 
@@ -421,9 +432,9 @@ def grid_point(cfg: StudyConfig, model, v, train, test, users, k_star) -> dict[s
   return dict(
     k_star=float(k_star),
     recovered=rec,
-    match=bool(verify.match(rec, k_star, cfg.tau)),
+    match=bool(verifier.match(rec, k_star, cfg.tau)),
     heldout_recovered=rec_h.tolist(),
-    heldout_non_null=float((verify.distance(rec_h, 0) >= cfg.tau).mean()),
+    heldout_non_null=float((verifier.distance(rec_h, 0) >= cfg.tau).mean()),
     signatures=sigs.tolist(),
     losses=g.tolist(),
   )
@@ -463,7 +474,8 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
         num_marked=p["num_marked"],
         augment=learner.NAMED_AUGMENTS[p["augment"]],
         key=cfg.seed,
-        ckpt=os.path.join(workdir, "checkpoints", name),
+        workdir=workdir,
+        name=name,
       )
       r = grid_point(cfg, model, v, train, test, users, p["k_star"])
       return {**p, **r, "name": name, "seconds": time.time() - t0}
@@ -501,7 +513,8 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
     num_marked=cfg.per_user,
     augment=learner.NAMED_AUGMENTS[cfg.augment],
     key=cfg.seed,
-    ckpt=os.path.join(workdir, "checkpoints", "learner"),
+    workdir=workdir,
+    name="learner",
   )
 
   def scored(name: str, variables, test_set: data.Dataset) -> dict[str, Any]:
@@ -539,6 +552,8 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
       test.num_classes,
       init_state=init,
       checkpoint_dir=os.path.join(workdir, "checkpoints", "finetune"),
+      metrics_log=os.path.join(workdir, "metrics.jsonl"),
+      desc="finetune",
     )
     return scored(f"finetune={cfg.finetune_epochs}", learner.member_variables(fs, 0), test.subset(slice(half, None)))
 

@@ -1,13 +1,15 @@
 """Tests for IPProtect's main job, its flags, the ablation's variants and the saturation diagnostic."""
 
 import dataclasses
+import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
-from jipguard.ipprotect import ablation, cli, job
+from jipguard import data, rundir
+from jipguard.ipprotect import ablation, cli, job, sanitizer, sellers
 
 
 def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
@@ -41,7 +43,7 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   # sanitized.npz: sanitized images and labels only, none of them (close to) an original.
   buyer, _ = job.load_data(cfg)
   with np.load(tmp_path / "sanitized.npz") as f:
-    assert sorted(f.files) == ["images", "labels"]
+    assert sorted(f.files) == ["images", "labels", "sanitized"]
     san, lab = f["images"], f["labels"]
   np.testing.assert_array_equal(lab, buyer.labels)
   x = buyer.images.reshape(len(buyer), -1)
@@ -51,12 +53,22 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   xc = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
   sc = (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True)
   assert (sc @ xc.T / x.shape[1]).max() < 0.8
+  # A seller loads the sanitized set back (pixels outside [0, 1] allowed because the file says what it is).
+  back = data.load(str(tmp_path / "sanitized.npz"))
+  np.testing.assert_array_equal(back.images, san)
   # The anchor secret stays in the private checkpoints, in no shared artefact.
   secret_file = tmp_path / "checkpoints" / "anchor_secret.json"
   assert secret_file.stat().st_mode & 0o777 == 0o600  # Its owner's only.
-  secret = json.loads(secret_file.read_text())["anchor_seed"]
-  for name in ("config.json", "metrics.json", "report.md", "sanitized.npz"):
-    assert str(secret).encode() not in (tmp_path / name).read_bytes()
+  secret = json.loads(secret_file.read_text())["anchor_secret"]
+  assert len(bytes.fromhex(secret)) == 32  # 256 bits.
+  for name in ("config.json", "metrics.json", "metrics.jsonl", "report.md", "sanitized.npz"):
+    assert secret.encode() not in (tmp_path / name).read_bytes()
+  # metrics.jsonl: one line per training epoch of each ensemble and per sanitized batch.
+  rows = rundir.read_jsonl(tmp_path / "metrics.jsonl")
+  phases = [r["phase"] for r in rows]
+  assert phases.count("sellers") == cfg.seller_train.epochs
+  assert phases.count("sample_models") == cfg.omega_train.epochs
+  assert phases.count("sanitize") == -(-cfg.buyer_size // cfg.sanitizer.data_batch)
   # A rerun resumes from the checkpoints and reproduces the metrics.
   again = job.run(cfg, str(tmp_path), progress=False)
   assert again["utility_mae"] == m["utility_mae"]
@@ -65,6 +77,30 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   assert again["images_per_second"] == m["images_per_second"] > 0
   with pytest.raises(ValueError, match="different configuration"):
     job.run(dataclasses.replace(cfg, omega_tr=5), str(tmp_path), progress=False)
+
+
+def test_a_given_anchor_seed_leaves_no_plain_trace_in_the_run_directory(tmp_path):
+  """Every file of the run directory, checkpoints included: neither the seed, nor a plain hash of
+  it, nor the secret derived from it; the commitment's salt makes a rerun resume, another seed refused."""
+  seed = 918273645546372819
+  cfg = dataclasses.replace(
+    job.preset("smoke"),
+    anchor_seed=seed,
+    buyer_size=8,
+    seller_pool_size=256,
+    omega_train=sellers.TrainConfig(epochs=1, batch_size=16),
+  )
+  job.run(cfg, str(tmp_path), progress=False)
+  secret = sanitizer.anchor_secret(seed)
+  needles = [str(seed), hashlib.sha256(str(seed).encode()).hexdigest(), secret.hex(), hex(seed)[2:]]
+  for path in tmp_path.rglob("*"):
+    if path.is_file():
+      blob = path.read_bytes()
+      assert not [n for n in needles if n.encode() in blob], path
+  assert not (tmp_path / "checkpoints" / "anchor_secret.json").exists()  # Derived, not stored.
+  job.run(cfg, str(tmp_path), progress=False)  # Resumes (the salt is reused).
+  with pytest.raises(rundir.ConfigMismatch, match="anchor_seed"):
+    job.run(dataclasses.replace(cfg, anchor_seed=seed + 1), str(tmp_path), progress=False)
 
 
 def test_experiment_flags_override_the_preset():
@@ -77,7 +113,12 @@ def test_experiment_flags_override_the_preset():
   json.dumps(job.config_to_json(cfg))
   assert job.config_from_json(json.loads(json.dumps(job.config_to_json(cfg)))) == cfg
   given = dataclasses.replace(cfg, anchor_seed=123456789)
-  assert "123456789" not in json.dumps(job.config_to_json(given))
+  recorded = json.dumps(job.config_to_json(given))
+  assert "123456789" not in recorded and hashlib.sha256(b"123456789").hexdigest() not in recorded
+  # Salted: two records of one seed differ, unless the salt is reused (a resumed run).
+  assert job.config_to_json(given)["anchor_seed"] != job.config_to_json(given)["anchor_seed"]
+  salt = job.config_to_json(given)["anchor_seed"]["salt"]
+  assert job.config_to_json(given, anchor_salt=salt) == job.config_to_json(given, anchor_salt=salt)
   cfg, _, _ = cli.config_from_flags(["--margin", "3"])
   assert cfg.sanitizer.loss == "margin" and cfg.sanitizer.margin == 3.0  # The default preset's loss.
   cfg, _, _ = cli.config_from_flags(["--loss", "probs", "--temperature", "2"])

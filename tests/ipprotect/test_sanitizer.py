@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +61,7 @@ def test_hinge_is_zero_inside_the_ball_and_linear_outside():
 
 def _objective_of(buyer, tr, images, cfg):
   target = jnp.swapaxes(ensemble.apply(_MODEL, tr, buyer.images[: len(images)]), 0, 1)
-  anchors = jax.vmap(lambda k: jax.random.normal(k, buyer.image_shape))(
-    sanitizer.image_keys(sanitizer.secret_key(7), 0, len(images))
-  )
+  anchors = jax.vmap(lambda k: jax.random.normal(k, buyer.image_shape))(sanitizer.anchor_keys(7, 0, len(images)))
   f = jax.vmap(functools.partial(objective.image_objective, model=_MODEL, cfg=cfg), in_axes=(0, 0, 0, None, 0, None))
   keys = jax.random.split(jax.random.key(0), len(images))
   return f(jnp.asarray(images), target, anchors, jnp.ones(6), keys, tr)[0]
@@ -71,9 +70,9 @@ def _objective_of(buyer, tr, images, cfg):
 def test_objective_decreases():
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, val_stop=False, steps=1)
-  start = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7)
+  start = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_secret=7)
   end = sanitizer.sanitize_batch(
-    _MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, steps=60), start=0, seed=0, anchor_seed=7
+    _MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, steps=60), start=0, seed=0, anchor_secret=7
   )
   before, after = _objective_of(buyer, tr, start.images, cfg), _objective_of(buyer, tr, end.images, cfg)
   assert np.all(np.asarray(after) < 0.5 * np.asarray(before)), (before, after)
@@ -82,13 +81,13 @@ def test_objective_decreases():
 
 def test_batch_equals_images_one_by_one():
   buyer, tr, va = _setup()
-  batch = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
+  batch = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_secret=11)
   for k in range(4):
-    one = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[k : k + 1], _CFG, start=k, seed=3, anchor_seed=11)
+    one = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[k : k + 1], _CFG, start=k, seed=3, anchor_secret=11)
     assert one.steps[0] == batch.steps[k]
     np.testing.assert_allclose(one.images[0], batch.images[k], atol=1e-4)
   # Padding a batch with inactive images changes nothing either.
-  padded = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11, pad_to=8)
+  padded = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_secret=11, pad_to=8)
   np.testing.assert_allclose(padded.images, batch.images, atol=1e-5)
 
 
@@ -101,9 +100,17 @@ def test_sharded_sanitize_equals_single_device(mesh_shape, eight_devices):
   # Images stop after 10-25 steps. (Much longer runs of this lr-0.1 "probs" setting drift
   # apart: Adam's normalisation amplifies rounding in near-zero gradients once softmax saturates.)
   cfg = dataclasses.replace(_CFG, data_batch=12, steps=30, min_steps=10, val_every=5, zeta=0.02)
-  plain = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_seed=11, progress=False)
+  plain = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_secret=11, progress=False)
   sharded = sanitizer.sanitize(
-    _MODEL, tr, va, buyer.images[:12], cfg, seed=3, anchor_seed=11, progress=False, mesh=sharding.make_mesh(*mesh_shape)
+    _MODEL,
+    tr,
+    va,
+    buyer.images[:12],
+    cfg,
+    seed=3,
+    anchor_secret=11,
+    progress=False,
+    mesh=sharding.make_mesh(*mesh_shape),
   )
   np.testing.assert_array_equal(plain.steps, sharded.steps)
   assert len(set(plain.steps.tolist())) > 1  # The stopping rule acted, per image.
@@ -111,7 +118,7 @@ def test_sharded_sanitize_equals_single_device(mesh_shape, eight_devices):
   np.testing.assert_allclose(plain.val_loss, sharded.val_loss, atol=1e-5)
   with pytest.raises(ValueError, match="member axis"):
     sanitizer.sanitize_batch(
-      _MODEL, tr, va, buyer.images[:8], cfg, start=0, seed=3, anchor_seed=11, mesh=sharding.make_mesh(4, 2)
+      _MODEL, tr, va, buyer.images[:8], cfg, start=0, seed=3, anchor_secret=11, mesh=sharding.make_mesh(4, 2)
     )  # |Omega_Tr| = 6 members on 4 shards.
 
 
@@ -161,7 +168,7 @@ def test_members_per_pass_sums_the_same_objective(robust, monkeypatch):
   chosen = []
   step_members = objective.step_members
   monkeypatch.setattr(sanitizer, "step_members", lambda *a, **k: chosen.append(step_members(*a, **k)) or chosen[-1])
-  run = lambda: sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_seed=11)
+  run = lambda: sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], _CFG, start=0, seed=3, anchor_secret=11)
   assert _cpu.members_per_pass(tr) is None
   whole = run()
   monkeypatch.setattr(_cpu, "CPU_PASS_BYTES", 2.5 * sum(a[0].nbytes for a in jax.tree.leaves(tr)))
@@ -205,7 +212,7 @@ def test_conv_sanitizing_on_cpu_takes_eigen_convolutions_and_computes_the_same(m
   eigen = objective.sanitize_step_jit.conv_cpu(*args, cfg=cfg)
   default = objective.sanitize_step_jit.default(*args, cfg=cfg)
   np.testing.assert_allclose(eigen[2], default[2], rtol=1e-5)
-  run = lambda: sanitizer.sanitize_batch(cnn, tr, va, images, cfg, start=0, seed=3, anchor_seed=11)
+  run = lambda: sanitizer.sanitize_batch(cnn, tr, va, images, cfg, start=0, seed=3, anchor_secret=11)
   compiled = sanitizer._run_steps.conv_cpu._cache_size(), sanitizer._run_steps.default._cache_size()
   with_options = run()
   assert sanitizer._run_steps.conv_cpu._cache_size() > compiled[0]
@@ -224,12 +231,12 @@ def test_compaction_drops_stopped_images_and_changes_nothing(monkeypatch):
   cfg = dataclasses.replace(_CFG, data_batch=16, steps=60, min_steps=10, val_every=5, zeta=0.02)
   monkeypatch.setitem(sanitizer._MIN_BUCKET, jax.default_backend(), 1)  # Down to 1 image (the CPU's floor).
   before = sanitizer._run_steps.default._cache_size()
-  compact = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_seed=11, progress=False)
+  compact = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_secret=11, progress=False)
   assert sanitizer._run_steps.default._cache_size() > before + 1  # The 16-image program and a smaller one.
   full = sanitizer.sanitize(
-    _MODEL, tr, va, buyer.images[:16], dataclasses.replace(cfg, compact=False), seed=3, anchor_seed=11, progress=False
+    _MODEL, tr, va, buyer.images[:16], dataclasses.replace(cfg, compact=False), seed=3, anchor_secret=11, progress=False
   )
-  assert np.sum(compact.steps <= 15) >= 12 and compact.steps.max() > 20  # It was worth compacting.
+  assert np.sum(compact.steps <= 15) >= 8 and compact.steps.max() > 20  # It was worth compacting.
   np.testing.assert_array_equal(compact.steps, full.steps)
   np.testing.assert_allclose(compact.images, full.images, atol=1e-4)
   np.testing.assert_allclose(compact.val_loss, full.val_loss, atol=1e-5)
@@ -240,7 +247,7 @@ def test_compaction_drops_stopped_images_and_changes_nothing(monkeypatch):
   gather = sanitizer._gather
   monkeypatch.setattr(sanitizer, "_gather", lambda slots, index: batches.append(len(index)) or gather(slots, index))
   monkeypatch.setitem(sanitizer._MIN_BUCKET, jax.default_backend(), 8)
-  floored = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_seed=11, progress=False)
+  floored = sanitizer.sanitize(_MODEL, tr, va, buyer.images[:16], cfg, seed=3, anchor_secret=11, progress=False)
   assert batches == [8]  # Without the floor: 8, then 4 or fewer once 12 or more have stopped.
   np.testing.assert_array_equal(floored.steps, full.steps)
   np.testing.assert_allclose(floored.images, full.images, atol=1e-4)
@@ -249,25 +256,40 @@ def test_compaction_drops_stopped_images_and_changes_nothing(monkeypatch):
 def test_stopping_rule_stops_images_and_stopped_images_do_not_change():
   buyer, tr, va = _setup()
   cfg = dataclasses.replace(_CFG, zeta=10.0, steps=200)  # Every image converges at min_steps.
-  res = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=1)
+  res = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:4], cfg, start=0, seed=0, anchor_secret=1)
   assert np.all(res.steps == cfg.min_steps)
   longer = sanitizer.sanitize_batch(
-    _MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, steps=400), start=0, seed=0, anchor_seed=1
+    _MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, steps=400), start=0, seed=0, anchor_secret=1
   )
   np.testing.assert_array_equal(longer.images, res.images)
   never = sanitizer.sanitize_batch(
-    _MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, zeta=0.0), start=0, seed=0, anchor_seed=1
+    _MODEL, tr, va, buyer.images[:4], dataclasses.replace(cfg, zeta=0.0), start=0, seed=0, anchor_secret=1
   )
   assert np.all(never.steps == 200)
 
 
-def test_anchor_secret_changes_the_result_and_is_64_bit():
+def test_anchor_secret_changes_the_result_and_is_256_bit():
   buyer, tr, va = _setup()
-  a = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:2], _CFG, start=0, seed=0, anchor_seed=2**63 + 5)
-  b = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:2], _CFG, start=0, seed=0, anchor_seed=5)
+  secret = sanitizer.anchor_secret()
+  assert isinstance(secret, bytes) and len(secret) == 32 and secret != sanitizer.anchor_secret()
+  a = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:2], _CFG, start=0, seed=0, anchor_secret=secret)
+  flipped = bytes([secret[0] ^ 1]) + secret[1:]  # One bit of 256 changes every anchor.
+  b = sanitizer.sanitize_batch(_MODEL, tr, va, buyer.images[:2], _CFG, start=0, seed=0, anchor_secret=flipped)
   assert not np.allclose(a.images, b.images)
-  with pytest.raises(ValueError, match="anchor seed"):
-    sanitizer.secret_key(2**64)
+  keys = lambda s: np.asarray(jax.random.key_data(sanitizer.anchor_keys(s, 0, 3)))
+  assert not np.any(keys(secret) == keys(flipped))
+  # A given integer seed derives a 256-bit secret (reproducible); images of one secret have distinct keys.
+  assert sanitizer.anchor_secret(5) == sanitizer.anchor_secret(5) != sanitizer.anchor_secret(6)
+  assert len(np.unique(keys(5), axis=0)) == 3
+  np.testing.assert_array_equal(keys(5)[1:], np.asarray(jax.random.key_data(sanitizer.anchor_keys(5, 1, 2))))
+  # The keyed commitment differs per secret and contains neither the secret nor a plain hash of the seed.
+  c = sanitizer.anchor_commitment(secret)
+  assert c != sanitizer.anchor_commitment(flipped) and secret.hex() not in c
+  assert hashlib.sha256(b"5").hexdigest() != sanitizer.anchor_commitment(5)
+  with pytest.raises(ValueError, match="32 bytes"):
+    sanitizer.anchor_keys(b"short", 0, 1)
+  with pytest.raises(ValueError, match="non-negative"):
+    sanitizer.anchor_secret(-1)
 
 
 class _Killed(Exception):
@@ -277,7 +299,7 @@ class _Killed(Exception):
 def test_resumed_sanitization_equals_uninterrupted(tmp_path, monkeypatch):
   buyer, tr, va = _setup()
   images = buyer.images[:12]
-  straight = sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, progress=False)
+  straight = sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_secret=9, progress=False)
   real = sanitizer.sanitize_batch
   calls = []
 
@@ -289,13 +311,13 @@ def test_resumed_sanitization_equals_uninterrupted(tmp_path, monkeypatch):
 
   monkeypatch.setattr(sanitizer, "sanitize_batch", dies_on_second_batch)
   with pytest.raises(_Killed):
-    sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path, progress=False)
+    sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_secret=9, checkpoint_dir=tmp_path, progress=False)
   monkeypatch.setattr(sanitizer, "sanitize_batch", real)
   calls.clear()
   spy = lambda *a, **k: (calls.append(k["start"]), real(*a, **k))[1]
   monkeypatch.setattr(sanitizer, "sanitize_batch", spy)
   resumed = sanitizer.sanitize(
-    _MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path, progress=False
+    _MODEL, tr, va, images, _CFG, seed=0, anchor_secret=9, checkpoint_dir=tmp_path, progress=False
   )
   assert calls == [4, 8]  # Batch 0 came from the checkpoint.
   for f in dataclasses.fields(sanitizer.BatchResult):
@@ -304,7 +326,7 @@ def test_resumed_sanitization_equals_uninterrupted(tmp_path, monkeypatch):
   assert np.all(resumed.seconds > 0)
   # All restored: the batch times are those recorded when the batches ran.
   again = sanitizer.sanitize(
-    _MODEL, tr, va, images, _CFG, seed=0, anchor_seed=9, checkpoint_dir=tmp_path, progress=False
+    _MODEL, tr, va, images, _CFG, seed=0, anchor_secret=9, checkpoint_dir=tmp_path, progress=False
   )
   np.testing.assert_array_equal(again.seconds, resumed.seconds)
   with pytest.raises(ValueError, match="different configuration"):
@@ -315,12 +337,12 @@ def test_resumed_sanitization_equals_uninterrupted(tmp_path, monkeypatch):
       images,
       dataclasses.replace(_CFG, lam=1.0),
       seed=0,
-      anchor_seed=9,
+      anchor_secret=9,
       checkpoint_dir=tmp_path,
       progress=False,
     )
   with pytest.raises(ValueError, match="differs in \\['anchor'\\]"):
-    sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_seed=10, checkpoint_dir=tmp_path, progress=False)
+    sanitizer.sanitize(_MODEL, tr, va, images, _CFG, seed=0, anchor_secret=10, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_sanitizer_input_errors():
@@ -328,16 +350,23 @@ def test_sanitizer_input_errors():
   bad = np.array(buyer.images[:2])
   bad[0, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN"):
-    sanitizer.sanitize(_MODEL, tr, va, bad, _CFG, seed=0, anchor_seed=1, progress=False)
+    sanitizer.sanitize(_MODEL, tr, va, bad, _CFG, seed=0, anchor_secret=1, progress=False)
   with pytest.raises(ValueError, match="val_stop needs"):
-    sanitizer.sanitize(_MODEL, tr, None, buyer.images[:2], _CFG, seed=0, anchor_seed=1, progress=False)
+    sanitizer.sanitize(_MODEL, tr, None, buyer.images[:2], _CFG, seed=0, anchor_secret=1, progress=False)
   with pytest.raises(ValueError, match="model_batch"):
     sanitizer.sanitize(
-      _MODEL, tr, va, buyer.images[:2], dataclasses.replace(_CFG, model_batch=7), seed=0, anchor_seed=1, progress=False
+      _MODEL,
+      tr,
+      va,
+      buyer.images[:2],
+      dataclasses.replace(_CFG, model_batch=7),
+      seed=0,
+      anchor_secret=1,
+      progress=False,
     )
   with pytest.raises(ValueError, match="loss must be"):
     objective.SanitizerConfig(loss="hinge")
-  with pytest.raises(ValueError, match="temperature must be > 0"):
+  with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
     objective.SanitizerConfig(temperature=0.0)
 
 
@@ -368,10 +397,10 @@ def test_margin_loss_is_the_cw_hinge_and_keeps_its_gradient_where_probs_saturate
 def test_margin_loss_makes_every_training_model_predict_its_class_on_the_original():
   buyer, tr, _ = _setup()
   cfg = dataclasses.replace(_CFG, loss="margin", margin=2.0, val_stop=False, steps=60)
-  out = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:8], cfg, start=0, seed=0, anchor_seed=7)
+  out = sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:8], cfg, start=0, seed=0, anchor_secret=7)
   want = np.asarray(ensemble.apply(_MODEL, tr, buyer.images[:8]).argmax(-1))
   got = np.asarray(ensemble.apply(_MODEL, tr, out.images))
-  start = sanitizer.starting_points(buyer.image_shape, 0, 8, seed=0, anchor_seed=7)[0]
+  start = sanitizer.starting_points(buyer.image_shape, 0, 8, seed=0, anchor_secret=7)[0]
   assert (np.asarray(ensemble.apply(_MODEL, tr, start).argmax(-1)) == want).mean() < 0.5  # Noise: mostly wrong.
   np.testing.assert_array_equal(got.argmax(-1), want)
   # ... by the margin (up to the last step's size), with the images still far from the originals.
@@ -380,7 +409,7 @@ def test_margin_loss_makes_every_training_model_predict_its_class_on_the_origina
   assert np.all(np.asarray(jax.vmap(objective.rms_distance)(out.images, buyer.images[:8])) > 0.5)
   assert "margin" not in objective.SanitizerConfig().fingerprint()
   assert objective.SanitizerConfig(loss="margin", margin=2.0).fingerprint()["margin"] == 2.0
-  with pytest.raises(ValueError, match="margin must be >= 0"):
+  with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
     objective.SanitizerConfig(margin=-1.0)
 
 
@@ -390,23 +419,23 @@ def test_out_of_bag_fits_each_image_only_to_its_eligible_models():
   only_first = np.zeros((4, 6), np.float32)
   only_first[:, 0] = 1.0
   got = sanitizer.sanitize_batch(
-    _MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7, member_mask=only_first
+    _MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_secret=7, member_mask=only_first
   )
   first = jax.tree.map(lambda a: a[:1], tr)
   want = sanitizer.sanitize_batch(
-    _MODEL, first, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False), start=0, seed=0, anchor_seed=7
+    _MODEL, first, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False), start=0, seed=0, anchor_secret=7
   )
   # (Float rounding of the masked sum, amplified by Adam's normalisation, moves pixels ~1e-4.)
   np.testing.assert_allclose(got.images, want.images, atol=1e-3)
   plain = sanitizer.sanitize_batch(
-    _MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False), start=0, seed=0, anchor_seed=7
+    _MODEL, tr, None, buyer.images[:4], dataclasses.replace(cfg, out_of_bag=False), start=0, seed=0, anchor_secret=7
   )
   assert np.abs(plain.images - got.images).max() > 0.1
   with pytest.raises(ValueError, match="member_mask is required"):
-    sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7)
+    sanitizer.sanitize_batch(_MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_secret=7)
   with pytest.raises(ValueError, match="member_mask must be"):
     sanitizer.sanitize_batch(
-      _MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_seed=7, member_mask=np.zeros((4, 6))
+      _MODEL, tr, None, buyer.images[:4], cfg, start=0, seed=0, anchor_secret=7, member_mask=np.zeros((4, 6))
     )
   # The option is off by default and then absent from fingerprints (older runs resume).
   assert "out_of_bag" not in objective.SanitizerConfig().fingerprint()

@@ -1,5 +1,6 @@
 """The trade-off study end to end at ``--preset smoke``: points, resume, Table III, figures."""
 
+import csv
 import functools
 import json
 import os
@@ -50,6 +51,9 @@ def test_every_point_and_artefact_is_written(study):
   ):
     assert os.path.getsize(os.path.join(out, name)) > 0
   md = open(os.path.join(out, "table3.md")).read()
+  with open(os.path.join(out, "table3.csv")) as f:  # The same table for a spreadsheet.
+    rows = list(csv.DictReader(f))
+  assert {r["method"] for r in rows} >= {"IPProtect", "Identity"} and all(r["mae_mean"] for r in rows)
   assert "stand-in" in md and "VGG conv5_1 perceptual loss" not in md.split("Image IP exposure column")[1][:80]
   assert table["image_metric"] == "own_cnn_feature"
   for p in pts.values():

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jipguard import data, ensemble, sharding
+from jipguard import data, ensemble, sharding, watermark
 from jipguard.ensemble import _cpu
-from jipguard.watermark import cli, lct, learner, studies, verify
+from jipguard.watermark import cli, lct, learner, studies, verifier
 
 K_STAR = 120.0
 GRID = np.arange(0, 360, 10, dtype=np.float32)
@@ -75,19 +75,19 @@ class LctTest(parameterized.TestCase):
 
 class StatisticsTest(parameterized.TestCase):
   def test_circular_matching(self):
-    np.testing.assert_array_equal(verify.match([355, 20, 40, 100], [5, 5, 5, 90], tau=15), [True, False, False, True])
-    np.testing.assert_allclose(verify.distance(350, 10), 20)
-    np.testing.assert_allclose(verify.distance(0.5, 0.1, period=None), 0.4)
+    np.testing.assert_array_equal(verifier.match([355, 20, 40, 100], [5, 5, 5, 90], tau=15), [True, False, False, True])
+    np.testing.assert_allclose(verifier.distance(350, 10), 20)
+    np.testing.assert_allclose(verifier.distance(0.5, 0.1, period=None), 0.4)
 
   def test_adv_p(self):
-    assert verify.adv_p([True] * 10, 0.5) == pytest.approx(0.5)
-    assert verify.adv_p([True, False], 0.5) == pytest.approx(0.0)
+    assert verifier.adv_p([True] * 10, 0.5) == pytest.approx(0.5)
+    assert verifier.adv_p([True, False], 0.5) == pytest.approx(0.0)
     with pytest.raises(ValueError):
-      verify.adv_p([], 0.5)
+      verifier.adv_p([], 0.5)
 
   def test_mia_thresholds(self):
-    assert verify.mia_std_threshold(np.array([0.1, 0.3])) == pytest.approx(0.2)
-    t = verify.mia_pow_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.8, 0.9]))
+    assert verifier.mia_std_threshold(np.array([0.1, 0.3])) == pytest.approx(0.2)
+    t = verifier.mia_pow_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.8, 0.9]))
     assert 0.3 < t <= 0.8
 
   def test_colorize_and_users(self):
@@ -167,16 +167,16 @@ def test_interrupted_learner_resumes_to_the_uninterrupted_one(tmp_path, monkeypa
 
 
 def test_grid_search_recovers_k_star(trained):
-  r = verify.grid_search(trained["model"], trained["variables"], trained["user_x"], trained["user_y"], GRID)
-  assert verify.match(r.recovered, K_STAR, tau=lct.PAPER_TAU), (r.recovered, r.losses)
+  r = verifier.grid_search(trained["model"], trained["variables"], trained["user_x"], trained["user_y"], GRID)
+  assert verifier.match(r.recovered, K_STAR, tau=lct.PAPER_TAU), (r.recovered, r.losses)
   # Held-out users' images were never used: their recovered signature is within tau of 0.
   for x, y in zip(trained["held_x"], trained["held_y"]):
-    h = verify.grid_search(trained["model"], trained["variables"], x, y, GRID)
-    assert verify.distance(h.recovered, 0.0) < lct.PAPER_TAU, (h.recovered, h.losses)
+    h = verifier.grid_search(trained["model"], trained["variables"], x, y, GRID)
+    assert verifier.distance(h.recovered, 0.0) < lct.PAPER_TAU, (h.recovered, h.losses)
 
 
 def test_gradient_search_recovers_k_star(trained):
-  best, sigs, losses = verify.gradient_search(
+  best, sigs, losses = verifier.gradient_search(
     trained["model"],
     trained["variables"],
     trained["user_x"],
@@ -186,7 +186,7 @@ def test_gradient_search_recovers_k_star(trained):
     learning_rate=2.0,
   )
   assert sigs.shape == (4,) and losses.shape == (4,)
-  assert verify.distance(best, K_STAR) < lct.PAPER_TAU, (best, sigs, losses)
+  assert verifier.distance(best, K_STAR) < lct.PAPER_TAU, (best, sigs, losses)
 
 
 def _loop_losses(model, variables, x, y, sigs):
@@ -204,12 +204,12 @@ def test_jitted_equals_loop_and_sharded(trained, request):
   x, y = trained["user_x"][:13], trained["user_y"][:13]
   sigs = np.array([0, 7, 33, 90, 120, 181, 270, 300, 359, 12, 45, 200, 5], np.float32)  # 13: not a multiple of 8.
   ref = _loop_losses(model, v, x, y, sigs)
-  single = verify.signature_losses(model, v, x, y, sigs, chunk=8)  # Chunks pad both axes.
+  single = verifier.signature_losses(model, v, x, y, sigs, chunk=8)  # Chunks pad both axes.
   assert single.shape == (13, 13)
   np.testing.assert_allclose(single, ref, rtol=1e-4, atol=1e-5)
   request.getfixturevalue("eight_devices")  # The sharded half.
   mesh = sharding.make_mesh()
-  sharded = verify.signature_losses(model, v, x, y, sigs, mesh=mesh, chunk=8)
+  sharded = verifier.signature_losses(model, v, x, y, sigs, mesh=mesh, chunk=8)
   np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
 
 
@@ -220,26 +220,26 @@ def test_default_chunk_keeps_dense_models_marked_batch_in_cache(trained):
   model, v = trained["model"], trained["variables"]
   assert not any(leaf.ndim == 4 for leaf in jax.tree.leaves(v))
   if jax.default_backend() == "cpu":
-    assert verify.default_chunk(v, (28, 28, 3)) == _cpu.CPU_PASS_BYTES // (4 * 28 * 28 * 3) < 4096
+    assert verifier.default_chunk(v, (28, 28, 3)) == _cpu.CPU_PASS_BYTES // (4 * 28 * 28 * 3) < 4096
   else:  # Accelerators: 4,096 always.
-    assert verify.default_chunk(v, (28, 28, 3)) == 4096
-  assert verify.default_chunk(v, (2, 2, 3)) == 4096
+    assert verifier.default_chunk(v, (28, 28, 3)) == 4096
+  assert verifier.default_chunk(v, (2, 2, 3)) == 4096
   cnn = models.CNN(num_classes=10, widths=(4, 8), dense=16)
   cnn_v = jax.jit(lambda k: cnn.init(k, jnp.zeros((1, 8, 8, 3)), train=False))(jax.random.key(0))
-  assert verify.default_chunk(cnn_v, (28, 28, 3)) == 4096
+  assert verifier.default_chunk(cnn_v, (28, 28, 3)) == 4096
   x, y = trained["user_x"][:4], trained["user_y"][:4]
   with pytest.raises(ValueError, match="chunk must be >= 1"):
-    verify.signature_losses(model, v, x, y, GRID[:3], chunk=0)
+    verifier.signature_losses(model, v, x, y, GRID[:3], chunk=0)
 
 
 def test_no_retrace(trained):
   model, v = trained["model"], trained["variables"]
   x, y = trained["user_x"][:10], trained["user_y"][:10]
-  verify.signature_losses(model, v, x, y, GRID[:6])
-  before = verify._signature_losses._cache_size()
-  a = verify.signature_losses(model, v, x[::-1], y[::-1], GRID[6:12])
-  b = verify.signature_losses(model, v, x, y, GRID[6:12] + 1.0)
-  assert verify._signature_losses._cache_size() == before
+  verifier.signature_losses(model, v, x, y, GRID[:6])
+  before = verifier._signature_losses._cache_size()
+  a = verifier.signature_losses(model, v, x[::-1], y[::-1], GRID[6:12])
+  b = verifier.signature_losses(model, v, x, y, GRID[6:12] + 1.0)
+  assert verifier._signature_losses._cache_size() == before
   assert not np.allclose(a, b)
 
 
@@ -248,7 +248,7 @@ def test_blue_watermark_grid(trained):
   mask = lct.secret_pixels(jax.random.key(1), (28, 28), 512)
   blue = lct.Watermark.blue(mask)
   sigs = np.array([0.0, 0.1, 0.3], np.float32)
-  got = verify.signature_losses(model, v, trained["user_x"][:5], trained["user_y"][:5], sigs, watermark=blue)
+  got = verifier.signature_losses(model, v, trained["user_x"][:5], trained["user_y"][:5], sigs, watermark=blue)
   import optax
 
   ref = [
@@ -263,9 +263,9 @@ def test_blue_watermark_grid(trained):
 def test_signature_losses_errors(trained):
   model, v = trained["model"], trained["variables"]
   with pytest.raises(ValueError, match="labels"):
-    verify.signature_losses(model, v, trained["user_x"], trained["user_y"][:3], GRID)
+    verifier.signature_losses(model, v, trained["user_x"], trained["user_y"][:3], GRID)
   with pytest.raises(ValueError, match="finite"):
-    verify.signature_losses(model, v, trained["user_x"], trained["user_y"], np.array([np.nan]))
+    verifier.signature_losses(model, v, trained["user_x"], trained["user_y"], np.array([np.nan]))
 
 
 def test_prune(trained):
@@ -354,3 +354,27 @@ def test_studies_name_the_flags_when_a_split_is_too_small_before_training(tmp_pa
   with pytest.raises(ValueError, match=match):
     {"multiuser": studies.multiuser, "defences": studies.defences}[study](cfg, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()  # Nothing was trained.
+
+
+def test_one_call_verify_matches_the_marked_user_and_not_a_held_out_one(trained):
+  """Positive control: the user whose images the learner saw marked; negative: held-out images."""
+  model, v = trained["model"], trained["variables"]
+  hit = watermark.verify(model, v, trained["user_x"], trained["user_y"], signature=K_STAR, grid_step=5)
+  assert isinstance(hit, watermark.Verdict) and hit.matched and hit.distance < lct.PAPER_TAU
+  miss = watermark.verify(model, v, trained["held_x"][0], trained["held_y"][0], signature=K_STAR, grid_step=5)
+  assert not miss.matched
+  assert not watermark.verify(model, v, trained["held_x"][0], trained["held_y"][0], grid_step=5).matched  # Null.
+  with pytest.raises(ValueError, match="RGB"):
+    watermark.verify(model, v, trained["user_x"][..., :1], trained["user_y"])
+  with pytest.raises(ValueError, match="labels must have shape"):
+    watermark.verify(model, v, trained["user_x"], trained["user_y"][:-1])
+
+
+def test_readme_snippet_runs_as_written(trained, readme_snippet):
+  """README's three lines, executed verbatim on a user's images and the learner that saw them marked."""
+  scope = dict(
+    images=trained["user_x"], labels=trained["user_y"], model=trained["model"], variables=trained["variables"]
+  )
+  exec(readme_snippet("watermark"), scope)
+  np.testing.assert_allclose(scope["marked"], lct.mark(trained["user_x"], 60.0), atol=1e-6)
+  assert isinstance(scope["verdict"], watermark.Verdict) and scope["verdict"].signature == 60.0

@@ -192,6 +192,74 @@ def grid_search(
   return GridResult(signatures=sigs, losses=losses, recovered=float(sigs[int(np.argmin(losses))]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """What :func:`verify` found.
+
+  Attributes:
+    recovered: ``k^`` (degrees), from the grid, refined by gradient search when asked.
+    grid: The loss curve (:class:`GridResult`).
+    signature: The owner's ``k*`` given, or None.
+    matched: ``|k^ - k*| < tau`` with a signature; else whether ``k^`` is a non-null signature
+      (``|k^ - 0| >= tau``: the loss is lowest away from the unmarked images).
+    distance: ``|k^ - k*|`` (circular), or ``|k^ - 0|`` without a signature.
+  """
+
+  recovered: float
+  grid: GridResult
+  signature: float | None
+  matched: bool
+  distance: float
+
+
+def verify(
+  model: nn.Module,
+  variables: PyTree,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  signature: float | None = None,
+  tau: float = PAPER_TAU,
+  grid_step: float = 1.0,
+  gradient: bool = False,
+  watermark: Watermark | None = None,
+) -> Verdict:
+  """One call: recovers the signature a model learned from the owner's *unmarked* images (Eq. 6).
+
+  Args:
+    model: The suspect model's architecture; ``variables`` its weights (one model).
+    images: The owner's unmarked RGB images, NHWC in [0, 1].
+    labels: Their true labels. Required: Eq. 6 is the loss of the owner's labelled images, and
+      the model's own predictions on the unmarked images would pull the minimum to k = 0.
+    signature: The owner's private ``k*``, for the verdict.
+    tau: Matching threshold (degrees).
+    grid_step: Grid spacing over [0, 360) (degrees).
+    gradient: Refine the grid's answer with :func:`gradient_search`.
+    watermark: The owner's watermark (default: LCT with T_YIQ).
+
+  Returns:
+    A :class:`Verdict`.
+  """
+  images = np.asarray(images, np.float32)
+  check_rgb(images)
+  if images.ndim != 4 or not np.all(np.isfinite(images)):
+    raise ValueError(f"images must be finite N x H x W x 3, got shape {images.shape}")
+  if not 0 < grid_step < 360:
+    raise ValueError(f"grid_step must be in (0, 360), got {grid_step}")
+  labels = np.asarray(labels)
+  if labels.shape != (len(images),):
+    raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
+  wm = Watermark.hue() if watermark is None else watermark
+  grid = grid_search(model, variables, images, labels, np.arange(0, 360, grid_step), watermark=wm)
+  rec = grid.recovered
+  if gradient:
+    rec, _, _ = gradient_search(model, variables, images, labels, watermark=wm)
+  reference = 0.0 if signature is None else signature
+  d = float(distance(rec, reference))
+  matched = d < tau if signature is not None else d >= tau
+  return Verdict(recovered=float(rec), grid=grid, signature=signature, matched=bool(matched), distance=d)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "steps"))
 def _gradient_search(model, variables, images, labels, inits_R, wm, learning_rate, *, steps):
   tx = optax.adam(learning_rate)
