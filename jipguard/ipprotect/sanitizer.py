@@ -27,14 +27,16 @@ makes sanitized images easier than the originals for every unseen seller (utilit
 overshoots). Out-of-bag models saw the image no more than a seller did. An image that
 every model was trained on (probability ~0.63^|Omega_Tr|) uses all of them.
 
-Keys: image k (global index in D_B) uses ``fold_in(init_key, k)`` for its starting
-noise and ``fold_in(fold_in(step_key, k), t)`` at step t (both from the public ``seed``).
-Its anchor x_N comes from the run's 256-bit **anchor secret** (:func:`anchor_secret`: drawn
+Keys: image k (global index in D_B) uses ``fold_in(fold_in(step_key, k), t)`` at step t (the
+model subsets and the robust options' noise, from the public ``seed``). Its starting noise x~_0
+and its anchor x_N come from the run's 256-bit **anchor secret** (:func:`anchor_secret`: drawn
 with ``secrets``, or derived from a given integer seed by scrypt) through a KDF: the per-image
-key is HMAC-SHA256(secret, "jipguard/ipprotect/anchor/k") cut to JAX's 64-bit threefry key
-(:func:`anchor_keys`). Recovering one image's anchor is a 2^64 search for that image alone;
-the secret, and every other image's anchor, stay out of reach. The secret is kept in the
-buyer's private checkpoint directory (0600) and never written to ``sanitized.npz``;
+keys are HMAC-SHA256(secret, "jipguard/ipprotect/<anchor|start>/k") cut to JAX's 64-bit threefry
+key (:func:`anchor_keys`). Recovering one image's anchor or start is a 2^64 search for that image
+alone; the secret, and every other image's keys, stay out of reach. The start is secret too: a
+sanitized image stays at RMS ~0.8 from its start, and knowing the start would let an adversary
+subtract it (x~ - x~_0 correlates more with the original than x~ does). The secret is kept in
+the buyer's private checkpoint directory (0600) and never written to ``sanitized.npz``;
 checkpoints record only a keyed commitment to it (:func:`anchor_commitment`).
 """
 
@@ -200,12 +202,13 @@ def _as_secret(secret: bytes | int) -> bytes:
   return anchor_secret(secret)
 
 
-def anchor_keys(secret: bytes | int, start: int, count: int) -> jax.Array:
-  """Threefry keys of the anchors of images start..start+count-1 (module doc: a KDF of the secret)."""
+def anchor_keys(secret: bytes | int, start: int, count: int, purpose: str = "anchor") -> jax.Array:
+  """Threefry keys of images start..start+count-1's anchors (``purpose="anchor"``) or starting
+  noise (``"start"``): a KDF of the secret (module doc)."""
   secret = _as_secret(secret)
   words = np.empty((count, 2), np.uint32)
   for i in range(count):
-    digest = hmac.digest(secret, b"jipguard/ipprotect/anchor/%d" % (start + i), "sha256")
+    digest = hmac.digest(secret, b"jipguard/ipprotect/%s/%d" % (purpose.encode(), start + i), "sha256")
     words[i] = np.frombuffer(digest[:8], ">u4")
   return jax.random.wrap_key_data(words)
 
@@ -225,8 +228,8 @@ def starting_points(
   """
   root = jax.random.key(seed)
   normal = lambda k: jax.random.normal(k, tuple(image_shape))
-  x0 = jax.vmap(normal)(image_keys(jax.random.fold_in(root, 0), start, count))
-  anchors = jax.vmap(normal)(anchor_keys(anchor_secret, start, count))
+  x0 = jax.vmap(normal)(anchor_keys(anchor_secret, start, count, "start"))
+  anchors = jax.vmap(normal)(anchor_keys(anchor_secret, start, count, "anchor"))
   return x0, anchors, image_keys(jax.random.fold_in(root, 1), start, count)
 
 

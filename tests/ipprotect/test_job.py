@@ -88,7 +88,7 @@ def test_a_given_anchor_seed_leaves_no_plain_trace_in_the_run_directory(tmp_path
     anchor_seed=seed,
     buyer_size=8,
     seller_pool_size=256,
-    omega_train=sellers.TrainConfig(epochs=1, batch_size=16),
+    omega_train=sellers.TrainConfig(epochs=1, batch_size=8),
   )
   job.run(cfg, str(tmp_path), progress=False)
   secret = sanitizer.anchor_secret(seed)

@@ -278,6 +278,12 @@ def test_anchor_secret_changes_the_result_and_is_256_bit():
   assert not np.allclose(a.images, b.images)
   keys = lambda s: np.asarray(jax.random.key_data(sanitizer.anchor_keys(s, 0, 3)))
   assert not np.any(keys(secret) == keys(flipped))
+  # The starting noise is secret too (another KDF label): not a function of the public seed alone.
+  start = lambda s, seed: np.asarray(sanitizer.starting_points((4, 4, 1), 0, 2, seed=seed, anchor_secret=s)[0])
+  np.testing.assert_array_equal(start(secret, 0), start(secret, 1))
+  assert not np.allclose(start(secret, 0), start(flipped, 0))
+  starts = np.asarray(jax.random.key_data(sanitizer.anchor_keys(secret, 0, 3, "start")))
+  assert not np.any(starts == keys(secret))
   # A given integer seed derives a 256-bit secret (reproducible); images of one secret have distinct keys.
   assert sanitizer.anchor_secret(5) == sanitizer.anchor_secret(5) != sanitizer.anchor_secret(6)
   assert len(np.unique(keys(5), axis=0)) == 3
