@@ -1,4 +1,4 @@
-"""Ablation of the IPProtect sanitizer: variants of the main job's flags, over seeds.
+"""Ablation of the IPProtect sanitizer: variants of the main job's flags, over seeds (``jipguard ablation``).
 
     python experiments/ipprotect_ablation.py --workdir runs/ablation --seeds 0 1 2
     python experiments/ipprotect_ablation.py --workdir runs/ablation --seeds 0 --only "probs, lr 0.1" kl

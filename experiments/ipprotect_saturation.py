@@ -1,4 +1,4 @@
-"""Where the sanitizer gets stuck: saturation of the sampled models, and the fit per image.
+"""Where the sanitizer gets stuck: saturation of the sampled models, and the fit per image (``jipguard saturation``).
 
     python experiments/ipprotect_saturation.py --dataset fashion_mnist --buyer_size 3000 --omega_tr 10 \\
         --cache_dir runs/fmnist-cache --loss probs --images 300 --checkpoints 50 300 1000

@@ -1,4 +1,4 @@
-"""IP exposure vs utility trade-off study (IPProtect paper, section VI-C: Fig. 2 and Table III).
+"""IP exposure vs utility trade-off study (IPProtect paper, section VI-C: Fig. 2 and Table III; ``jipguard tradeoff``).
 
     python experiments/tradeoff.py --preset smoke --workdir runs/tradeoff-smoke   # minutes
     python experiments/tradeoff.py                                            # default preset

@@ -1,4 +1,4 @@
-"""Anti-neuron watermarking (paper 003): studies, and the mark / verify tools.
+"""Anti-neuron watermarking (paper 003): studies, and the mark / verify tools (``jipguard watermark``).
 
     # A person marking and checking images:
     python experiments/watermark.py mark --input my.npz --signature 60 --output my_marked.npz
