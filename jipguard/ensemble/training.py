@@ -447,7 +447,7 @@ class EnsembleTrainer:
         resumed run sees the data the uninterrupted one would. Default: the pool as is.
       init_state: Start from these members' parameters and batch statistics (fine-tuning)
         instead of fresh ones; the optimiser state starts afresh. Their digest is part of the
-        configuration a checkpoint must match.
+        configuration a checkpoint must match. They are copied: ``init_state`` stays valid.
       penalty_data: Each member's data for the trainer's ``penalty`` (a pytree whose leaves have
         a leading member axis M); part of the configuration a checkpoint must match.
 
@@ -508,11 +508,9 @@ class EnsembleTrainer:
         a.shape != b.shape for a, b in zip(jax.tree.leaves(init_state.params), jax.tree.leaves(state.params))
       ):
         raise ValueError(f"init_state is not an ensemble of {m} members of this trainer's model")
-      state = EnsembleState(
-        params=init_state.params,
-        batch_stats=init_state.batch_stats,
-        opt_state=jax.vmap(self.tx.init)(init_state.params),
-      )
+      # Copies: the epoch donates its state, and the caller keeps init_state.
+      params, batch_stats = jax.tree.map(jnp.array, (init_state.params, init_state.batch_stats))
+      state = EnsembleState(params=params, batch_stats=batch_stats, opt_state=jax.vmap(self.tx.init)(params))
       meta["init"] = digest(init_state.params)
     return state, meta
 
