@@ -10,10 +10,11 @@ Customer j's copy is fine-tuned with the loss ``l(y, f(x)) + mu * MSE(F_j - X th
   chosen by a predicate on the kernel's path (:func:`layer_predicate`), so a model split into a
   local and a remote part selects its remote layers the same way.
 * ``X`` (L x P): the vendor's secret Gaussian projection, N(0, s^2) entries (:class:`Secret`).
-  The paper does not give s. It sets how far the weights must move to carry F (~1 / s) and how
-  strongly the penalty pulls against the task loss (~s): with Uchida's s = 1 and the paper's
-  mu = 0.2 the fit needs ~3x the fine-tuning steps of s = 4 (``PROJECTION_STD``) to come within
-  the 0.15 margin that tau = 0.85 leaves (docs/fingerprint.md).
+  The paper does not give s. It sets how far the weights must move to carry F (~1 / s), how
+  strongly the penalty pulls against the task loss (~s), and how much an attacker's weight
+  changes move the extracted coefficients (~s): s = 4 fits ~3x faster than Uchida's s = 1
+  (``PROJECTION_STD``) but loses the fingerprint to the paper's fine-tuning attack, which s = 1
+  survives (docs/fingerprint.md).
 * ``F_j`` (L): the customer's fingerprint (:func:`fingerprint_vector`): the community code's
   bits as +-1, then each codebook's identity code ``u = basis @ e`` (Eq. 26).
 
@@ -43,7 +44,7 @@ from jipguard.fingerprint import codes
 PyTree = Any
 PAPER_MU = 0.2  # The embedding weight mu of section VI-B.
 PAPER_TAU = 0.85  # The hard threshold tau of Eq. 30.
-PROJECTION_STD = 4.0  # Standard deviation of X's entries (the paper gives none).
+PROJECTION_STD = 1.0  # Standard deviation of X's entries (the paper gives none; Uchida's 1).
 
 
 def _path_name(path: tuple[Any, ...]) -> str:

@@ -12,10 +12,10 @@ from jipguard import rundir
 from jipguard.fingerprint import cli
 
 _TINY = [
-  "--dataset", "digits", "--hidden", "64", "--design", "7,3,1", "--crc_bits", "0", "--customers", "3",
-  "--base_epochs", "2", "--embed_epochs", "3", "--batch_size", "64", "--lr", "0.003", "--max_colluders", "2",
+  "--dataset", "digits", "--hidden", "32", "--design", "7,3,1", "--crc_bits", "0", "--customers", "2",
+  "--base_epochs", "1", "--embed_epochs", "2", "--batch_size", "128", "--lr", "0.003", "--max_colluders", "2",
   "--coalitions", "2", "--attack_sizes", "1", "--attack_coalitions", "1", "--prune_alphas", "",
-  "--no-independent", "--quiet",
+  "--no-independent", "--no-measure_costs", "--quiet",
 ]  # fmt: skip
 
 
@@ -53,7 +53,7 @@ def test_collusion_study_resumes_and_trace_names_the_owner(tmp_path, capsys):
   assert again["rows"] == first["rows"] and again["accuracy_fingerprinted_mean"] == first["accuracy_fingerprinted_mean"]
   capsys.readouterr()
   models = sorted(glob.glob(os.path.join(w, "models", "customer_*.npz")))
-  assert len(models) == 3
+  assert len(models) == 2
   assert cli.main(["trace", "--workdir", w, "--model", models[0]]) == 0
   out = capsys.readouterr().out
   assert out.startswith(("exact", "inconsistent", "beyond_resilience"))  # Never a wrong name:
@@ -87,5 +87,7 @@ def test_bad_flags_exit_2_with_one_error_line_and_no_run_directory(argv, tmp_pat
 
 
 def test_print_config(capsys):
-  assert cli.main(["collusion", "--print_config", "--customers", "8", "--max_colluders", "8"]) == 0
+  assert (
+    cli.main(["collusion", "--print_config", "--customers", "8", "--max_colluders", "8", "--attack_sizes", "1,2"]) == 0
+  )
   assert json.loads(capsys.readouterr().out)["customers"] == 8
