@@ -273,7 +273,7 @@ def _attack_rows(run: _Run, name: str, params_M: PyTree, alpha: float, rng: np.r
 
 def run_collusion(cfg: CollusionConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """The model-level study; resumes from ``workdir`` (finished trainings and attacks are kept)."""
-  rundir.write_config(workdir, dataclasses.asdict(cfg))
+  rundir.write_config(workdir, rundir.fingerprint(cfg, measure_costs=True))  # A field added later.
   run = _Run(cfg, workdir, progress)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   base_trainer = ensemble.EnsembleTrainer(run.model, run.tx, batch_size=cfg.batch_size)
