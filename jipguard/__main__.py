@@ -17,6 +17,7 @@ COMMANDS = {
   "ablation": ("jipguard.ipprotect.cli:ablation_main", "IPProtect: the sanitizer's ablation"),
   "saturation": ("jipguard.ipprotect.cli:saturation_main", "IPProtect: the saturation diagnostic"),
   "watermark": ("jipguard.watermark.cli:main", "anti-neuron watermarking: mark, verify, and the studies"),
+  "fingerprint": ("jipguard.fingerprint.cli:main", "SecureMark-DL: fingerprint codes, embedding, collusion tracing"),
   "sweep": ("jipguard.sweep:main", "a grid of configs of one command, one run directory each"),
 }
 

@@ -65,8 +65,12 @@ class FitResult:
   resumed_from: int
 
 
-def _member_step(model, tx, params, batch_stats, opt_state, x, y, key):
-  """One optimiser step of one member on its batch; vmapped over members."""
+def _member_step(model, tx, penalty, params, batch_stats, opt_state, x, y, key, penalty_data):
+  """One optimiser step of one member on its batch; vmapped over members.
+
+  The loss is the mean cross-entropy, plus ``penalty(params, penalty_data)`` when a penalty is
+  given (the member's own ``penalty_data``: e.g. SecureMark's per-customer fingerprint term).
+  """
   variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
   def loss_fn(p):
@@ -74,6 +78,8 @@ def _member_step(model, tx, params, batch_stats, opt_state, x, y, key):
       {**variables, "params": p}, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if penalty is not None:
+      loss = loss + penalty(p, penalty_data)
     return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -98,7 +104,19 @@ def _epoch_batches(indices_MxS, labels_MxS, keys_M, epoch, *, batch_size):
 
 
 def _train_step(
-  state, images, idx_MxB, y_MxB, dropout_keys_M, step, *, model, tx, unroll_members=False, batch_sharding=None
+  state,
+  images,
+  idx_MxB,
+  y_MxB,
+  dropout_keys_M,
+  step,
+  penalty_data_M=None,
+  *,
+  model,
+  tx,
+  penalty=None,
+  unroll_members=False,
+  batch_sharding=None,
 ):
   """One step of every member (:func:`_member_step` vmapped, or unrolled over members).
 
@@ -107,12 +125,12 @@ def _train_step(
   mean and batch-norm statistics reduced across it by the partitioner.
   """
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(dropout_keys_M)
-  member_step = functools.partial(_member_step, model, tx)
+  member_step = functools.partial(_member_step, model, tx, penalty)
   x_MxB = images[idx_MxB]
   if batch_sharding is not None:
     x_MxB = jax.lax.with_sharding_constraint(x_MxB, batch_sharding)
     y_MxB = jax.lax.with_sharding_constraint(y_MxB, batch_sharding)
-  args = (state.params, state.batch_stats, state.opt_state, x_MxB, y_MxB, step_keys)
+  args = (state.params, state.batch_stats, state.opt_state, x_MxB, y_MxB, step_keys, penalty_data_M)
   # Unrolled: one ordinary convolution per member instead of a grouped one.
   params, batch_stats, opt_state, loss, acc = map_members(member_step, *args, unroll=unroll_members)
   return EnsembleState(params=params, batch_stats=batch_stats, opt_state=opt_state), (loss, acc)
@@ -125,10 +143,12 @@ def _train_epoch(
   labels_MxS,
   keys_M,
   epoch,
+  penalty_data_M=None,
   *,
   model,
   tx,
   batch_size,
+  penalty=None,
   batch_sharding=None,
   members_per_pass=None,
 ):
@@ -144,10 +164,20 @@ def _train_epoch(
   batch_idx, batch_y, dropout_keys = _epoch_batches(indices_MxS, labels_MxS, keys_M, epoch, batch_size=batch_size)
   steps = jnp.arange(batch_idx.shape[0])
 
-  def run(state, idx_TxGxB, y_TxGxB, keys_G):
+  def run(state, idx_TxGxB, y_TxGxB, keys_G, penalty_data_G):
     def body(state, step):
       return _train_step(
-        state, images, idx_TxGxB[step], y_TxGxB[step], keys_G, step, model=model, tx=tx, batch_sharding=batch_sharding
+        state,
+        images,
+        idx_TxGxB[step],
+        y_TxGxB[step],
+        keys_G,
+        step,
+        penalty_data_G,
+        model=model,
+        tx=tx,
+        penalty=penalty,
+        batch_sharding=batch_sharding,
       )
 
     state, (loss_TxG, acc_TxG) = jax.lax.scan(body, state, steps)
@@ -155,24 +185,34 @@ def _train_epoch(
 
   m = dropout_keys.shape[0]
   if members_per_pass is None or members_per_pass >= m:
-    state, (loss_M, acc_M) = run(state, batch_idx, batch_y, dropout_keys)
+    state, (loss_M, acc_M) = run(state, batch_idx, batch_y, dropout_keys, penalty_data_M)
   else:
     group = functools.partial(_cpu.group_members, members_per_pass=members_per_pass)
     state, (loss_M, acc_M) = jax.lax.map(
       lambda args: run(*args),
-      (jax.tree.map(group, state), group(batch_idx, axis=1), group(batch_y, axis=1), group(dropout_keys)),
+      (
+        jax.tree.map(group, state),
+        group(batch_idx, axis=1),
+        group(batch_y, axis=1),
+        group(dropout_keys),
+        jax.tree.map(group, penalty_data_M),
+      ),
     )
     state, loss_M, acc_M = jax.tree.map(lambda a: a.reshape(m, *a.shape[2:]), (state, loss_M, acc_M))
   return state, {"loss": loss_M, "train_accuracy": acc_M}
 
 
 train_epoch = _cpu.ConvJit(
-  _train_epoch, static_argnames=("model", "tx", "batch_size", "batch_sharding", "members_per_pass"), donate_argnums=(0,)
+  _train_epoch,
+  static_argnames=("model", "tx", "batch_size", "penalty", "batch_sharding", "members_per_pass"),
+  donate_argnums=(0,),
 )
-train_epoch.__doc__ = """Jitted :func:`_train_epoch`: ``(state, images, indices_MxS, labels_MxS, keys_M, epoch)``."""
+train_epoch.__doc__ = (
+  """Jitted :func:`_train_epoch`: ``(state, images, indices_MxS, labels_MxS, keys_M, epoch, penalty_data_M)``."""
+)
 epoch_batches = jax.jit(_epoch_batches, static_argnames=("batch_size",))
 train_step = _cpu.ConvJit(
-  _train_step, static_argnames=("model", "tx", "unroll_members", "batch_sharding"), donate_argnums=(0,)
+  _train_step, static_argnames=("model", "tx", "penalty", "unroll_members", "batch_sharding"), donate_argnums=(0,)
 )
 
 
@@ -259,6 +299,11 @@ class EnsembleTrainer:
       all steps before the next ones (:func:`train_epoch`); 0: all members at every step;
       default: ``_cpu.members_per_pass`` (cache-sized groups on CPU, all members elsewhere).
       Needs an unsharded ensemble (no ``mesh``).
+    penalty: Optional extra term of every member's loss, ``penalty(params, penalty_data) ->
+      scalar`` for ONE member's parameters and its own data (``fit``'s ``penalty_data``,
+      vmapped with the members). It is a static argument of the jitted epoch: pass one
+      hashable object (a module-level function, or an object hashed by identity) for the
+      trainer's life, so that it compiles once.
   """
 
   def __init__(
@@ -270,8 +315,10 @@ class EnsembleTrainer:
     mesh: jax.sharding.Mesh | None = None,
     scan: bool | None = None,
     members_per_pass: int | None = None,
+    penalty: Callable[[PyTree, PyTree], jax.Array] | None = None,
   ):
     self.model = model
+    self.penalty = penalty
     self.tx = tx
     self.batch_size = batch_size
     self.mesh = mesh
@@ -297,6 +344,7 @@ class EnsembleTrainer:
     labels_MxS: jax.Array,
     keys_M: jax.Array,
     epoch: int,
+    penalty_data_M: PyTree = None,
   ) -> tuple[EnsembleState, dict[str, jax.Array]]:
     """One epoch of every member (donates ``state``). Metrics are per member, shape (M,).
 
@@ -324,9 +372,11 @@ class EnsembleTrainer:
         labels_MxS,
         keys_M,
         epoch,
+        penalty_data_M,
         model=self.model,
         tx=self.tx,
         batch_size=self.batch_size,
+        penalty=self.penalty,
         batch_sharding=self.batch_sharding,
         members_per_pass=per_pass,
       )
@@ -341,8 +391,10 @@ class EnsembleTrainer:
         batch_y[step],
         dropout_keys,
         jnp.int32(step),
+        penalty_data_M,
         model=self.model,
         tx=self.tx,
+        penalty=self.penalty,
         unroll_members=True,
         batch_sharding=self.batch_sharding,
       )
@@ -365,6 +417,7 @@ class EnsembleTrainer:
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     epoch_data: Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
     init_state: EnsembleState | None = None,
+    penalty_data: PyTree = None,
   ) -> FitResult:
     """Trains M members for ``epochs`` epochs, resuming from ``checkpoint`` if possible.
 
@@ -394,7 +447,9 @@ class EnsembleTrainer:
         resumed run sees the data the uninterrupted one would. Default: the pool as is.
       init_state: Start from these members' parameters and batch statistics (fine-tuning)
         instead of fresh ones; the optimiser state starts afresh. Their digest is part of the
-        configuration a checkpoint must match.
+        configuration a checkpoint must match. They are copied: ``init_state`` stays valid.
+      penalty_data: Each member's data for the trainer's ``penalty`` (a pytree whose leaves have
+        a leading member axis M); part of the configuration a checkpoint must match.
 
     Returns:
       A :class:`FitResult`.
@@ -407,6 +462,13 @@ class EnsembleTrainer:
     data = _check_data(keys_M, images, labels, indices, self.batch_size)
     m = keys_M.shape[0]
     state, meta = self._start(keys_M, data, init_state)
+    if penalty_data is not None:
+      if self.penalty is None:
+        raise ValueError("penalty_data given to a trainer without a penalty")
+      penalty_data = jax.tree.map(jnp.asarray, penalty_data)
+      if any(leaf.ndim == 0 or leaf.shape[0] != m for leaf in jax.tree.leaves(penalty_data)):
+        raise ValueError(f"every leaf of penalty_data must have a leading member axis of {m}")
+      meta["penalty"] = digest(penalty_data)
     ckpt = None if checkpoint is None else EpochCheckpoints(checkpoint, meta, m, desc)
     try:
       state, history, start = (state, [], 0) if ckpt is None else ckpt.restore(state)
@@ -420,6 +482,7 @@ class EnsembleTrainer:
         ckpt=ckpt,
         eval_data=eval_data,
         on_epoch_end=on_epoch_end,
+        penalty_data=penalty_data,
         bar=tqdm.tqdm(total=epochs, initial=start, desc=desc, disable=not progress, leave=False),
       )
     finally:
@@ -445,11 +508,9 @@ class EnsembleTrainer:
         a.shape != b.shape for a, b in zip(jax.tree.leaves(init_state.params), jax.tree.leaves(state.params))
       ):
         raise ValueError(f"init_state is not an ensemble of {m} members of this trainer's model")
-      state = EnsembleState(
-        params=init_state.params,
-        batch_stats=init_state.batch_stats,
-        opt_state=jax.vmap(self.tx.init)(init_state.params),
-      )
+      # Copies: the epoch donates its state, and the caller keeps init_state.
+      params, batch_stats = jax.tree.map(jnp.array, (init_state.params, init_state.batch_stats))
+      state = EnsembleState(params=params, batch_stats=batch_stats, opt_state=jax.vmap(self.tx.init)(params))
       meta["init"] = digest(init_state.params)
     return state, meta
 
@@ -475,6 +536,7 @@ class EnsembleTrainer:
     eval_data,
     on_epoch_end,
     bar,
+    penalty_data: PyTree = None,
   ) -> EnsembleState:
     """Runs ``epochs`` (appending to ``history``); on an exception, ``ckpt`` keeps the finished ones.
 
@@ -483,13 +545,13 @@ class EnsembleTrainer:
     """
     m = keys_M.shape[0]
     record = functools.partial(self._record, m, eval_data)
-    state, keys_p, indices_p = placement.members((state, keys_M, placement.data.indices_MxS))
+    state, keys_p, indices_p, penalty_p = placement.members((state, keys_M, placement.data.indices_MxS, penalty_data))
     finished = (epochs.start, state)  # The last finished epoch and its state.
     in_flight = None  # An epoch dispatched and not yet checked: (epoch, state, metrics).
     try:
       for epoch in epochs:
         images_p, labels_p = placement.epoch(epoch)
-        state, epoch_metrics = self.train_epoch(state, images_p, indices_p, labels_p, keys_p, epoch)
+        state, epoch_metrics = self.train_epoch(state, images_p, indices_p, labels_p, keys_p, epoch, penalty_p)
         in_flight = (epoch, state, epoch_metrics)
         history.append(record(epoch, state, epoch_metrics))
         in_flight, finished = None, (epoch + 1, state)
