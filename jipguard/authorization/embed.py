@@ -42,6 +42,7 @@ import numpy as np
 from jipguard.authorization import crypto, mrit
 
 MODES = ("exact", "lsb")
+DEFAULT_MRIT = mrit.MRITConfig()
 _CHUNK = 512  # Images per vectorised mRIT call (bounds the block arrays' memory).
 
 
@@ -159,7 +160,7 @@ def protect(
   key: crypto.Key,
   *,
   dataset_id: str,
-  cfg: mrit.MRITConfig = mrit.MRITConfig(),
+  cfg: mrit.MRITConfig = DEFAULT_MRIT,
   indices: np.ndarray | None = None,
 ) -> Protected:
   """Hides each clean image in (a block-wise approximation of) its target image.
@@ -226,7 +227,7 @@ def restore(
   key: crypto.Key,
   *,
   dataset_id: str,
-  cfg: mrit.MRITConfig = mrit.MRITConfig(),
+  cfg: mrit.MRITConfig = DEFAULT_MRIT,
   indices: np.ndarray | None = None,
   sidecar: np.ndarray | None = None,
 ) -> np.ndarray:
