@@ -17,6 +17,10 @@ COMMANDS = {
   "ablation": ("jipguard.ipprotect.cli:ablation_main", "IPProtect: the sanitizer's ablation"),
   "saturation": ("jipguard.ipprotect.cli:saturation_main", "IPProtect: the saturation diagnostic"),
   "watermark": ("jipguard.watermark.cli:main", "anti-neuron watermarking: mark, verify, and the studies"),
+  "authorization": (
+    "jipguard.authorization.cli:main",
+    "dataset authorization control: keygen, protect, restore, and the study",
+  ),
   "sweep": ("jipguard.sweep:main", "a grid of configs of one command, one run directory each"),
 }
 
