@@ -40,6 +40,7 @@ _STUDY_HELP = {
   "momentum": "FSP momentum decay, 0 = off (Inkawhich: 1.0)",
   "layer": "FSP feature layer (a sub-module name of the surrogate)",
   "candidates": "FSP target candidates per image (the farthest is taken)",
+  "target_class": "FSP target class: random (a random other class) or next (y + 1 mod K)",
   "block": "mRIT block side",
   "classes": "mRIT SD classes",
   "shift_step": "mRIT mean-shift quantum (even)",
@@ -61,7 +62,7 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, names: typing.Iterable[st
     p.add_argument(f"--{name}", type=typ, default=f.default, help=helps[name] + " (default: %(default)s)")
 
 
-_FSP_FIELDS = ("epsilon", "iterations", "momentum", "layer", "candidates")
+_FSP_FIELDS = ("epsilon", "iterations", "momentum", "layer", "candidates", "target_class")
 _MRIT_FIELDS = ("block", "classes", "shift_step")
 
 

@@ -39,6 +39,7 @@ import optax
 from jipguard import ensemble, models
 
 PyTree = Any
+TARGET_CLASSES = ("random", "next")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class FSPConfig:
     layer: Name of the surrogate's sub-module whose output is the feature map (for
       ``resnet8`` / ``resnet20``: ``ResidualBlock_<i>``; for ``cnn``: e.g. ``BatchNorm_2``).
     candidates: Random images of the target class among which the farthest is the target.
+    target_class: ``random`` (a random other class per image, Inkawhich's transfer setting) or
+      ``next`` (class ``y + 1 mod K`` for every image of class y: a class-consistent mapping, as in
+      the adversarial-poisoning literature).
   """
 
   epsilon: float = 0.07
@@ -61,6 +65,7 @@ class FSPConfig:
   momentum: float = 1.0
   layer: str = "ResidualBlock_1"
   candidates: int = 20
+  target_class: str = "random"
 
   def __post_init__(self):
     if not 0 < self.epsilon <= 1:
@@ -69,6 +74,8 @@ class FSPConfig:
       raise ValueError(f"--iterations must lie in [0, 1000], got {self.iterations}")
     if not 0 <= self.step <= 1 or not 0 <= self.momentum <= 10:
       raise ValueError(f"--step must lie in [0, 1] and --momentum in [0, 10], got {self.step}, {self.momentum}")
+    if self.target_class not in TARGET_CLASSES:
+      raise ValueError(f"--target_class must be one of {TARGET_CLASSES}, got {self.target_class!r}")
     if self.candidates < 1:
       raise ValueError(f"--candidates must be >= 1, got {self.candidates}")
 
@@ -142,10 +149,15 @@ def batch_features(
 
 
 def choose_targets(
-  seed: int, labels_N: np.ndarray, features_NxD: np.ndarray, num_classes: int, candidates: int
+  seed: int,
+  labels_N: np.ndarray,
+  features_NxD: np.ndarray,
+  num_classes: int,
+  candidates: int,
+  target_class: str = "random",
 ) -> np.ndarray:
-  """Index of each image's target: the farthest (in features) of ``candidates`` random images of a
-  random other class.
+  """Index of each image's target: the farthest (in features) of ``candidates`` random images of
+  another class: a random one (``target_class="random"``) or the next present one (``"next"``).
 
   Raises:
     ValueError: fewer than two classes present.
@@ -159,7 +171,10 @@ def choose_targets(
   # A random other class among those present.
   others = np.stack([np.setdiff1d(present, [c]) for c in present])
   row = np.searchsorted(present, labels)
-  cls = others[row, rng.integers(0, len(present) - 1, n)]
+  pick = rng.integers(0, len(present) - 1, n)
+  if target_class == "next":  # present[row + 1] (cyclically) sits at index row of others[row].
+    pick = row % (len(present) - 1)
+  cls = others[row, pick]
   by_class = {c: np.flatnonzero(labels == c) for c in present}
   out = np.empty(n, np.int64)
   for c in present:  # One vectorised draw per class, not per image.
@@ -227,7 +242,7 @@ def fsp_images(
 ) -> tuple[np.ndarray, np.ndarray]:
   """The FSP images of a set (uint8) and each one's target index."""
   feats = batch_features(model, variables, images, cfg.layer, batch)
-  targets = choose_targets(seed, labels, feats, num_classes, cfg.candidates)
+  targets = choose_targets(seed, labels, feats, num_classes, cfg.candidates, cfg.target_class)
   out = []
   for lo in range(0, len(images), batch):
     x, t = images[lo : lo + batch], images[targets[lo : lo + batch]]

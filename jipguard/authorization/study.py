@@ -69,6 +69,7 @@ class StudyConfig:
     momentum: FSP momentum (0: off).
     layer: FSP feature layer of the surrogate.
     candidates: FSP target candidates per image.
+    target_class: FSP target class rule (``fsp.TARGET_CLASSES``).
     block: mRIT block side.
     classes: mRIT SD classes.
     shift_step: mRIT mean-shift quantum (even).
@@ -92,6 +93,7 @@ class StudyConfig:
   momentum: float = 1.0
   layer: str = "ResidualBlock_1"
   candidates: int = 20
+  target_class: str = "random"
   block: int = 4
   classes: int = 4
   shift_step: int = 4
@@ -125,6 +127,7 @@ class StudyConfig:
       momentum=self.momentum,
       layer=self.layer,
       candidates=self.candidates,
+      target_class=self.target_class,
     )
 
   def mrit_config(self) -> mrit.MRITConfig:

@@ -8,7 +8,7 @@ import pytest
 from jipguard import data
 from jipguard.authorization import cli
 
-FAST = ["--surrogate_epochs", "0", "--iterations", "1", "--candidates", "2", "--quiet"]
+FAST = ["--surrogate_model", "mlp", "--layer", "Dense_0", "--surrogate_epochs", "0", "--iterations", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")

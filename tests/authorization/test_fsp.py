@@ -14,7 +14,7 @@ from jipguard.authorization import fsp
 def surrogate():
   ds = data.load("digits", "train")
   model, variables = fsp.train_surrogate(
-    ds.images[:256], ds.labels[:256], 10, fsp.SurrogateConfig(epochs=2, batch_size=64), seed=0, progress=False
+    ds.images[:256], ds.labels[:256], 10, fsp.SurrogateConfig(epochs=1, batch_size=64), seed=0, progress=False
   )
   return model, variables, ds.images[256:320], ds.labels[256:320]
 
@@ -63,6 +63,8 @@ def test_targets_are_of_another_class_and_the_farthest_candidate():
     same = np.flatnonzero(labels == labels[t[i]])
     d = np.sum((feats[same] - feats[i]) ** 2, axis=1)
     assert t[i] == same[np.argmax(d)]
+  nxt = fsp.choose_targets(0, labels, feats, 4, candidates=3, target_class="next")
+  np.testing.assert_array_equal(labels[nxt], (labels + 1) % 4)
   with pytest.raises(ValueError, match="two classes"):
     fsp.choose_targets(0, np.zeros(5, int), feats[:5], 4, 3)
 
