@@ -124,12 +124,15 @@ def _protect(a: argparse.Namespace) -> int:
     return cli.print_config(resolved)
   if os.path.exists(os.path.join(a.out, files.MANIFEST)):
     raise FileExistsError(f"{a.out} already holds a protected dataset; choose another --out")
+  if a.dataset_id is not None and not a.dataset_id.strip():
+    raise cli.FlagError("--dataset_id must be a non-empty string")
   clean, labels = files.read_images(a.images)
   embed.check_capacity(clean.shape[1:], mcfg)
+  num_classes = int(labels.max()) + 1
+  fsp.check_layer(models.get_model(scfg.model, num_classes), clean.shape[1:], fcfg.layer)
   salt = crypto.new_salt() if a.passphrase_file else None
   key = keys.key(salt)
   x = clean.astype(np.float32) / 255
-  num_classes = int(labels.max()) + 1
   model, variables = fsp.train_surrogate(x, labels, num_classes, scfg, seed=a.seed, progress=not a.quiet)
   adv, _ = fsp.fsp_images(model, variables, x, labels, num_classes, fcfg, seed=a.seed)
   dataset_id = a.dataset_id or secrets.token_hex(8)
@@ -166,7 +169,8 @@ def default_workdir(cfg: study.StudyConfig) -> str:
 def _study(a: argparse.Namespace, argv: list[str]) -> int:
   cli.check_choice("--preset", a.preset, list(study.PRESETS))
   values = {f.name: getattr(a, f.name) for f in dataclasses.fields(study.StudyConfig)}
-  given = {f.name for f in dataclasses.fields(study.StudyConfig) if any(s.startswith(f"--{f.name}") for s in argv)}
+  flags = {s.split("=")[0] for s in argv}
+  given = {f.name for f in dataclasses.fields(study.StudyConfig) if f"--{f.name}" in flags}
   values.update({k: v for k, v in study.PRESETS[a.preset].items() if k not in given})  # Flags win over a preset.
   cfg = study.StudyConfig(**values)
   if a.print_config:

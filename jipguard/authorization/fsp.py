@@ -93,6 +93,17 @@ def features(model: nn.Module, variables: PyTree, x_HxWxC: jax.Array, layer: str
   return found["__call__"][0].reshape(-1)
 
 
+def check_layer(model: nn.Module, image_shape: tuple[int, ...], layer: str) -> None:
+  """ValueError naming ``--layer`` unless ``model`` has a sub-module ``layer`` (shapes only: no
+  compilation, no work)."""
+
+  def probe():
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return features(model, model.init(jax.random.key(0), x), x[0], layer)
+
+  jax.eval_shape(probe)
+
+
 def perturb_one(
   model: nn.Module, variables: PyTree, x_HxWxC: jax.Array, target_HxWxC: jax.Array, cfg: FSPConfig
 ) -> jax.Array:

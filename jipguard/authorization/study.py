@@ -434,9 +434,10 @@ def report(cfg: StudyConfig, workdir: str, acc: dict[str, dict[str, float]], sta
 
 def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes) the study in ``workdir``; returns metrics.json's content."""
-  rundir.write_config(workdir, dataclasses.asdict(cfg))
-  train, test = load(cfg)
+  train, test = load(cfg)  # Bad data, sizes or layers fail before the run directory exists.
   embed.check_capacity(train.image_shape, cfg.mrit_config())
+  fsp.check_layer(models.get_model(cfg.model, train.num_classes), train.image_shape, cfg.layer)
+  rundir.write_config(workdir, dataclasses.asdict(cfg))
   sets = build_sets(cfg, workdir, train, progress=progress)
   stats = image_stats(sets, cfg)
   acc = train_all(cfg, workdir, sets, train.labels, test, progress=progress)

@@ -101,6 +101,7 @@ def test_passphrase_round_trip(owner, tmp_path):
     (["--shift_step", "3"], ["--shift_step"]),
     (["--surrogate_epochs", "-1"], ["--surrogate_epochs"]),
     (["--block", "3"], ["multiple of the block size 3"]),
+    (["--layer", "Dense_9"], ["--layer"]),
   ],
 )
 def test_bad_flags_fail_before_any_output(owner, capsys, tmp_path, args, words):
@@ -118,5 +119,8 @@ def test_keygen_never_overwrites_and_study_flags_are_checked(owner, capsys):
   _one_error(capsys, "never overwritten")
   assert cli.main(["study", "--countermeasures", "jpeg90,paint"]) == 2
   _one_error(capsys, "--countermeasures")
+  assert cli.main(["study", "--dataset", "no_such_set", "--workdir", str(root / "w")]) == 2
+  _one_error(capsys, "no_such_set")
+  assert not (root / "w").exists()
   assert cli.main(["study", "--preset", "smoke", "--print_config"]) == 0
   assert '"train_size": 256' in capsys.readouterr().out
