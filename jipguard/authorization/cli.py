@@ -40,7 +40,7 @@ _STUDY_HELP = {
   "momentum": "FSP momentum decay, 0 = off (Inkawhich: 1.0)",
   "layer": "FSP feature layer (a sub-module name of the surrogate)",
   "candidates": "FSP target candidates per image (the farthest is taken)",
-  "target_class": "FSP target class: random (a random other class) or next (y + 1 mod K)",
+  "target_class": "FSP target class: next (y + 1 mod K, class-consistent) or random (a random other class)",
   "block": "mRIT block side",
   "classes": "mRIT SD classes",
   "shift_step": "mRIT mean-shift quantum (even)",
@@ -85,7 +85,7 @@ def parser() -> cli.ArgumentParser:
   q.add_argument("--png", action="store_true", help="also write the protected images as uint8 PNGs (default: off)")
   q.add_argument("--no_sidecar", action="store_true", help="no sidecar: LSB restoration only (default: off)")
   q.add_argument("--surrogate_model", default="resnet8", help="FSP surrogate architecture (default: %(default)s)")
-  q.add_argument("--surrogate_epochs", type=int, default=3, help="FSP surrogate epochs (default: %(default)s)")
+  q.add_argument("--surrogate_epochs", type=int, default=15, help="FSP surrogate epochs (default: %(default)s)")
   q.add_argument("--seed", type=int, default=0, help="seed of the surrogate and the targets (default: %(default)s)")
   _add_fields(q, study.StudyConfig, _FSP_FIELDS + _MRIT_FIELDS, _STUDY_HELP)
   cli.add_common_flags(q)

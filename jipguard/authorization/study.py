@@ -87,13 +87,13 @@ class StudyConfig:
   batch_size: int = 32
   lr: float = 1e-3
   seeds: int = 1
-  surrogate_epochs: int = 3
+  surrogate_epochs: int = 15
   epsilon: float = 0.07
   iterations: int = 10
   momentum: float = 1.0
   layer: str = "ResidualBlock_1"
   candidates: int = 20
-  target_class: str = "random"
+  target_class: str = "next"
   block: int = 4
   classes: int = 4
   shift_step: int = 4
@@ -142,6 +142,8 @@ PRESETS = {
   "smoke": {"train_size": 256, "test_size": 256, "epochs": 2, "surrogate_epochs": 1, "countermeasures": "jpeg50"},
   # The fast study: an MLP (FSP features of its first layer), a minute on 2 cores.
   "mlp": {"model": "mlp", "layer": "Dense_0", "train_size": 1000, "epochs": 15, "surrogate_epochs": 5},
+  # The first setting measured: a weak surrogate and Inkawhich's random targets (no clear drop).
+  "weak": {"surrogate_epochs": 3, "target_class": "random"},
   "default": {},
 }
 
