@@ -742,3 +742,8 @@ KERNELS: dict[str, Kernel] = {
 from benchmarks import watermark_kernel  # noqa: E402
 
 KERNELS[watermark_kernel.NAME] = Kernel(watermark_kernel.SIZES, watermark_kernel.row, target=0.5)
+
+# Dataset authorization control's feature-space perturbation, beside its torch reference.
+from benchmarks import authorization_kernel  # noqa: E402
+
+KERNELS[authorization_kernel.NAME] = Kernel(authorization_kernel.SIZES, authorization_kernel.row, target=0.5)

@@ -118,6 +118,7 @@ def test_run_marks_rows_against_their_kernel_targets():
     "sanitize_step": 0.8,
     "sanitize_dataset": 0.5,
     "watermark_grid_search": 0.5,
+    "authorization_fsp": 0.5,
   }
 
 
