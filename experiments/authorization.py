@@ -2,9 +2,9 @@
 
     # A dataset owner:
     python experiments/authorization.py keygen --key owner.key
-    python experiments/authorization.py protect --images my.npz --key owner.key --out protected/ --png
-    python experiments/authorization.py restore --protected protected/ --key owner.key --out restored.npz
-    python experiments/authorization.py restore --protected protected/ --key owner.key --mode lsb --out r.npz
+    python experiments/authorization.py protect --images my.npz --key owner.key --workdir protected/ --png
+    python experiments/authorization.py restore --protected protected/ --key owner.key --output restored.npz
+    python experiments/authorization.py restore --protected protected/ --key owner.key --mode lsb --output r.npz
 
     # The study (Table 1, the ablation, countermeasures; one run directory):
     python experiments/authorization.py study                     # embedded Fashion-MNIST, 28x28x1

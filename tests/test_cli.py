@@ -106,6 +106,12 @@ _OTHERS = [
   (["watermark", "verify", "--model", "{missing}", "--images", "{grey}", "--tau", "0"], "--tau must be"),
   (["sweep", "--workdir", "{out}", "--command", "nope"], "--command must be a script path or one of"),
   (["sweep", "--workdir", "{out}", "--grid", "seed"], "--grid takes NAME=V1,V2"),
+  (["fingerprint", "codes", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+  (["fingerprint", "collusion", "--customers", "0"], "customers must be in [2, 17424]"),
+  (["fingerprint", "trace", "--workdir", "{missing}", "--model", "{missing}"], "No such file or directory"),
+  (["authorization", "protect", "--images", "{missing}", "--key", "{missing}", "--workdir", "{out}"], "missing"),
+  (["authorization", "protect", "--images", "{corrupt}", "--key", "{missing}", "--workdir", "{out}"], "read npz"),
+  (["authorization", "restore", "--protected", "{missing}", "--key", "{missing}", "--output", "{out}.npz"], "missing"),
   (["nope"], "unknown command 'nope'"),
 ]
 
@@ -152,7 +158,13 @@ def test_other_commands_bad_input_is_one_error_line(args, fragment, files, tmp_p
   workdir = ["--workdir", str(tmp_path / "run")]
   if argv[0] in ("tradeoff", "ablation", "saturation"):
     argv = [argv[0], *workdir, *argv[1:]]
-  elif argv[:2] in (["watermark", "multiuser"], ["watermark", "sweep"], ["watermark", "defences"]):
+  elif argv[:2] in (
+    ["watermark", "multiuser"],
+    ["watermark", "sweep"],
+    ["watermark", "defences"],
+    ["fingerprint", "codes"],
+    ["fingerprint", "collusion"],
+  ):
     argv = [*argv[:2], *workdir, *argv[2:]]
   _assert_one_error_line(_run(argv, cwd=tmp_path), fragment, tmp_path)
 
@@ -165,7 +177,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_help_lists_commands_and_shows_the_presets_defaults(tmp_path):
   top = _run(["--help"], cwd=tmp_path)
   assert top.returncode == 0
-  for name in ("ipprotect", "tradeoff", "watermark", "sweep"):
+  for name in ("ipprotect", "tradeoff", "watermark", "fingerprint", "authorization", "sweep"):
     assert f"\n  {name} " in top.stdout
   smoke = _run(["ipprotect", "--preset", "smoke", "--help"], cwd=tmp_path).stdout
   default = _run(["ipprotect", "--help"], cwd=tmp_path).stdout

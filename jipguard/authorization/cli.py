@@ -1,8 +1,8 @@
 """``jipguard authorization keygen | protect | restore | study``: the command line.
 
     jipguard authorization keygen --key owner.key
-    jipguard authorization protect --images my.npz --key owner.key --out protected/ [--png]
-    jipguard authorization restore --protected protected/ --key owner.key --out restored.npz
+    jipguard authorization protect --images my.npz --key owner.key --workdir protected/ [--png]
+    jipguard authorization restore --protected protected/ --key owner.key --output restored.npz
     jipguard authorization study [--colour] [--preset smoke] [--workdir runs/...]
 
 ``experiments/authorization.py`` is a thin wrapper of :func:`main`. Every flag is checked before
@@ -80,7 +80,7 @@ def parser() -> cli.ArgumentParser:
   q = sub.add_parser("protect", help="protect an image set (.npz or class folders)")
   q.add_argument("--images", required=True, help=".npz (images/labels or x_train/y_train) or a class-folder of images")
   _add_key_flags(q)
-  q.add_argument("--out", required=True, help="folder of the protected dataset")
+  q.add_argument("--workdir", required=True, help="folder of the protected dataset")
   q.add_argument("--dataset_id", help="the dataset's id bound into every payload (default: random)")
   q.add_argument("--png", action="store_true", help="also write the protected images as uint8 PNGs (default: off)")
   q.add_argument("--no_sidecar", action="store_true", help="no sidecar: LSB restoration only (default: off)")
@@ -92,7 +92,7 @@ def parser() -> cli.ArgumentParser:
   q = sub.add_parser("restore", help="restore a protected dataset with the key")
   q.add_argument("--protected", required=True, help="folder written by `protect`")
   _add_key_flags(q)
-  q.add_argument("--out", required=True, help="restored .npz (images uint8, labels)")
+  q.add_argument("--output", required=True, help="restored .npz (images uint8, labels)")
   q.add_argument("--mode", default="exact", help="exact (with the sidecar) or lsb (the paper's) (default: %(default)s)")
   q.add_argument("--png", action="store_true", help="read the PNG copy instead of protected.npz (default: off)")
   cli.add_common_flags(q)
@@ -122,8 +122,8 @@ def _protect(a: argparse.Namespace) -> int:
   resolved = {"fsp": dataclasses.asdict(fcfg), "mrit": dataclasses.asdict(mcfg), "surrogate": dataclasses.asdict(scfg)}
   if a.print_config:
     return cli.print_config(resolved)
-  if os.path.exists(os.path.join(a.out, files.MANIFEST)):
-    raise FileExistsError(f"{a.out} already holds a protected dataset; choose another --out")
+  if os.path.exists(os.path.join(a.workdir, files.MANIFEST)):
+    raise FileExistsError(f"{a.workdir} already holds a protected dataset; choose another --workdir")
   if a.dataset_id is not None and not a.dataset_id.strip():
     raise cli.FlagError("--dataset_id must be a non-empty string")
   clean, labels = files.read_images(a.images)
@@ -144,9 +144,9 @@ def _protect(a: argparse.Namespace) -> int:
     "salt": salt.hex() if salt else None,
     **resolved,
   }
-  files.write_protected(a.out, prot.images, labels, None if a.no_sidecar else prot.sidecar, manifest, png=a.png)
+  files.write_protected(a.workdir, prot.images, labels, None if a.no_sidecar else prot.sidecar, manifest, png=a.png)
   psnr = float(np.mean(embed.psnr(prot.images, adv)))
-  print(f"protected {len(clean)} images -> {a.out} (dataset id {dataset_id}; PSNR to the FSP images {psnr:.1f} dB)")
+  print(f"protected {len(clean)} images -> {a.workdir} (dataset id {dataset_id}; PSNR to the FSP images {psnr:.1f} dB)")
   return 0
 
 
@@ -156,8 +156,8 @@ def _restore(a: argparse.Namespace) -> int:
   if a.print_config:
     return cli.print_config({"protected": a.protected, "mode": a.mode, "png": a.png})
   images, labels = files.restore_dataset(a.protected, keys, mode=a.mode, use_png=a.png)
-  rundir.write_npz(a.out, images=images, labels=labels)
-  print(f"restored {len(images)} images ({a.mode} mode) -> {a.out}")
+  rundir.write_npz(a.output, images=images, labels=labels)
+  print(f"restored {len(images)} images ({a.mode} mode) -> {a.output}")
   return 0
 
 

@@ -74,7 +74,7 @@ def write_protected(
 ) -> None:
   """Writes a protected dataset folder (refuses a folder that already holds one)."""
   if os.path.exists(os.path.join(out, MANIFEST)):
-    raise FileExistsError(f"{out} already holds a protected dataset; choose another --out")
+    raise FileExistsError(f"{out} already holds a protected dataset; choose another --workdir")
   os.makedirs(out, exist_ok=True)
   rundir.write_npz(os.path.join(out, "protected.npz"), images=images, labels=labels)
   if sidecar is not None:

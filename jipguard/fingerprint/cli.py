@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{decision.status}: {decision.message}")
     return 0
   cls, run, _ = STUDIES[a.cmd]
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):  # Seeds, counts and rates are non-negative and finite; the config checks more.
+    if hints[f.name] is int:
+      cli.check_int(f"--{f.name}", getattr(a, f.name), lo=0)
+    elif hints[f.name] is float:
+      cli.check_float(f"--{f.name}", getattr(a, f.name), lo=0)
   cfg = cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})  # ValueError names the flag.
   if a.print_config:
     return cli.print_config(cfg)

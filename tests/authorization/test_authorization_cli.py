@@ -19,7 +19,8 @@ def owner(tmp_path_factory):
   images = np.round(ds.images[:24] * 255).astype(np.uint8)
   np.savez(root / "my.npz", images=images, labels=ds.labels[:24])
   assert cli.main(["keygen", "--key", str(root / "owner.key")]) == 0
-  args = ["protect", "--images", str(root / "my.npz"), "--key", str(root / "owner.key"), "--out", str(root / "prot")]
+  key = str(root / "owner.key")
+  args = ["protect", "--images", str(root / "my.npz"), "--key", key, "--workdir", str(root / "prot")]
   assert cli.main([*args, "--png", *FAST]) == 0
   return root, images
 
@@ -27,7 +28,7 @@ def owner(tmp_path_factory):
 def _restore(root, *extra, key=None, src=None):
   out = root / f"restored-{len(os.listdir(root))}.npz"
   key, src = key or root / "owner.key", src or root / "prot"
-  code = cli.main(["restore", "--protected", str(src), "--key", str(key), "--out", str(out), *extra])
+  code = cli.main(["restore", "--protected", str(src), "--key", str(key), "--output", str(out), *extra])
   return code, out
 
 
@@ -55,7 +56,7 @@ def test_wrong_key_is_one_error_and_writes_nothing(owner, capsys, tmp_path):
   assert cli.main(["keygen", "--key", str(tmp_path / "other.key")]) == 0
   capsys.readouterr()
   out = tmp_path / "r.npz"
-  args = ["restore", "--protected", str(root / "prot"), "--key", str(tmp_path / "other.key"), "--out", str(out)]
+  args = ["restore", "--protected", str(root / "prot"), "--key", str(tmp_path / "other.key"), "--output", str(out)]
   assert cli.main(args) == 2
   _one_error(capsys, "image 0", "authentication failed")
   assert not out.exists()
@@ -87,10 +88,11 @@ def test_passphrase_round_trip(owner, tmp_path):
   pw = tmp_path / "pass.txt"
   pw.write_text("a long passphrase\n")
   os.chmod(pw, 0o600)
-  args = ["protect", "--images", str(root / "my.npz"), "--passphrase_file", str(pw), "--out", str(tmp_path / "p")]
+  args = ["protect", "--images", str(root / "my.npz"), "--passphrase_file", str(pw), "--workdir", str(tmp_path / "p")]
   assert cli.main([*args, *FAST]) == 0
   out = tmp_path / "r.npz"
-  assert cli.main(["restore", "--protected", str(tmp_path / "p"), "--passphrase_file", str(pw), "--out", str(out)]) == 0
+  restore = ["restore", "--protected", str(tmp_path / "p"), "--passphrase_file", str(pw), "--output", str(out)]
+  assert cli.main(restore) == 0
   np.testing.assert_array_equal(np.load(out)["images"], images)
 
 
@@ -107,7 +109,7 @@ def test_passphrase_round_trip(owner, tmp_path):
 def test_bad_flags_fail_before_any_output(owner, capsys, tmp_path, args, words):
   root, _ = owner
   out = tmp_path / "never"
-  base = ["protect", "--images", str(root / "my.npz"), "--key", str(root / "owner.key"), "--out", str(out)]
+  base = ["protect", "--images", str(root / "my.npz"), "--key", str(root / "owner.key"), "--workdir", str(out)]
   assert cli.main([*base, *FAST, *args]) == 2
   _one_error(capsys, *words)
   assert not out.exists()
