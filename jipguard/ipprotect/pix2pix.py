@@ -144,14 +144,14 @@ class Pix2Pix:
 def fit(
   key: jax.Array,
   sanitized_NxHxWxC: np.ndarray,
-  originals_NxHxWxC: np.ndarray,
+  targets_NxHxWxC: np.ndarray,
   cfg: GANConfig = GANConfig(),
   *,
   log: Callable[[dict[str, float]], None] | None = None,
 ) -> Pix2Pix:
   """Trains pix2pix on pairs (sanitized, original); ``log`` receives each epoch's mean losses."""
   x = np.asarray(sanitized_NxHxWxC, np.float32)
-  y = np.asarray(originals_NxHxWxC, np.float32)
+  y = np.asarray(targets_NxHxWxC, np.float32)
   if x.shape != y.shape or x.ndim != 4:
     raise ValueError(f"pairs must be two NHWC arrays of one shape, got {x.shape} and {y.shape}")
   steps = len(x) // cfg.batch_size
