@@ -69,7 +69,7 @@ class StudyConfig:
   opt_steps: int = 100  # ... Adam steps ...
   opt_weight: float = 1.0  # ... and weight of the pull towards D_A's class mean.
   gan: GANConfig = GANConfig(features=(16, 32), epochs=10)  # pix2pix.
-  omega_tr_grid: tuple[int, ...] = (1, 10, 30, 100)  # Grid: |Omega_Tr| values ...
+  omega_tr_grid: tuple[int, ...] = (1, 10, 30, 100)  # Grid (none if either is empty): |Omega_Tr| values ...
   buyer_size_grid: tuple[int, ...] = (100, 300)  # ... buyer-set sizes ...
   seeds: tuple[int, ...] = (0,)  # ... and seeds.
   grid_val_stop: bool = False  # Grid victims use Omega_V's stopping rule (Fig. 1: no).
@@ -81,9 +81,9 @@ class StudyConfig:
       raise ValueError(f"--methods must be some of {', '.join(METHODS)}, got {', '.join(self.methods) or 'none'}")
     if self.aux_chunks < 1 or self.classifier_size < 1:
       raise ValueError("--aux_chunks and --classifier_size must be >= 1")
-    if not self.omega_tr_grid or min(self.omega_tr_grid) < 1:
+    if min(self.omega_tr_grid, default=1) < 1:
       raise ValueError(f"--omega_tr_grid must hold integers >= 1, got {self.omega_tr_grid}")
-    if not self.buyer_size_grid or min(self.buyer_size_grid) < 2:
+    if min(self.buyer_size_grid, default=2) < 2:
       raise ValueError(f"--buyer_size_grid must hold integers >= 2, got {self.buyer_size_grid}")
     if not self.seeds:
       raise ValueError("--seeds needs at least one seed")
@@ -164,7 +164,7 @@ def make_setting(cfg: StudyConfig, workdir: str, progress: bool) -> Setting:
   )
   train = data_lib.load(vcfg.dataset, "train", data_dir=vcfg.data_dir)
   order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(cfg.seed), 21), len(train)))
-  n_aux = cfg.aux_chunks * max(len(buyer), *cfg.buyer_size_grid)
+  n_aux = cfg.aux_chunks * len(buyer)
   if n_aux + cfg.classifier_size > len(train):
     raise ValueError(
       f"the train split has {len(train)} images; D_A and the classifier need {n_aux + cfg.classifier_size}"
@@ -287,6 +287,7 @@ def adversary(st: Setting, method: str, feature_adv: attacks.Adversary | None) -
       aux,
       seed=cfg.seed + 1000,
       checkpoint_dir=st.cache,
+      sanitized_path=os.path.join(st.workdir, "pieces", f"adversary-{method}.npz"),
       progress=st.progress,
     )
   if method == "identity":
@@ -413,6 +414,7 @@ def run(
     piece = _piece(path, functools.partial(attack_method, st, method, feature_adv, log), log)
     echo(f"{method}: utility MAE {piece['utility_mae']:.3f}, pixel top-1 {piece['link'][0]['top1']:.3f}")
     main.append(piece)
+  attack_report.write(workdir, cfg, st, main, [])  # The main table now; the grid's figures when it is done.
   grid = []
   for seed in cfg.seeds:
     for b in cfg.buyer_size_grid:
@@ -432,6 +434,8 @@ def run(
 def _ints(flag: str, text: str | None) -> tuple[int, ...] | None:
   if text is None:
     return None
+  if text == "none":
+    return ()
   try:
     values = tuple(int(v) for v in text.split(","))
   except ValueError:
@@ -448,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--preset", default="default", help="smoke (tests, about a minute) or default (default: %(default)s)")
   p.add_argument("--dataset", default=data_lib.DEFAULT_DATASET, help="the buyer's dataset (default: %(default)s)")
   p.add_argument("--methods", help=f"comma-separated rows of the attack table (default: {','.join(METHODS)})")
-  p.add_argument("--omega_tr_grid", help="comma-separated |Omega_Tr| of the grid (default: 1,10,30,100; smoke 2,6)")
+  p.add_argument(
+    "--omega_tr_grid", help="comma-separated |Omega_Tr| of the grid, or none (default: 1,10,30,100; smoke 2,6)"
+  )
   p.add_argument("--buyer_size_grid", help="comma-separated buyer sizes of the grid (default: 100,300; smoke 16,24)")
   p.add_argument("--seeds", help="comma-separated seeds of the grid (default: 0)")
   p.add_argument("--aux_chunks", type=int, help="|D_A| in buyer sets (default: 2)")

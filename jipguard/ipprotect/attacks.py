@@ -55,7 +55,7 @@ import scipy.ndimage
 import sklearn.linear_model
 
 from jipguard import data as data_lib
-from jipguard import ensemble
+from jipguard import ensemble, rundir
 from jipguard.ipprotect import defences, metrics, sanitizer, sellers
 from jipguard.ipprotect.objective import SanitizerConfig
 from jipguard.ipprotect.sellers import TrainConfig
@@ -106,6 +106,7 @@ def prepare_ipprotect(
   *,
   seed: int,
   checkpoint_dir: str | None = None,
+  sanitized_path: str | None = None,
   progress: bool = False,
 ) -> Adversary:
   """The adversary re-runs IPProtect on D_A with the public settings: its own models and anchors.
@@ -116,7 +117,8 @@ def prepare_ipprotect(
   anchor secret of its own (``secrets``), exactly as the buyer did with D_B (with
   ``settings.cross_fit_folds``, through ``defences.cross_fit_sanitize`` as the buyer did). The
   models of the first chunk are the adversary's models (feature linkage, optimisation attack).
-  ``checkpoint_dir`` keeps its trained models (a rerun restores them).
+  ``checkpoint_dir`` keeps its trained models (a rerun restores them); ``sanitized_path`` (an
+  ``.npz``) keeps D~_A, so that a rerun neither re-sanitizes nor draws new anchors.
 
   Guarantee: nothing of the buyer enters (the arguments are public settings and D_A).
   """
@@ -126,6 +128,12 @@ def prepare_ipprotect(
     raise ValueError(f"D_A has {len(aux)} images, fewer than the buyer set's {n}")
   m = settings.omega_tr + settings.omega_v
   sanitized, params = [], None
+  done = None
+  if sanitized_path is not None and os.path.exists(sanitized_path):
+    with np.load(sanitized_path) as z:
+      done = z["images"]
+    if done.shape != (chunks * n, *aux.image_shape):
+      raise ValueError(f"{sanitized_path} holds {done.shape[0]} sanitized images, expected {chunks * n}")
   for c in range(chunks):
     part = aux.subset(np.arange(c * n, (c + 1) * n))
     key = jax.random.fold_in(jax.random.key(seed), c)
@@ -133,7 +141,7 @@ def prepare_ipprotect(
       json.dumps([repr(settings.model), settings.omega_train.fingerprint(), m, n, seed, c]).encode()
     ).hexdigest()[:16]
     state = None
-    if c == 0 or not settings.cross_fit_folds:
+    if c == 0 or (not settings.cross_fit_folds and done is None):
       state = sellers.sample_models(
         settings.model,
         settings.omega_train,
@@ -145,6 +153,8 @@ def prepare_ipprotect(
         progress=progress,
       )
       params = state.variables if params is None else params
+    if done is not None:
+      break
     if settings.cross_fit_folds:
       images = defences.cross_fit_sanitize(
         settings.model,
@@ -176,7 +186,11 @@ def prepare_ipprotect(
         member_mask=mask,
       ).images
     sanitized.append(images)
-  return Adversary(aux.subset(np.arange(chunks * n)), np.concatenate(sanitized), settings.model, params)
+  if done is None:
+    done = np.concatenate(sanitized)
+    if sanitized_path is not None:
+      rundir.write_npz(sanitized_path, images=done)
+  return Adversary(aux.subset(np.arange(chunks * n)), done, settings.model, params)
 
 
 def prepare_with(mechanism, aux: data_lib.Dataset) -> Adversary:
