@@ -56,7 +56,7 @@ class StudyConfig:
   seed: int = 0  # Seed of the victims, the adversary and the attacks.
   aux_chunks: int = 2  # |D_A| = this many buyer sets, from the train split (disjoint from D_B).
   classifier_size: int = 2000  # Train images (not in D_A) of the independent classifier.
-  methods: tuple[str, ...] = METHODS  # Rows of the attack x method table.
+  methods: tuple[str, ...] = METHODS  # Rows of the attack x method table (none: the grid only).
   instahide_k: int = 4  # InstaHide's k (the paper's most useful setting).
   dp_merf_sigma: float = 5.0  # DP-MERF's sigma (the paper's most useful setting).
   input_noise: float = 0.5  # Defence input_noise: sigma of the noise on x~ per step.
@@ -77,7 +77,7 @@ class StudyConfig:
   def __post_init__(self):
     job.preset(self.victim, self.dataset)  # ValueError naming an unknown preset.
     unknown = set(self.methods) - set(METHODS)
-    if unknown or not self.methods:
+    if unknown:
       raise ValueError(f"--methods must be some of {', '.join(METHODS)}, got {', '.join(self.methods) or 'none'}")
     if self.aux_chunks < 1 or self.classifier_size < 1:
       raise ValueError("--aux_chunks and --classifier_size must be >= 1")
@@ -407,14 +407,15 @@ def run(
   t0 = time.perf_counter()
   st = make_setting(cfg, workdir, progress)
   echo(f"setting ready ({time.perf_counter() - t0:.0f} s): |D_B| {len(st.buyer)}, |D_A| {len(st.aux(len(st.buyer)))}")
-  feature_adv = adversary(st, "ipprotect", None)
+  feature_adv = adversary(st, "ipprotect", None) if cfg.methods else None
   main = []
   for method in cfg.methods:
     path = os.path.join(workdir, "pieces", f"main-{method}.json")
     piece = _piece(path, functools.partial(attack_method, st, method, feature_adv, log), log)
     echo(f"{method}: utility MAE {piece['utility_mae']:.3f}, pixel top-1 {piece['link'][0]['top1']:.3f}")
     main.append(piece)
-  attack_report.write(workdir, cfg, st, main, [])  # The main table now; the grid's figures when it is done.
+  if main:
+    attack_report.write(workdir, cfg, st, main, [])  # The main table now; the grid's figures when it is done.
   grid = []
   for seed in cfg.seeds:
     for b in cfg.buyer_size_grid:
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
   p = cli.ArgumentParser(prog="jipguard attacks", description=__doc__)
   p.add_argument("--preset", default="default", help="smoke (tests, about a minute) or default (default: %(default)s)")
   p.add_argument("--dataset", default=data_lib.DEFAULT_DATASET, help="the buyer's dataset (default: %(default)s)")
-  p.add_argument("--methods", help=f"comma-separated rows of the attack table (default: {','.join(METHODS)})")
+  p.add_argument("--methods", help=f"comma-separated rows of the attack table, or none (default: {','.join(METHODS)})")
   p.add_argument(
     "--omega_tr_grid", help="comma-separated |Omega_Tr| of the grid, or none (default: 1,10,30,100; smoke 2,6)"
   )
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
   cli.check_int("--gan_epochs", a.gan_epochs, lo=1, hi=1000)
   cli.check_int("--opt_steps", a.opt_steps, lo=1, hi=100000)
   cli.check_int("--seed", a.seed, lo=0)
-  methods = None if a.methods is None else tuple(m.strip() for m in a.methods.split(","))
+  methods = None if a.methods is None else tuple(m.strip() for m in a.methods.split(",") if a.methods != "none")
   if methods is not None:
     for m in methods:
       cli.check_choice("--methods", m, METHODS)
