@@ -96,7 +96,7 @@ class Adversary:
 
   aux: data_lib.Dataset  # D_A: the adversary's own real images, disjoint from D_B.
   aux_sanitized: np.ndarray  # D~_A: D_A sanitized by the adversary with the public algorithm.
-  model: nn.Module | None = None  # Architecture of its models (IPProtect only).
+  model: nn.Module | None = None  # Architecture of its own models (prepare_ipprotect, or attached for any method).
   params: Any = None  # Its own sample_models (stacked, leading member axis), trained on D_A.
 
 
