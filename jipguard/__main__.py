@@ -16,6 +16,7 @@ COMMANDS = {
   "tradeoff": ("jipguard.ipprotect.cli:tradeoff_main", "IPProtect: IP exposure vs utility study (Fig. 2, Table III)"),
   "ablation": ("jipguard.ipprotect.cli:ablation_main", "IPProtect: the sanitizer's ablation"),
   "saturation": ("jipguard.ipprotect.cli:saturation_main", "IPProtect: the saturation diagnostic"),
+  "attacks": ("jipguard.ipprotect.attack_study:main", "IPProtect under attack: linkage, reconstruction, defences"),
   "watermark": ("jipguard.watermark.cli:main", "anti-neuron watermarking: mark, verify, and the studies"),
   "fingerprint": ("jipguard.fingerprint.cli:main", "SecureMark-DL: fingerprint codes, embedding, collusion tracing"),
   "authorization": (

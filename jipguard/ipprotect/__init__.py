@@ -12,6 +12,9 @@ utility on it while the images are worthless as images or training data.
 * ``metrics``: utility MAE, compliance, risk, ranks, bounds, pixel-space similarity.
 * ``exposure`` (with ``vgg``): image, training and inference IP exposure (Defs. 2-4).
 * ``baselines``: Identity, Random, InstaHide, DP-MERF.
+* ``attacks`` (with ``pix2pix``): the threat model and the linkage / reconstruction attacks;
+  ``defences``: cross-fitted sample_models; ``attack_study`` (with ``attack_report``): the
+  attack study, ``jipguard attacks``.
 * ``tradeoff``: Table III / Fig. 2; ``ablation``: the sanitizer ablation; ``saturation``: a
   diagnostic of where the sanitizer gets stuck; ``report``: report.md and figures.
 
