@@ -112,6 +112,8 @@ _OTHERS = [
   (["authorization", "protect", "--images", "{missing}", "--key", "{missing}", "--workdir", "{out}"], "missing"),
   (["authorization", "protect", "--images", "{corrupt}", "--key", "{missing}", "--workdir", "{out}"], "read npz"),
   (["authorization", "restore", "--protected", "{missing}", "--key", "{missing}", "--output", "{out}.npz"], "missing"),
+  (["attacks", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+  (["attacks", "--methods", "nope"], "--methods must be one of identity"),
   (["nope"], "unknown command 'nope'"),
 ]
 
@@ -156,7 +158,7 @@ def test_ipprotect_more_bad_flags_in_process(args, fragment, files, tmp_path, ca
 def test_other_commands_bad_input_is_one_error_line(args, fragment, files, tmp_path):
   argv = _fill(args, files, tmp_path)
   workdir = ["--workdir", str(tmp_path / "run")]
-  if argv[0] in ("tradeoff", "ablation", "saturation"):
+  if argv[0] in ("tradeoff", "ablation", "saturation", "attacks"):
     argv = [argv[0], *workdir, *argv[1:]]
   elif argv[:2] in (
     ["watermark", "multiuser"],
