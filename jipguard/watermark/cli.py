@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jipguard import cli as jcli
-from jipguard import data, distributed, rundir
+from jipguard import data, distributed, models, rundir
 from jipguard.watermark import lct, learner, report, studies, verifier
 
 # Help of the studies' flags (one per config field).
@@ -48,7 +48,12 @@ _HELP = {
   "vary": "the factor the sweep varies",
   "finetune_epochs": "epochs of fine-tuning on clean data",
 }
-_CHOICES = {"augment": sorted(learner.NAMED_AUGMENTS), "lct": list(studies.LCT_KINDS), "vary": sorted(studies.SWEEPS)}
+_CHOICES = {
+  "augment": sorted(learner.NAMED_AUGMENTS),
+  "lct": list(studies.LCT_KINDS),
+  "vary": sorted(studies.SWEEPS),
+  "model": sorted(models.MODELS),
+}
 # Allowed ranges of the studies' numeric flags (cli.check_int / check_float keywords).
 _RANGES = {
   "seed": dict(lo=0),
