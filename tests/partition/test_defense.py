@@ -1,0 +1,78 @@
+"""Defenders: one ensemble equals one by one; a defender obfuscates and the model still learns."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jipguard import data, ensemble
+from jipguard.partition import attacks, defense, networks, split
+
+
+def _tiny(designs, **kw):
+  cfg = dict(num_owners=4, hidden=(32, 32, 16), epochs=1, batch_size=8, seed=3)
+  return defense.DefenseConfig(designs=designs, **{**cfg, **kw})
+
+
+def test_defenders_trained_as_one_ensemble_equal_defenders_trained_one_by_one():
+  ds = data.load("fashion_mnist_subset")
+  x, y = ds.images[:64], ds.labels[:64]
+  together = defense.train(_tiny(("defender1",)), x, y)  # Four owners, one stacked ensemble.
+  alone = defense.train(_tiny(("defender1",) * 4), x, y)  # Each owner its own group of one.
+  assert [len(o) for _, o in together.config.groups()] == [4]
+  assert [len(o) for _, o in alone.config.groups()] == [1, 1, 1, 1]
+  for (_, owners), state in zip(alone.config.groups(), alone.defenders):
+    (o,) = owners
+    jax.tree.map(
+      lambda a, b, o=o: np.testing.assert_allclose(a[o], b[0], atol=1e-5), together.defenders[0].params, state.params
+    )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), together.params, alone.params)
+
+
+def test_a_vmapped_defender_step_equals_each_owners_step():
+  model = defense.models.MLP(hidden=(32, 32), dropout=0.0)
+  net = split.split_model(model, "Dense_0")
+  x = jax.random.uniform(jax.random.key(0), (3, 8, 28, 28, 1))
+  y = jax.random.randint(jax.random.key(1), (3, 8), 0, 10)
+  params = model.init(jax.random.key(2), x[0])["params"]
+  dec, tx = networks.defender("single", (28, 28, 1)), optax.adam(1e-2)
+  states = ensemble.members.init(jax.random.split(jax.random.key(3), 3), jnp.zeros((1, 32)), model=dec, tx=tx)
+  step = lambda s, x, y: defense.defender_step(s, params, x, y, net=net, decoder=dec, tx=tx, weight=0.5, utility=1.0)  # noqa: E731
+  stacked, x_obf, _ = jax.jit(jax.vmap(step))(states, x, y)
+  for o in range(3):
+    one, xo, _ = jax.jit(step)(jax.tree.map(lambda a, o=o: a[o], states), x[o], y[o])
+    jax.tree.map(lambda a, b, o=o: np.testing.assert_allclose(a[o], b, atol=5e-5), stacked.params, one.params)
+    np.testing.assert_allclose(x_obf[o], xo, atol=1e-6)
+
+
+def test_a_defender_raises_a_trained_attackers_mse_and_the_model_still_learns(fashion, undefended, defended):
+  _, _, aux, x_te, y_te = fashion
+  assert defended.history[-1]["privacy_mse"] > 0.05  # Its obfuscated images are far from the inputs.
+  assert defense.accuracy(defended, x_te, y_te) > 0.3  # Chance is 0.1.
+  locals_M = jax.tree.map(lambda *a: jnp.stack(a), undefended.local_params, defended.local_params)
+  dec = networks.attack("attack3", x_te.shape[1:])
+  state, _ = attacks.train_inverse(
+    dec, undefended.split.local, locals_M, aux, attacks.InverseConfig(epochs=10, batch_size=32)
+  )
+  h = jnp.stack([defense.uploaded_states(t, x_te) for t in (undefended, defended)])
+  x_hat = attacks.invert(dec, state.params, h)
+  mse_none, mse_def = (float(jnp.mean((x_hat[m] - x_te) ** 2)) for m in range(2))
+  assert mse_def > 2 * mse_none
+
+
+def test_without_a_design_the_obfuscated_images_are_the_inputs(undefended, fashion):
+  x_te = fashion[3]
+  np.testing.assert_array_equal(defense.obfuscate(undefended, x_te)[0], x_te)
+
+
+def test_configs_are_validated():
+  with pytest.raises(ValueError, match="designs"):
+    defense.DefenseConfig(designs=("nope",))
+  with pytest.raises(ValueError, match="num_owners"):
+    defense.DefenseConfig(designs=networks.MULTIPLE, num_owners=2)
+  with pytest.raises(ValueError, match="batch_size"):
+    defense.train(_tiny(()), np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32))
+  assert dataclasses.asdict(defense.DefenseConfig())["hidden"] == split.PAPER_HIDDEN
