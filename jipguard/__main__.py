@@ -18,6 +18,7 @@ COMMANDS = {
   "saturation": ("jipguard.ipprotect.cli:saturation_main", "IPProtect: the saturation diagnostic"),
   "watermark": ("jipguard.watermark.cli:main", "anti-neuron watermarking: mark, verify, and the studies"),
   "fingerprint": ("jipguard.fingerprint.cli:main", "SecureMark-DL: fingerprint codes, embedding, collusion tracing"),
+  "partition": ("jipguard.partition.cli:main", "SecureMark-DL: privacy partitioning, defenders and attacks"),
   "sweep": ("jipguard.sweep:main", "a grid of configs of one command, one run directory each"),
 }
 

@@ -148,7 +148,7 @@ def defender_step(state: ensemble.EnsembleState, model_params, x, y, *, net, dec
 
 
 def _round(
-  params, opt_state, defenders, x_OxB, y_OxB, key, penalty_data, *, net, groups, tx, tx_d, cfg, penalty, warmup
+  params, opt_state, defenders, x_OxB, y_OxB, key, penalty_data, warmup, *, net, groups, tx, tx_d, cfg, penalty
 ):
   """One round of Algorithm 1: every owner's defender step, then the server's step (on the clean
   batch in a warm-up round, when the defenders still step but their images are not used)."""
@@ -170,7 +170,7 @@ def _round(
     x_obf = x_obf.at[idx].set(xg)
     new_defenders.append(state)
     privs.append(priv)
-  x_obf = jax.lax.stop_gradient(x_OxB if warmup else x_obf)
+  x_obf = jax.lax.stop_gradient(jnp.where(warmup, x_OxB, x_obf))
   xs = x_obf.reshape(-1, *x_obf.shape[2:])
   ys = y_OxB.reshape(-1)
 
@@ -188,9 +188,7 @@ def _round(
   return params, opt_state, tuple(new_defenders), loss, priv
 
 
-@functools.partial(
-  jax.jit, static_argnames=("net", "groups", "tx", "tx_d", "cfg", "penalty", "warmup"), donate_argnums=(0, 1, 2)
-)
+@functools.partial(jax.jit, static_argnames=("net", "groups", "tx", "tx_d", "cfg", "penalty"), donate_argnums=(0, 1, 2))
 def _epoch(
   params,
   opt_state,
@@ -199,6 +197,7 @@ def _epoch(
   labels_OxS,
   key,
   penalty_data,
+  warmup,
   *,
   net,
   groups,
@@ -206,7 +205,6 @@ def _epoch(
   tx_d,
   cfg,
   penalty,
-  warmup,
 ):
   """All rounds of one epoch (a scan): each owner's fresh permutation of its share."""
   o, s = labels_OxS.shape
@@ -228,13 +226,13 @@ def _epoch(
       y,
       jax.random.fold_in(dropout_key, t),
       penalty_data,
+      warmup,
       net=net,
       groups=groups,
       tx=tx,
       tx_d=tx_d,
       cfg=cfg,
       penalty=penalty,
-      warmup=warmup,
     )
     return out[:3], out[3:]
 
@@ -312,13 +310,13 @@ def train(
       y_OxS,
       jax.random.fold_in(jax.random.fold_in(key, 2), epoch),
       penalty_data,
+      jnp.bool_(epoch < cfg.warmup_epochs),
       net=net,
       groups=groups,
       tx=tx,
       tx_d=tx_d,
       cfg=cfg,
       penalty=penalty,
-      warmup=epoch < cfg.warmup_epochs,
     )
     record = {"epoch": epoch + 1, "loss": float(loss), "privacy_mse": float(priv)}
     if not np.isfinite(record["loss"]):

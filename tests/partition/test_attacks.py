@@ -21,7 +21,7 @@ def test_positive_control_inverse_networks_reconstruct_undefended_states(fashion
   for name in ("attack3", "attack8"):
     dec = networks.attack(name, x_te.shape[1:])
     state, losses = attacks.train_inverse(
-      dec, undefended.split.local, locals_M, aux, attacks.InverseConfig(epochs=10, batch_size=32)
+      dec, undefended.split.local, locals_M, aux, attacks.InverseConfig(epochs=6, batch_size=32)
     )
     assert losses[-1][0] < losses[0][0]
     m = attacks.reconstruction_metrics(
