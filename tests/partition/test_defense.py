@@ -59,3 +59,24 @@ def test_configs_are_validated():
   with pytest.raises(ValueError, match="batch_size"):
     defense.train(_tiny(()), np.zeros((8, 28, 28, 1), np.float32), np.zeros(8, np.int32))
   assert dataclasses.asdict(defense.DefenseConfig())["hidden"] == split.PAPER_HIDDEN
+
+
+def test_a_fingerprint_penalty_on_the_remote_part_composes_with_partitioning():
+  """Eq. 27 in Theta_r during Algorithm 1: ``fingerprint.Penalty`` as ``defense.train``'s penalty."""
+  from jipguard import fingerprint  # noqa: PLC0415 (the two papers compose here, not in jipguard/)
+
+  ds = data.load("fashion_mnist_subset")
+  x, y = ds.images[:64], ds.labels[:64]
+  rng = np.random.default_rng(0)
+  proj = rng.standard_normal((8, 32)).astype(np.float32)  # X: L=8 x P=32 (remote Dense_0 is 32 -> 16).
+  f_L = np.sign(rng.standard_normal(8)).astype(np.float32)
+  cfg = _tiny(("defender2",), epochs=5, batch_size=4, lr_model=0.03)
+  pen = fingerprint.Penalty(proj, layers=("Dense_0",), mu=1.0)
+  marked = defense.train(cfg, x, y, penalty=pen, penalty_data=jnp.asarray(f_L))
+  plain = defense.train(cfg, x, y)
+
+  def error(t):
+    remote = split.split_params(t.params, t.split.num_local)[1]
+    return np.mean((fingerprint.extract(remote, proj, ("Dense_0",)) - f_L) ** 2)
+
+  assert error(marked) < 0.5 * error(plain)
