@@ -24,6 +24,10 @@ Our reading of section III and Algorithm 1 (docs/partition.md, "Reading of Eq. 3
 * One round (Algorithm 1's loop body) is: every owner samples a batch and takes one defender step
   with the current Theta; the server takes one step on the union of the new obfuscated batches.
   An epoch is ``S // B`` rounds, S each owner's samples, B the batch per owner.
+* Warm-up (not in the paper; ``warmup_epochs``, default 1): in the first epochs the server trains
+  on the clean batch while the defenders step. From scratch the defenders' input ``f_l(x)`` moves
+  with Theta while Theta learns from their output; at minutes scale the model then stayed at
+  chance unless Theta learns 10x slower than the defenders (the paper's 1e-4 vs 1e-3) or warms up.
 
 Owners of one defender design are one stacked ensemble (``ensemble.EnsembleState`` with a
 leading owner axis; their step vmapped): owner o's defender initialises from
