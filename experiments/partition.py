@@ -2,7 +2,7 @@
 
 Examples (times on a shared 2-core CPU):
 
-  # CI-sized run: 4 owners, 400 images, a 64-unit MLP, two inverse networks (~1 min).
+  # CI-sized run: 4 owners, 400 images, a 64-unit MLP, two inverse networks (~30 s).
   python experiments/partition.py tables --preset smoke --workdir runs/partition-smoke
 
   # The study: the paper's 5-layer 900-unit MLP split after layer 2, 20 owners, 4,000 embedded

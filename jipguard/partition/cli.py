@@ -1,7 +1,7 @@
 """``jipguard partition <study> [flags]``: SecureMark-DL privacy partitioning studies.
 
 Sub-command ``tables``: Tables I-II (attacks against no / single / multiple defenders, the
-single defender's weight swept). ``--preset smoke`` is a CI-sized run (~1 min). Each field of
+single defender's weight swept). ``--preset smoke`` is a CI-sized run (~30 s). Each field of
 the study's config is a flag with the config's default.
 """
 

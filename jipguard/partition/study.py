@@ -12,8 +12,10 @@ Reprint accuracy is the undefended model's accuracy on the reconstructions.
 Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one row per epoch of each
 setting, one per attack and setting), ``table1.md/.csv`` (single defender: MSE / SSIM per
 attack and weight), ``table2.md/.csv`` (no / single / multiple), ``reconstructions.png``
-(originals, then the best inverse network's reconstructions per setting), ``report.md`` and,
-last, ``metrics.json``.
+(originals, then Attack_3's reconstructions per setting), ``settings/<setting>.npz`` (each
+trained setting's parameters, uploaded test states and accuracy: a rerun of the same command
+loads finished settings instead of training them again), ``report.md`` and, last,
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jipguard import data, rundir
-from jipguard.partition import attacks, defense, networks
+from jipguard import data, models, rundir
+from jipguard.partition import attacks, defense, networks, split
 
 PAPER_TABLE2 = {  # Table II: accuracy, then MSE / SSIM of each attack, per setting.
   "accuracy": {"none": 97.67, "single": 96.85, "multiple": 95.71},
@@ -125,6 +127,50 @@ def _load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:
   return train, test
 
 
+def _setting(
+  cfg: StudyConfig, name: str, designs, weight: float, workdir: str, own: data.Dataset, test, *, progress: bool
+) -> tuple[Any, np.ndarray, float]:
+  """One setting's trained params, the states its owners upload for the test images, and its
+  accuracy: from ``settings/<name>.npz`` when a previous run finished it, else trained and saved."""
+  path = os.path.join(workdir, "settings", name.replace("@", "_at_") + ".npz")
+  x_te, y_te = test
+  dcfg = defense.DefenseConfig(
+    designs=designs,
+    num_owners=cfg.num_owners,
+    defender_weight=weight,
+    epochs=cfg.epochs,
+    warmup_epochs=cfg.warmup_epochs,
+    batch_size=cfg.batch_size,
+    lr_model=cfg.lr_model,
+    lr_defender=cfg.lr_defender,
+    hidden=(cfg.hidden,) * 4,
+    seed=cfg.seed,
+  )
+  model = models.MLP(num_classes=own.num_classes, hidden=dcfg.hidden)
+  template = jax.eval_shape(model.init, jax.random.key(0), x_te[:1])["params"]
+  if os.path.exists(path):
+    with np.load(path) as f:
+      leaves = [f[f"p{i}"] for i in range(len(jax.tree.leaves(template)))]
+      return jax.tree.unflatten(jax.tree.structure(template), leaves), f["h"], float(f["accuracy"])
+  log = os.path.join(workdir, "metrics.jsonl")
+  t0 = time.time()
+  trained = defense.train(
+    dcfg,
+    own.images,
+    own.labels,
+    num_classes=own.num_classes,
+    progress=progress,
+    on_epoch_end=lambda r: rundir.append_jsonl(log, {"setting": name, **r}),
+  )
+  acc = defense.accuracy(trained, x_te, y_te)
+  h = defense.uploaded_states(trained, x_te)
+  rundir.append_jsonl(log, {"setting": name, "accuracy": acc, "train_s": time.time() - t0})
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained.params))}
+  rundir.write_npz(path, h=h, accuracy=np.float64(acc), **leaves)
+  return trained.params, h, acc
+
+
 def _grid(path: str, x: np.ndarray, rows: dict[str, np.ndarray]) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415 (plotting only here)
 
@@ -151,44 +197,24 @@ def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, A
   own, aux = train.subset(perm[: cfg.train_size]), train.subset(perm[cfg.train_size : cfg.train_size + cfg.aux_size])
   x_te, y_te = test.images[: cfg.test_size], test.labels[: cfg.test_size]
   log = os.path.join(workdir, "metrics.jsonl")
-  trained, rows2 = {}, []
+  net = split.split_model(models.MLP(num_classes=train.num_classes, hidden=(cfg.hidden,) * 4), split.PAPER_SPLIT)
+  params, h, rows2 = {}, {}, []
   start = time.time()
   for name, designs, weight in cfg.settings():
-    dcfg = defense.DefenseConfig(
-      designs=designs,
-      num_owners=cfg.num_owners,
-      defender_weight=weight,
-      epochs=cfg.epochs,
-      warmup_epochs=cfg.warmup_epochs,
-      batch_size=cfg.batch_size,
-      lr_model=cfg.lr_model,
-      lr_defender=cfg.lr_defender,
-      hidden=(cfg.hidden,) * 4,
-      seed=cfg.seed,
-    )
-    t0 = time.time()
-    trained[name] = defense.train(
-      dcfg,
-      own.images,
-      own.labels,
-      num_classes=train.num_classes,
-      progress=progress,
-      on_epoch_end=lambda r, name=name: rundir.append_jsonl(log, {"setting": name, **r}),
-    )
-    acc = defense.accuracy(trained[name], x_te, y_te)
-    rundir.append_jsonl(log, {"setting": name, "accuracy": acc, "train_s": time.time() - t0})
+    params[name], h[name], acc = _setting(cfg, name, designs, weight, workdir, own, (x_te, y_te), progress=progress)
     rows2.append({"setting": name, "defender_weight": weight, "accuracy": 100 * acc})
-  names = list(trained)
-  reference = trained["none"]
-  classify = lambda z: defense.classify(reference, z)  # noqa: E731
-  locals_M = jax.tree.map(lambda *a: jnp.stack(a), *[trained[n].local_params for n in names])
-  h_M = jnp.stack([jnp.asarray(defense.uploaded_states(trained[n], x_te)) for n in names])
+  names = list(params)
+  reference = params["none"]
+  classify = lambda z: np.asarray(jnp.argmax(split.compose(net, *split.split_params(reference, net.num_local), z), -1))  # noqa: E731
+  local_params = {n: split.split_params(params[n], net.num_local)[0] for n in names}
+  locals_M = jax.tree.map(lambda *a: jnp.stack(a), *[local_params[n] for n in names])
+  h_M = jnp.stack([jnp.asarray(h[n]) for n in names])
   results: dict[str, dict[str, dict[str, float]]] = {}
   recon: dict[str, np.ndarray] = {}
   for attack in cfg.attack_list():
     dec = networks.attack(attack, x_te.shape[1:])
     icfg = attacks.InverseConfig(epochs=cfg.attack_epochs, batch_size=32, seed=cfg.seed)
-    state, _ = attacks.train_inverse(dec, reference.split.local, locals_M, aux.images, icfg)
+    state, _ = attacks.train_inverse(dec, net.local, locals_M, aux.images, icfg)
     x_hat = np.asarray(attacks.invert(dec, state.params, h_M))
     results[attack] = {}
     for m, n in enumerate(names):
@@ -202,8 +228,8 @@ def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, A
     results["optimisation"] = {}
     for m, n in enumerate(names):
       x_hat = attacks.optimisation_attack(
-        trained[n].split.local,
-        trained[n].local_params,
+        net.local,
+        local_params[n],
         h_M[m, : cfg.opt_images],
         image_shape=x_te.shape[1:],
         steps=cfg.opt_steps,

@@ -25,6 +25,12 @@ def test_tables_writes_its_run_directory(tmp_path):
   assert set(m["attacks"]) == {"attack8", "optimisation"}
   rows = rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))
   assert sum("epoch" in r for r in rows) == 3  # One row per epoch of each setting.
+  # A rerun (as after a kill before metrics.json) keeps the finished settings: no training again.
+  os.remove(os.path.join(w, "metrics.json"))
+  assert cli.main(["tables", "--workdir", w, *_TINY]) == 0
+  assert sum("epoch" in r for r in rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))) == 3
+  again = rundir.read_json(os.path.join(w, "metrics.json"))
+  assert again["accuracy"] == m["accuracy"] and again["attacks"] == m["attacks"]
 
 
 @pytest.mark.parametrize(
