@@ -19,6 +19,7 @@ COMMANDS = {
   "attacks": ("jipguard.ipprotect.attack_study:main", "IPProtect under attack: linkage, reconstruction, defences"),
   "watermark": ("jipguard.watermark.cli:main", "anti-neuron watermarking: mark, verify, and the studies"),
   "fingerprint": ("jipguard.fingerprint.cli:main", "SecureMark-DL: fingerprint codes, embedding, collusion tracing"),
+  "partition": ("jipguard.partition.cli:main", "SecureMark-DL: privacy partitioning, defenders and attacks"),
   "authorization": (
     "jipguard.authorization.cli:main",
     "dataset authorization control: keygen, protect, restore, and the study",

@@ -15,7 +15,7 @@ import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _PACKAGE = _ROOT / "jipguard"
-PAPERS = ("ipprotect", "watermark", "fingerprint", "authorization")
+PAPERS = ("ipprotect", "watermark", "fingerprint", "authorization", "partition")
 FORBIDDEN_TOP = ("experiments", "benchmarks", "tests")
 
 

@@ -1,0 +1,366 @@
+"""Per-owner adversarial defenders trained with the shared model (Eq. 3, Algorithm 1).
+
+Our reading of section III and Algorithm 1 (docs/partition.md, "Reading of Eq. 3"):
+
+* Owner i's defender ``d_i: H -> X`` is a decoder (:mod:`networks`). Its obfuscated sample of an
+  image x is ``x' = d_i(f_l(x))``, an image; the owner runs ``f_l`` on x' and uploads the hidden
+  state ``H' = f_l(x')`` (Algorithm 1, step 3), so the server trains the complete model on
+  ``D' = {(x', y)}`` (section III) and never sees x or ``f_l(x)``.
+* Eq. 3 alone, ``min_{d_i} -d(x, d_i(f_l(x)))``, has no utility term: its optimum is any image
+  far from x (for the MSE, ``1 - x`` rounded, which an inverse network undoes). The paper's
+  "weight of the defender", which Table I sweeps while accuracy stays > 96%, appears in no
+  equation. We read it as the weight lambda of Eq. 3's privacy term against the model's loss on
+  the obfuscated sample, with the model frozen in the defender's step::
+
+      L_d(theta_d_i) = u * l(y, f_Theta(d_i(f_l(x)))) - lambda * MSE(x, d_i(f_l(x)))
+
+  ``u = 0`` is Eq. 3 as printed (scaled by lambda); ``u = 1`` (default) keeps x' classifiable.
+  The distance d is the per-pixel MSE (the paper names MSE and SSIM; MSE is the one we train on).
+* The server's step (Algorithm 1, "for the server") updates ``Theta = {Theta_l, Theta_r}`` on the
+  owners' obfuscated batches by Eq. 1 (cross-entropy) plus an optional penalty on the remote
+  part (Eq. 27's fingerprint term: ``penalty(remote_params, penalty_data)``, the signature of
+  ``fingerprint.Penalty``). The obfuscated samples are data to it: no gradient reaches the
+  defenders (``stop_gradient``).
+* One round (Algorithm 1's loop body) is: every owner samples a batch and takes one defender step
+  with the current Theta; the server takes one step on the union of the new obfuscated batches.
+  An epoch is ``S // B`` rounds, S each owner's samples, B the batch per owner.
+* Warm-up (not in the paper; ``warmup_epochs``, default 1): in the first epochs the server trains
+  on the clean batch while the defenders step. From scratch the defenders' input ``f_l(x)`` moves
+  with Theta while Theta learns from their output; at minutes scale the model then stayed at
+  chance unless Theta learns 10x slower than the defenders (the paper's 1e-4 vs 1e-3) or warms up.
+
+Owners of one defender design are one stacked ensemble (``ensemble.EnsembleState`` with a
+leading owner axis; their step vmapped): owner o's defender initialises from
+``fold_in(defender_key, o)``, so grouping owners differently gives the same defenders
+(tests/partition/test_defense.py). With no design (``designs=()``) x' = x: the undefended
+baseline, trained by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from jipguard import ensemble, models
+from jipguard.partition import networks, split
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseConfig:
+  """Privacy-partitioned training (Algorithm 1).
+
+  Attributes mirror the flags of ``jipguard partition``; the paper's values are in comments.
+  """
+
+  designs: tuple[str, ...] = ()  # Defender designs dealt to owners in turn (): none; ("single",); networks.MULTIPLE.
+  num_owners: int = 20  # Data owners N (the paper's multiple-defender setting: 20).
+  defender_weight: float = 1.0  # lambda, the weight of Eq. 3's privacy term (Table I sweeps it).
+  utility_weight: float = 1.0  # u, the weight of the model's loss in the defender's loss (0: Eq. 3 as printed).
+  epochs: int = 5  # Epochs of Algorithm 1 (the paper: 600), warm-up included.
+  warmup_epochs: int = 1  # First epochs in which the server trains on the clean images (the paper: none).
+  batch_size: int = 16  # Images per owner per round (the paper: 32).
+  lr_model: float = 3e-4  # Adam learning rate of Theta (the paper: 1e-4 over 600 epochs).
+  lr_defender: float = 1e-3  # Adam learning rate of the defenders (the paper: 1e-3).
+  hidden: tuple[int, ...] = split.PAPER_HIDDEN  # Hidden widths of the MLP (the paper: four of 900).
+  split_at: str = split.PAPER_SPLIT  # Last local layer (the paper: the second).
+  dropout: float = split.PAPER_DROPOUT  # Dropout of the MLP (the paper: 0.15).
+  seed: int = 0  # Seeds the model, the defenders, the owners' shares and batches.
+
+  def __post_init__(self):
+    for name in self.designs:
+      if name not in networks.DEFENDERS:
+        raise ValueError(f"designs: unknown defender {name!r}; choose from {sorted(networks.DEFENDERS)}")
+    if self.num_owners < 1 or self.num_owners < len(self.designs):
+      raise ValueError(f"num_owners must be >= 1 and >= the number of designs, got {self.num_owners}")
+    if not (self.defender_weight >= 0 and self.utility_weight >= 0):
+      raise ValueError("defender_weight and utility_weight must be >= 0")
+    if self.epochs < 0 or self.batch_size < 1 or self.warmup_epochs < 0:
+      raise ValueError(f"epochs and warmup_epochs must be >= 0, batch_size >= 1, got {self}")
+
+  def groups(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``(design, owners)`` per group: owner o gets ``designs[perm[o] % len(designs)]``, perm a
+    seeded permutation (the paper assigns its four designs to 20 owners at random)."""
+    if not self.designs:
+      return ()
+    perm = np.random.default_rng([self.seed, 1]).permutation(self.num_owners)
+    return tuple(
+      (d, tuple(int(o) for o in np.flatnonzero(perm % len(self.designs) == g))) for g, d in enumerate(self.designs)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A privacy-partitioned model and its defenders.
+
+  Attributes:
+    config: The run's configuration.
+    split: The local and remote parts.
+    params: Theta, the unsplit MLP's params.
+    defenders: One ``EnsembleState`` per group (owners in :meth:`DefenseConfig.groups` order).
+    history: One dict per epoch (``epoch``, ``loss``, ``privacy_mse``).
+  """
+
+  config: DefenseConfig
+  split: split.Split
+  params: PyTree
+  defenders: tuple[ensemble.EnsembleState, ...]
+  history: list[dict[str, Any]]
+
+  @property
+  def local_params(self) -> PyTree:
+    return split.split_params(self.params, self.split.num_local)[0]
+
+
+def _forward(net: split.Split, params, x, *, train=False, key=None):
+  """``f_r(f_l(x))`` of the unsplit ``params`` (dropout from ``key`` in training mode)."""
+  local, remote = split.split_params(params, net.num_local)
+  k1, k2 = (None, None) if key is None else jax.random.split(key)
+  h = net.local.apply({"params": local}, x, train=train, rngs={} if k1 is None else {"dropout": k1})
+  return net.remote.apply({"params": remote}, h, train=train, rngs={} if k2 is None else {"dropout": k2})
+
+
+def defender_loss(dec_params, model_params, x, y, *, net, decoder, weight, utility):
+  """``(L_d, privacy MSE)`` of one owner's batch (the model frozen, inference mode)."""
+  local = split.split_params(model_params, net.num_local)[0]
+  h = net.local.apply({"params": local}, x)
+  x_obf = decoder.apply({"params": dec_params}, h)
+  priv = jnp.mean((x_obf - x) ** 2)
+  util = optax.softmax_cross_entropy_with_integer_labels(_forward(net, model_params, x_obf), y).mean()
+  return utility * util - weight * priv, priv
+
+
+def defender_step(state: ensemble.EnsembleState, model_params, x, y, *, net, decoder, tx, weight, utility):
+  """One owner's defender step (Algorithm 1, step 2): ``(state, x', privacy MSE)``, x' made by the
+  updated defender (step 3). Vmapped over the owners of a design."""
+  loss = functools.partial(defender_loss, net=net, decoder=decoder, weight=weight, utility=utility)
+  (_, priv), grads = jax.value_and_grad(loss, has_aux=True)(state.params, model_params, x, y)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  local = split.split_params(model_params, net.num_local)[0]
+  x_obf = decoder.apply({"params": params}, net.local.apply({"params": local}, x))
+  return dataclasses.replace(state, params=params, opt_state=opt_state), x_obf, priv
+
+
+def _round(
+  params, opt_state, defenders, x_OxB, y_OxB, key, penalty_data, warmup, *, net, groups, tx, tx_d, cfg, penalty
+):
+  """One round of Algorithm 1: every owner's defender step, then the server's step (on the clean
+  batch in a warm-up round, when the defenders still step but their images are not used)."""
+  x_obf = x_OxB
+  privs = []
+  new_defenders = []
+  for (name, owners), state in zip(groups, defenders):
+    decoder = networks.defender(name, x_OxB.shape[2:])
+    step = functools.partial(
+      defender_step,
+      net=net,
+      decoder=decoder,
+      tx=tx_d,
+      weight=cfg.defender_weight,
+      utility=cfg.utility_weight,
+    )
+    idx = np.asarray(owners)
+    state, xg, priv = jax.vmap(step, in_axes=(0, None, 0, 0))(state, params, x_OxB[idx], y_OxB[idx])
+    x_obf = x_obf.at[idx].set(xg)
+    new_defenders.append(state)
+    privs.append(priv)
+  x_obf = jax.lax.stop_gradient(jnp.where(warmup, x_OxB, x_obf))
+  xs = x_obf.reshape(-1, *x_obf.shape[2:])
+  ys = y_OxB.reshape(-1)
+
+  def server_loss(p):
+    logits = _forward(net, p, xs, train=True, key=key)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+    if penalty is not None:
+      loss = loss + penalty(split.split_params(p, net.num_local)[1], penalty_data)
+    return loss
+
+  loss, grads = jax.value_and_grad(server_loss)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  priv = jnp.mean(jnp.concatenate(privs)) if privs else jnp.float32(0.0)
+  return params, opt_state, tuple(new_defenders), loss, priv
+
+
+@functools.partial(jax.jit, static_argnames=("net", "groups", "tx", "tx_d", "cfg", "penalty"), donate_argnums=(0, 1, 2))
+def _epoch(
+  params,
+  opt_state,
+  defenders,
+  images_OxS,
+  labels_OxS,
+  key,
+  penalty_data,
+  warmup,
+  *,
+  net,
+  groups,
+  tx,
+  tx_d,
+  cfg,
+  penalty,
+):
+  """All rounds of one epoch (a scan): each owner's fresh permutation of its share."""
+  o, s = labels_OxS.shape
+  steps = s // cfg.batch_size
+  perm_key, dropout_key = jax.random.split(key)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, s))(jax.random.split(perm_key, o))
+  order = perms[:, : steps * cfg.batch_size].reshape(o, steps, cfg.batch_size).swapaxes(0, 1)  # T x O x B
+
+  def body(carry, t):
+    params, opt_state, defenders = carry
+    idx = order[t]
+    x = jnp.take_along_axis(images_OxS, idx.reshape(o, -1, *([1] * (images_OxS.ndim - 2))), axis=1)
+    y = jnp.take_along_axis(labels_OxS, idx, axis=1)
+    out = _round(
+      params,
+      opt_state,
+      defenders,
+      x,
+      y,
+      jax.random.fold_in(dropout_key, t),
+      penalty_data,
+      warmup,
+      net=net,
+      groups=groups,
+      tx=tx,
+      tx_d=tx_d,
+      cfg=cfg,
+      penalty=penalty,
+    )
+    return out[:3], out[3:]
+
+  (params, opt_state, defenders), (loss, priv) = jax.lax.scan(body, (params, opt_state, defenders), jnp.arange(steps))
+  return params, opt_state, defenders, loss.mean(), priv.mean()
+
+
+def owner_shares(num: int, num_owners: int, seed: int) -> np.ndarray:
+  """``indices_OxS``: a seeded permutation of ``num`` images dealt into equal shares (remainder dropped)."""
+  s = num // num_owners
+  if s < 1:
+    raise ValueError(f"{num} images cannot be shared among {num_owners} owners")
+  return np.random.default_rng([seed, 2]).permutation(num)[: s * num_owners].reshape(num_owners, s)
+
+
+def train(
+  cfg: DefenseConfig,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  num_classes: int = 10,
+  penalty: Callable[[PyTree, PyTree], jax.Array] | None = None,
+  penalty_data: PyTree = None,
+  progress: bool = False,
+  on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> Trained:
+  """Trains Theta and every owner's defender by Algorithm 1.
+
+  Args:
+    cfg: The configuration.
+    images: The owners' pooled training images (NHWC float32 in [0, 1]), dealt by :func:`owner_shares`.
+    labels: Their labels.
+    num_classes: Classes of the model.
+    penalty: Optional extra server loss on the remote part, ``penalty(remote_params, penalty_data)``
+      (e.g. ``fingerprint.Penalty(projection, layers=("Dense_0",))``: Eq. 27 in Theta_r).
+    penalty_data: The penalty's data (e.g. the customer's fingerprint F_j).
+    progress: Show a progress bar.
+    on_epoch_end: Called with each epoch's record.
+
+  Raises:
+    ValueError: A share smaller than ``batch_size``, or images and labels that disagree.
+  """
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels, np.int32)
+  if images.ndim != 4 or labels.shape != images.shape[:1]:
+    raise ValueError(f"images must be NHWC with one label each, got {images.shape} and {labels.shape}")
+  shares = owner_shares(len(images), cfg.num_owners, cfg.seed)
+  if shares.shape[1] < cfg.batch_size:
+    raise ValueError(f"each owner has {shares.shape[1]} images, fewer than batch_size={cfg.batch_size}")
+  model = models.MLP(num_classes=num_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+  net = split.split_model(model, cfg.split_at)
+  key = jax.random.key(cfg.seed)
+  tx, tx_d = optax.adam(cfg.lr_model), optax.adam(cfg.lr_defender)
+  params = model.init(jax.random.fold_in(key, 0), images[:1])["params"]
+  opt_state = tx.init(params)
+  groups = cfg.groups()
+  h = net.local.apply({"params": split.split_params(params, net.num_local)[0]}, images[:1])
+  defenders = tuple(
+    ensemble.members.init(
+      jax.vmap(lambda o: jax.random.fold_in(jax.random.fold_in(key, 1), o))(jnp.asarray(owners)),
+      h,
+      model=networks.defender(name, images.shape[1:]),
+      tx=tx_d,
+    )
+    for name, owners in groups
+  )
+  x_OxS, y_OxS = jnp.asarray(images[shares]), jnp.asarray(labels[shares])
+  history = []
+  for epoch in tqdm.trange(cfg.epochs, desc="partition", disable=not progress, leave=False):
+    params, opt_state, defenders, loss, priv = _epoch(
+      params,
+      opt_state,
+      defenders,
+      x_OxS,
+      y_OxS,
+      jax.random.fold_in(jax.random.fold_in(key, 2), epoch),
+      penalty_data,
+      jnp.bool_(epoch < cfg.warmup_epochs),
+      net=net,
+      groups=groups,
+      tx=tx,
+      tx_d=tx_d,
+      cfg=cfg,
+      penalty=penalty,
+    )
+    record = {"epoch": epoch + 1, "loss": float(loss), "privacy_mse": float(priv)}
+    if not np.isfinite(record["loss"]):
+      raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}")
+    history.append(record)
+    if on_epoch_end is not None:
+      on_epoch_end(record)
+  return Trained(config=cfg, split=net, params=params, defenders=defenders, history=history)
+
+
+def obfuscate(trained: Trained, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(x', owner)``: image n is owner ``n % N``'s and goes through that owner's defender
+  (x' = x for an owner without one). Host loop over groups; each group's owners vmapped."""
+  x = jnp.asarray(images, jnp.float32)
+  owner = np.arange(len(x)) % trained.config.num_owners
+  out = np.array(x)
+  local = trained.local_params
+  h = trained.split.local.apply({"params": local}, x)
+  for (name, owners), state in zip(trained.config.groups(), trained.defenders):
+    decoder = networks.defender(name, x.shape[1:])
+    for j, o in enumerate(owners):
+      sel = np.flatnonzero(owner == o)
+      if len(sel):
+        out[sel] = np.asarray(decoder.apply({"params": jax.tree.map(lambda a, j=j: a[j], state.params)}, h[sel]))
+  return out, owner
+
+
+def accuracy(trained: Trained, images: np.ndarray, labels: np.ndarray) -> float:
+  """Test accuracy of the deployed pipeline: ``f(d_o(f_l(x)))`` with each image's owner's defender."""
+  x_obf, _ = obfuscate(trained, images)
+  logits = _forward(trained.split, trained.params, jnp.asarray(x_obf))
+  return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == np.asarray(labels)))
+
+
+def uploaded_states(trained: Trained, images: np.ndarray) -> np.ndarray:
+  """What the server sees of ``images``: ``H' = f_l(x')`` (``f_l(x)`` with no defender), ``h_NxD``."""
+  x_obf, _ = obfuscate(trained, images)
+  return np.asarray(trained.split.local.apply({"params": trained.local_params}, jnp.asarray(x_obf)))
+
+
+def classify(trained: Trained, images: np.ndarray) -> np.ndarray:
+  """Theta's predicted classes of ``images`` as given (no defender): the reprint classifier."""
+  return np.asarray(jnp.argmax(_forward(trained.split, trained.params, jnp.asarray(images, jnp.float32)), -1))

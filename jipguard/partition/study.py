@@ -1,0 +1,291 @@
+"""Tables I-II: attacks against no / single / multiple defenders, and the defender-weight sweep.
+
+One partitioned model is trained per setting (:mod:`defense`): no defender; the single design
+(``"single"`` on every owner) at each defender weight of ``weights`` (Table I's sweep); the
+four designs of Table II dealt over the owners (``networks.MULTIPLE``) at ``defender_weight``.
+Every setting's deployed accuracy is measured on the test images. Then each inverse-network
+design of ``attacks`` is trained ONCE as a stacked ensemble with one member per setting (member
+m learns to invert setting m's local part on the auxiliary images) and applied to what each
+setting's owners upload for the test images; the optimisation attack runs on a few of them.
+Reprint accuracy is the undefended model's accuracy on the reconstructions.
+
+Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one row per epoch of each
+setting, one per attack and setting), ``table1.md/.csv`` (single defender: MSE / SSIM per
+attack and weight), ``table2.md/.csv`` (no / single / multiple), ``reconstructions.png``
+(originals, then Attack_3's reconstructions per setting), ``settings/<setting>.npz`` (each
+trained setting's parameters, uploaded test states and accuracy: a rerun of the same command
+loads finished settings instead of training them again), ``report.md`` and, last,
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jipguard import data, models, rundir
+from jipguard.partition import attacks, defense, networks, split
+
+PAPER_TABLE2 = {  # Table II: accuracy, then MSE / SSIM of each attack, per setting.
+  "accuracy": {"none": 97.67, "single": 96.85, "multiple": 95.71},
+  "attack1": ((0.068, 0.542), (0.081, 0.498), (0.214, 0.075)),
+  "attack2": ((0.074, 0.522), (0.082, 0.497), (0.210, 0.097)),
+  "attack3": ((0.018, 0.832), (0.023, 0.805), (0.070, 0.499)),
+  "attack4": ((0.024, 0.781), (0.024, 0.756), (0.072, 0.493)),
+  "attack5": ((0.068, 0.550), (0.073, 0.535), (0.192, 0.193)),
+  "attack6": ((0.076, 0.512), (0.089, 0.453), (0.201, 0.116)),
+  "attack8": ((0.033, 0.731), (0.048, 0.661), (0.190, 0.158)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The Table I-II study (defaults: a few minutes on a shared 2-core CPU)."""
+
+  dataset: str = "fashion_mnist_subset"  # Images (Fashion-MNIST standing in for MNIST; mnist needs tfds).
+  train_size: int = 4000  # Owners' pooled training images.
+  aux_size: int = 1000  # The attacker's auxiliary images (disjoint from the owners').
+  test_size: int = 500  # Test images for accuracy and the attacks.
+  num_owners: int = 20  # Data owners (the paper: 20).
+  epochs: int = 4  # Epochs of Algorithm 1, warm-up included (the paper: 600).
+  warmup_epochs: int = 1  # Epochs on clean images first.
+  batch_size: int = 8  # Images per owner per round (the paper: 32).
+  lr_model: float = 3e-4  # Adam learning rate of the model (the paper: 1e-4).
+  lr_defender: float = 1e-3  # Adam learning rate of the defenders (the paper: 1e-3).
+  defender_weight: float = 0.1  # lambda of the single and multiple defenders of Table II.
+  weights: str = "0.03,0.1,0.3"  # Table I: single-defender weights swept (comma-separated).
+  attacks: str = "attack1,attack2,attack3,attack4,attack5,attack6,attack8"  # Inverse networks (Attack_7 left out).
+  attack_epochs: int = 8  # Epochs of each inverse network on the auxiliary images.
+  opt_images: int = 50  # Test images attacked by the optimisation attack (0: none).
+  opt_steps: int = 300  # Adam steps of the optimisation attack.
+  hidden: int = 900  # Width of the MLP's four hidden layers (the paper: 900).
+  seed: int = 0  # Seeds everything.
+
+  def __post_init__(self):
+    for name in ("train_size", "aux_size", "test_size", "num_owners", "batch_size", "hidden"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("epochs", "warmup_epochs", "attack_epochs", "opt_images", "opt_steps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+    if self.train_size < self.num_owners * self.batch_size:
+      raise ValueError(f"--train_size must be >= num_owners * batch_size = {self.num_owners * self.batch_size}")
+    if self.num_owners < len(networks.MULTIPLE):
+      raise ValueError(f"--num_owners must be >= {len(networks.MULTIPLE)} (the multiple defenders' designs)")
+    if self.opt_images > self.test_size:
+      raise ValueError(f"--opt_images must be <= test_size={self.test_size}")
+    for name in ("lr_model", "lr_defender"):
+      if not 0 < getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
+    if not 0 <= self.defender_weight < 100:
+      raise ValueError(f"--defender_weight must be in [0, 100), got {self.defender_weight}")
+    try:
+      ws = self.weight_list()
+    except ValueError:
+      raise ValueError(f"--weights must be comma-separated numbers, got {self.weights!r}") from None
+    if not all(0 < w < 100 for w in ws):
+      raise ValueError(f"--weights must lie in (0, 100), got {self.weights!r}")
+    bad = [a for a in self.attack_list() if a not in networks.ATTACKS]
+    if bad or not self.attack_list():
+      raise ValueError(f"--attacks must name some of {sorted(networks.ATTACKS)}, got {self.attacks!r}")
+
+  def weight_list(self) -> list[float]:
+    return [float(w) for w in self.weights.split(",") if w.strip()]
+
+  def attack_list(self) -> list[str]:
+    return [a.strip() for a in self.attacks.split(",") if a.strip()]
+
+  def settings(self) -> list[tuple[str, tuple[str, ...], float]]:
+    """``(name, designs, lambda)`` of every setting: none, single at each weight (and at
+    ``defender_weight``), multiple."""
+    ws = sorted({*self.weight_list(), self.defender_weight} - {0.0})
+    single = [(f"single@{w:g}", ("single",), w) for w in ws]
+    return [("none", (), 0.0), *single, ("multiple", networks.MULTIPLE, self.defender_weight)]
+
+
+PRESETS = {
+  "smoke": dict(
+    train_size=400, aux_size=200, test_size=100, num_owners=4, epochs=2, hidden=64, weights="0.1",
+    attacks="attack3,attack8", attack_epochs=2, opt_images=10, opt_steps=20,
+  ),
+}  # fmt: skip
+
+
+def _load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:
+  train, test = data.load(cfg.dataset), data.load(cfg.dataset, split="test")
+  if len(train) < cfg.train_size + cfg.aux_size or len(test) < cfg.test_size:
+    raise data.DataError(
+      f"{cfg.dataset} has {len(train)} training and {len(test)} test images; the study needs "
+      f"train_size + aux_size = {cfg.train_size + cfg.aux_size} and test_size = {cfg.test_size}"
+    )
+  return train, test
+
+
+def _setting(
+  cfg: StudyConfig, name: str, designs, weight: float, workdir: str, own: data.Dataset, test, *, progress: bool
+) -> tuple[Any, np.ndarray, float]:
+  """One setting's trained params, the states its owners upload for the test images, and its
+  accuracy: from ``settings/<name>.npz`` when a previous run finished it, else trained and saved."""
+  path = os.path.join(workdir, "settings", name.replace("@", "_at_") + ".npz")
+  x_te, y_te = test
+  dcfg = defense.DefenseConfig(
+    designs=designs,
+    num_owners=cfg.num_owners,
+    defender_weight=weight,
+    epochs=cfg.epochs,
+    warmup_epochs=cfg.warmup_epochs,
+    batch_size=cfg.batch_size,
+    lr_model=cfg.lr_model,
+    lr_defender=cfg.lr_defender,
+    hidden=(cfg.hidden,) * 4,
+    seed=cfg.seed,
+  )
+  model = models.MLP(num_classes=own.num_classes, hidden=dcfg.hidden)
+  template = jax.eval_shape(model.init, jax.random.key(0), x_te[:1])["params"]
+  if os.path.exists(path):
+    with np.load(path) as f:
+      leaves = [f[f"p{i}"] for i in range(len(jax.tree.leaves(template)))]
+      return jax.tree.unflatten(jax.tree.structure(template), leaves), f["h"], float(f["accuracy"])
+  log = os.path.join(workdir, "metrics.jsonl")
+  t0 = time.time()
+  trained = defense.train(
+    dcfg,
+    own.images,
+    own.labels,
+    num_classes=own.num_classes,
+    progress=progress,
+    on_epoch_end=lambda r: rundir.append_jsonl(log, {"setting": name, **r}),
+  )
+  acc = defense.accuracy(trained, x_te, y_te)
+  h = defense.uploaded_states(trained, x_te)
+  rundir.append_jsonl(log, {"setting": name, "accuracy": acc, "train_s": time.time() - t0})
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained.params))}
+  rundir.write_npz(path, h=h, accuracy=np.float64(acc), **leaves)
+  return trained.params, h, acc
+
+
+def _grid(path: str, x: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (plotting only here)
+
+  n = min(10, len(x))
+  names = ["original", *rows]
+  fig, axes = plt.subplots(len(names), n, figsize=(n, len(names) * 1.05), squeeze=False)
+  for r, name in enumerate(names):
+    imgs = x if name == "original" else rows[name]
+    for c in range(n):
+      ax = axes[r, c]
+      ax.imshow(np.clip(imgs[c, ..., 0] if imgs.shape[-1] == 1 else imgs[c], 0, 1), cmap="gray", vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[r, 0].set_ylabel(name, fontsize=7)
+  rundir.save_figure(fig, path)
+  plt.close(fig)
+
+
+def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+  """Runs the study into ``workdir`` (see the module docstring); returns metrics.json's content."""
+  train, test = _load(cfg)  # Bad data fail before the run directory exists.
+  rundir.write_config(workdir, dataclasses.asdict(cfg))
+  perm = np.random.default_rng([cfg.seed, 0]).permutation(len(train))
+  own, aux = train.subset(perm[: cfg.train_size]), train.subset(perm[cfg.train_size : cfg.train_size + cfg.aux_size])
+  x_te, y_te = test.images[: cfg.test_size], test.labels[: cfg.test_size]
+  log = os.path.join(workdir, "metrics.jsonl")
+  net = split.split_model(models.MLP(num_classes=train.num_classes, hidden=(cfg.hidden,) * 4), split.PAPER_SPLIT)
+  params, h, rows2 = {}, {}, []
+  start = time.time()
+  for name, designs, weight in cfg.settings():
+    params[name], h[name], acc = _setting(cfg, name, designs, weight, workdir, own, (x_te, y_te), progress=progress)
+    rows2.append({"setting": name, "defender_weight": weight, "accuracy": 100 * acc})
+  names = list(params)
+  reference = params["none"]
+  classify = lambda z: np.asarray(jnp.argmax(split.compose(net, *split.split_params(reference, net.num_local), z), -1))  # noqa: E731
+  local_params = {n: split.split_params(params[n], net.num_local)[0] for n in names}
+  locals_M = jax.tree.map(lambda *a: jnp.stack(a), *[local_params[n] for n in names])
+  h_M = jnp.stack([jnp.asarray(h[n]) for n in names])
+  results: dict[str, dict[str, dict[str, float]]] = {}
+  recon: dict[str, np.ndarray] = {}
+  for attack in cfg.attack_list():
+    dec = networks.attack(attack, x_te.shape[1:])
+    icfg = attacks.InverseConfig(epochs=cfg.attack_epochs, batch_size=32, seed=cfg.seed)
+    state, _ = attacks.train_inverse(dec, net.local, locals_M, aux.images, icfg)
+    x_hat = np.asarray(attacks.invert(dec, state.params, h_M))
+    results[attack] = {}
+    for m, n in enumerate(names):
+      results[attack][n] = attacks.reconstruction_metrics(x_te, x_hat[m], y_te, classify)
+      rundir.append_jsonl(log, {"attack": attack, "setting": n, **results[attack][n]})
+    if attack == "attack3" or not recon:
+      recon = {
+        f"{attack} {n}": x_hat[m] for m, n in enumerate(names) if not n.startswith("single@") or n in _table2(cfg)
+      }
+  if cfg.opt_images:
+    results["optimisation"] = {}
+    for m, n in enumerate(names):
+      x_hat = attacks.optimisation_attack(
+        net.local,
+        local_params[n],
+        h_M[m, : cfg.opt_images],
+        image_shape=x_te.shape[1:],
+        steps=cfg.opt_steps,
+        tv_weight=0.01,
+      )
+      results["optimisation"][n] = attacks.reconstruction_metrics(
+        x_te[: cfg.opt_images], x_hat, y_te[: cfg.opt_images], classify
+      )
+      rundir.append_jsonl(log, {"attack": "optimisation", "setting": n, **results["optimisation"][n]})
+  # Table I: the single defender at each weight; Table II: none / single / multiple.
+  t1 = [
+    {"attack": a, **{f"{n} mse": r[n]["mse"] for n in names if n.startswith("single@")}}
+    | {f"{n} ssim": r[n]["ssim"] for n in names if n.startswith("single@")}
+    for a, r in results.items()
+  ]
+  t1.append({"attack": "accuracy %", **{f"{r['setting']} mse": r["accuracy"] for r in rows2[1:-1]}})
+  cols1 = ["attack", *[f"{n} mse" for n in names if n.startswith("single@")]]
+  cols1 += [f"{n} ssim" for n in names if n.startswith("single@")]
+  rundir.write_table(os.path.join(workdir, "table1"), t1, cols1, title="Table I: single defender, weight sweep")
+  t2_names = _table2(cfg)
+  t2 = []
+  for a, r in results.items():
+    row = {"attack": a}
+    for n, key in zip(t2_names, ("none", "single", "multiple")):
+      row[f"{key} mse/ssim"] = f"{r[n]['mse']:.3f}/{r[n]['ssim']:.3f}"
+      row[f"{key} reprint"] = r[n]["reprint_accuracy"]
+    if a in PAPER_TABLE2:
+      row["paper mse/ssim (none, single, multiple)"] = ", ".join(f"{m:.3f}/{s:.3f}" for m, s in PAPER_TABLE2[a])
+    t2.append(row)
+  acc = {r["setting"]: r["accuracy"] for r in rows2}
+  acc_row = {"attack": "accuracy %"}
+  for n, key in zip(t2_names, ("none", "single", "multiple")):
+    acc_row[f"{key} mse/ssim"] = f"{acc[n]:.2f}"
+  acc_row["paper mse/ssim (none, single, multiple)"] = "97.67, 96.85, 95.71"
+  t2.insert(0, acc_row)
+  cols2 = ["attack", *[f"{k} {c}" for k in ("none", "single", "multiple") for c in ("mse/ssim", "reprint")]]
+  cols2.append("paper mse/ssim (none, single, multiple)")
+  rundir.write_table(os.path.join(workdir, "table2"), t2, cols2, title="Table II: no / single / multiple defenders")
+  _grid(os.path.join(workdir, "reconstructions.png"), x_te, recon)
+  elapsed = time.time() - start
+  report = [
+    "# SecureMark-DL privacy partitioning: Tables I-II\n",
+    f"Dataset {cfg.dataset} ({cfg.train_size} owners' images over {cfg.num_owners} owners, {cfg.aux_size} "
+    f"auxiliary, {cfg.test_size} test); {cfg.epochs} epochs ({cfg.warmup_epochs} warm-up); {elapsed:.0f} s.\n",
+    "Table II's single defender is `" + t2_names[1] + "`. Reprint accuracy: the undefended model on the "
+    "reconstructions.\n",
+    open(os.path.join(workdir, "table2.md")).read(),
+    open(os.path.join(workdir, "table1.md")).read(),
+    "![reconstructions](reconstructions.png)\n",
+  ]
+  rundir.write_text(os.path.join(workdir, "report.md"), "\n".join(report))
+  metrics = {"accuracy": acc, "attacks": results, "table2_settings": t2_names, "elapsed_s": elapsed}
+  rundir.write_json(os.path.join(workdir, "metrics.json"), metrics)
+  return metrics
+
+
+def _table2(cfg: StudyConfig) -> list[str]:
+  """The settings of Table II's columns: none, single at ``defender_weight``, multiple."""
+  return ["none", f"single@{cfg.defender_weight:g}", "multiple"]
