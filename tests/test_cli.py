@@ -114,6 +114,8 @@ _OTHERS = [
   (["authorization", "restore", "--protected", "{missing}", "--key", "{missing}", "--output", "{out}.npz"], "missing"),
   (["attacks", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
   (["attacks", "--methods", "nope"], "--methods must be one of identity"),
+  (["partition", "tables", "--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+  (["partition", "tables", "--dataset", "nope_dataset"], "nope_dataset"),
   (["nope"], "unknown command 'nope'"),
 ]
 
@@ -166,6 +168,7 @@ def test_other_commands_bad_input_is_one_error_line(args, fragment, files, tmp_p
     ["watermark", "defences"],
     ["fingerprint", "codes"],
     ["fingerprint", "collusion"],
+    ["partition", "tables"],
   ):
     argv = [*argv[:2], *workdir, *argv[2:]]
   _assert_one_error_line(_run(argv, cwd=tmp_path), fragment, tmp_path)
@@ -179,7 +182,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_help_lists_commands_and_shows_the_presets_defaults(tmp_path):
   top = _run(["--help"], cwd=tmp_path)
   assert top.returncode == 0
-  for name in ("ipprotect", "tradeoff", "watermark", "fingerprint", "authorization", "sweep"):
+  for name in ("ipprotect", "tradeoff", "attacks", "watermark", "fingerprint", "partition", "authorization", "sweep"):
     assert f"\n  {name} " in top.stdout
   smoke = _run(["ipprotect", "--preset", "smoke", "--help"], cwd=tmp_path).stdout
   default = _run(["ipprotect", "--help"], cwd=tmp_path).stdout

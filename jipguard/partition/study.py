@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jipguard import data, models, rundir
+from jipguard import cli, data, models, rundir
 from jipguard.partition import attacks, defense, networks, split
 
 PAPER_TABLE2 = {  # Table II: accuracy, then MSE / SSIM of each attack, per setting.
@@ -68,12 +68,11 @@ class StudyConfig:
   seed: int = 0  # Seeds everything.
 
   def __post_init__(self):
-    for name in ("train_size", "aux_size", "test_size", "num_owners", "batch_size", "hidden"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("epochs", "warmup_epochs", "attack_epochs", "opt_images", "opt_steps"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("train_size", "aux_size", "test_size", "num_owners", "batch_size", "hidden", "epochs"):
+      cli.check_int(f"--{name}", getattr(self, name), lo=1)
+    for name in ("warmup_epochs", "attack_epochs", "opt_images", "opt_steps", "seed"):
+      cli.check_int(f"--{name}", getattr(self, name), lo=0)
+    cli.check_float("--defender_weight", self.defender_weight, lo=0)
     if self.train_size < self.num_owners * self.batch_size:
       raise ValueError(f"--train_size must be >= num_owners * batch_size = {self.num_owners * self.batch_size}")
     if self.num_owners < len(networks.MULTIPLE):
