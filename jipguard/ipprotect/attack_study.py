@@ -26,7 +26,6 @@ from collections.abc import Callable
 import dataclasses
 import functools
 import os
-import secrets
 import time
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from jipguard import cli, ensemble, rundir
 from jipguard import data as data_lib
-from jipguard.ipprotect import attacks, baselines, defences, job, metrics, pix2pix, sellers
+from jipguard.ipprotect import attacks, baselines, defences, job, metrics, pix2pix, sanitizer, sellers
 from jipguard.ipprotect.pix2pix import GANConfig
 from jipguard.ipprotect.sellers import TrainConfig
 
@@ -254,7 +253,8 @@ def share(st: Setting, method: str, cfg_v: job.IPProtectConfig | None = None, se
       os.makedirs(out, exist_ok=True)
       secret = os.path.join(out, "anchor_secret.json")
       if not os.path.exists(secret):
-        rundir.write_secret(secret, {"anchor_seeds": [secrets.randbits(64) for _ in range(cfg.cross_fit_folds)]})
+        fresh = [sanitizer.anchor_secret().hex() for _ in range(cfg.cross_fit_folds)]
+        rundir.write_secret(secret, {"anchor_secrets": fresh})
       images = defences.cross_fit_sanitize(
         st.model,
         v.omega_train,
@@ -263,7 +263,7 @@ def share(st: Setting, method: str, cfg_v: job.IPProtectConfig | None = None, se
         v.omega_v,
         buyer,
         seed=v.seed,
-        anchor_seeds=rundir.read_secret(secret)["anchor_seeds"],
+        anchor_secrets=[bytes.fromhex(h) for h in rundir.read_secret(secret)["anchor_secrets"]],
         folds=cfg.cross_fit_folds,
         progress=st.progress,
       )

@@ -43,7 +43,6 @@ import functools
 import hashlib
 import json
 import os
-import secrets
 from typing import Any
 
 import flax.linen as nn
@@ -164,7 +163,7 @@ def prepare_ipprotect(
         settings.omega_v,
         part,
         seed=seed + 1 + c,
-        anchor_seeds=[secrets.randbits(64) for _ in range(settings.cross_fit_folds)],
+        anchor_secrets=[sanitizer.anchor_secret() for _ in range(settings.cross_fit_folds)],
         folds=settings.cross_fit_folds,
         progress=progress,
       )
@@ -181,7 +180,7 @@ def prepare_ipprotect(
         part.images,
         settings.sanitizer,
         seed=seed + 1 + c,
-        anchor_seed=secrets.randbits(64),
+        anchor_secret=sanitizer.anchor_secret(),
         progress=progress,
         member_mask=mask,
       ).images

@@ -41,20 +41,20 @@ def cross_fit_sanitize(
   dataset: data_lib.Dataset,
   *,
   seed: int,
-  anchor_seeds: list[int],
+  anchor_secrets: list[bytes | int],
   folds: int = 2,
   progress: bool = False,
 ) -> np.ndarray:
   """Sanitizes each fold of ``dataset`` against models trained on the other folds.
 
   Guarantee: the models that sanitize an image never trained on it (tested through the
-  bootstrap indices, which index the other folds only). ``anchor_seeds`` holds one secret
-  per fold (anchors are keyed by the image's index inside its fold). The models train with
-  ``omega_train``, its batch size capped at the other folds' size. Returns the sanitized
-  images in the dataset's order.
+  bootstrap indices, which index the other folds only). ``anchor_secrets`` holds one anchor
+  secret (``sanitizer.anchor_secret``) per fold (anchors are keyed by the image's index inside
+  its fold). The models train with ``omega_train``, its batch size capped at the other folds'
+  size. Returns the sanitized images in the dataset's order.
   """
-  if len(anchor_seeds) != folds:
-    raise ValueError(f"need one anchor secret per fold ({folds}), got {len(anchor_seeds)}")
+  if len(anchor_secrets) != folds:
+    raise ValueError(f"need one anchor secret per fold ({folds}), got {len(anchor_secrets)}")
   key = jax.random.key(seed)
   fold = fold_of(len(dataset), folds, jax.random.fold_in(key, 0))
   out = np.zeros(dataset.images.shape, np.float32)
@@ -78,7 +78,7 @@ def cross_fit_sanitize(
       dataset.images[inside],
       cfg,
       seed=seed + 1 + f,
-      anchor_seed=anchor_seeds[f],
+      anchor_secret=anchor_secrets[f],
       progress=progress,
     )
     out[inside] = res.images

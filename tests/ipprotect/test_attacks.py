@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jipguard import data, models
-from jipguard.ipprotect import attacks, baselines, pix2pix, sellers
+from jipguard.ipprotect import attacks, baselines, pix2pix, sanitizer, sellers
 from jipguard.ipprotect.objective import SanitizerConfig
 from jipguard.ipprotect.sellers import TrainConfig
 
@@ -190,13 +190,14 @@ def test_prepare_ipprotect_sanitizes_d_a_with_its_own_models_and_fresh_anchors(m
     buyer_size=20,
   )
   drawn = []
-  randbits = attacks.secrets.randbits
-  monkeypatch.setattr(attacks.secrets, "randbits", lambda k: drawn.append(randbits(k)) or drawn[-1])
+  fresh = sanitizer.anchor_secret
+  monkeypatch.setattr(sanitizer, "anchor_secret", lambda *a: drawn.append(fresh(*a)) or drawn[-1])
   a = attacks.prepare_ipprotect(settings, aux, seed=0)
   assert a.aux_sanitized.shape == aux.images.shape and len(a.aux) == 40
   assert jax.tree.leaves(a.params)[0].shape[0] == 5  # |Omega_Tr| + |Omega_V| of its own.
   assert not np.allclose(a.aux_sanitized, aux.images)
-  assert len(drawn) == 2 and len(set(drawn)) == 2  # A fresh 64-bit anchor secret of its own per chunk.
+  assert len(drawn) == 2 and len(set(drawn)) == 2  # A fresh 256-bit anchor secret of its own per chunk.
+  assert all(len(d) == 32 for d in drawn)
   with pytest.raises(ValueError, match="fewer than the buyer"):
     attacks.prepare_ipprotect(dataclasses.replace(settings, buyer_size=41), aux, seed=0)
 

@@ -30,14 +30,14 @@ def test_cross_fit_never_sanitizes_an_image_against_models_trained_on_it(monkeyp
   monkeypatch.setattr(defences.sellers, "sample_models", fake_models)
   monkeypatch.setattr(defences.sanitizer, "sanitize", fake_sanitize)
   out = defences.cross_fit_sanitize(
-    None, TrainConfig(batch_size=64), SanitizerConfig(), 3, 2, ds, seed=0, anchor_seeds=[1, 2, 3], folds=3
+    None, TrainConfig(batch_size=64), SanitizerConfig(), 3, 2, ds, seed=0, anchor_secrets=[1, 2, 3], folds=3
   )
   np.testing.assert_array_equal(out, ds.images + 1)  # Every image once, in the dataset's order.
   assert len(calls["train"]) == 3
   for trained, sanitized in zip(calls["train"], calls["sanitize"]):
     assert not trained & sanitized and len(trained) + len(sanitized) == 21
   with pytest.raises(ValueError, match="one anchor secret per fold"):
-    defences.cross_fit_sanitize(None, TrainConfig(), SanitizerConfig(), 3, 2, ds, seed=0, anchor_seeds=[1], folds=2)
+    defences.cross_fit_sanitize(None, TrainConfig(), SanitizerConfig(), 3, 2, ds, seed=0, anchor_secrets=[1], folds=2)
 
 
 def test_folds_are_balanced():
