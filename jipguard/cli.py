@@ -24,8 +24,10 @@ import argparse
 from collections.abc import Callable, Sequence
 import dataclasses
 import functools
+import inspect
 import math
 import sys
+import typing
 from typing import Any, NoReturn
 
 from jipguard import rundir
@@ -58,6 +60,35 @@ def add_common_flags(parser: argparse.ArgumentParser, *, workdir_help: str | Non
   parser.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
   parser.add_argument("--quiet", action="store_true", help="no progress bars")
   parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def field_help(cls: type) -> dict[str, str]:
+  """Each field's comment in a config dataclass's source (``name: type = default  # help``)."""
+  out = {}
+  for line in inspect.getsource(cls).splitlines():
+    name, _, rest = line.strip().partition(":")
+    if "#" in rest and name.isidentifier():
+      out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
+  return out
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, preset_defaults: bool = False) -> None:
+  """One ``--<field>`` per field of the config dataclass ``cls``, typed by its annotation, with the
+  field's comment as help (:func:`field_help`) and its default shown. ``preset_defaults``: the
+  flags default to None (a preset or the config fills them in; only flags given override it)."""
+  hints, helps = typing.get_type_hints(cls), field_help(cls)
+  for f in dataclasses.fields(cls):
+    kind, help_ = hints[f.name], helps.get(f.name, "")
+    if kind is bool:
+      default = None if preset_defaults else f.default
+      parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_)
+      continue
+    parser.add_argument(
+      f"--{f.name}",
+      type={int: int, float: float}.get(kind, str),
+      default=None if preset_defaults else f.default,
+      help=help_ + (f" (default: {f.default})" if preset_defaults else " (default: %(default)s)"),
+    )
 
 
 def one_line(err: BaseException) -> str:

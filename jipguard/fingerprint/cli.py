@@ -9,7 +9,6 @@ Each study takes one flag per field of its config, with the config's default.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import typing
@@ -32,42 +31,13 @@ STUDIES = {
 }
 
 
-def _field_help(cls: type) -> dict[str, str]:
-  """Each field's comment in the config's source (``# ...`` after the default)."""
-  import inspect  # noqa: PLC0415 (only to build --help)
-
-  out = {}
-  for line in inspect.getsource(cls).splitlines():
-    name, _, rest = line.strip().partition(":")
-    if "#" in rest and name.isidentifier():
-      out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
-  return out
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-  hints, helps = typing.get_type_hints(cls), _field_help(cls)
-  for f in dataclasses.fields(cls):
-    kind = hints[f.name]
-    if kind is bool:
-      parser.add_argument(
-        f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name, "")
-      )
-      continue
-    parser.add_argument(
-      f"--{f.name}",
-      type={int: int, float: float}.get(kind, str),
-      default=f.default,
-      help=helps.get(f.name, "") + " (default: %(default)s)",
-    )
-
-
 def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog="jipguard fingerprint", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True, parser_class=cli.ArgumentParser)
   for name, (cls, _, help_) in STUDIES.items():
     q = sub.add_parser(name, help=help_, description=help_)
     cli.add_common_flags(q, workdir_help=f"run directory (default: runs/fp-{name}-s<seed>)")
-    _add_config_flags(q, cls)
+    cli.add_config_flags(q, cls)
   q = sub.add_parser("trace", help="name the colluders behind a suspicious model")
   cli.add_common_flags(q, workdir_help="the collusion study's run directory (its secret, codebooks and customers)")
   q.add_argument("--model", action="append", required=True, help="a model .npz (repeat to average several)")

@@ -8,24 +8,12 @@ the study's config is a flag with the config's default.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
-import typing
 
 from jipguard import cli
 from jipguard.partition import study
 
 STUDIES = {"tables": (study.StudyConfig, study.run, "Tables I-II: no / single / multiple defenders vs attacks")}
-
-
-def _field_help(cls: type) -> dict[str, str]:
-  """Each field's comment in the config's source (``# ...`` after the default)."""
-  out = {}
-  for line in inspect.getsource(cls).splitlines():
-    name, _, rest = line.strip().partition(":")
-    if "#" in rest and name.isidentifier():
-      out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
-  return out
 
 
 def parser() -> cli.ArgumentParser:
@@ -35,14 +23,7 @@ def parser() -> cli.ArgumentParser:
     q = sub.add_parser(name, help=help_, description=help_)
     cli.add_common_flags(q, workdir_help=f"run directory (default: runs/partition-{name}-s<seed>)")
     q.add_argument("--preset", choices=sorted(study.PRESETS), help="a named setting; flags given override it")
-    hints, helps = typing.get_type_hints(cls), _field_help(cls)
-    for f in dataclasses.fields(cls):
-      q.add_argument(
-        f"--{f.name}",
-        type={int: int, float: float}.get(hints[f.name], str),
-        default=None,
-        help=helps.get(f.name, "") + f" (default: {f.default})",
-      )
+    cli.add_config_flags(q, cls, preset_defaults=True)
   return p
 
 
