@@ -297,6 +297,18 @@ def anchor_secret_of(cfg: IPProtectConfig, ckpt: str) -> bytes:
   return secret
 
 
+def batch_summary(res: sanitizer.BatchResult) -> dict[str, Any]:
+  """A sanitized batch's line of ``metrics.jsonl``: images, mean steps, losses, seconds."""
+  mean = lambda a: float(np.nanmean(a)) if np.isfinite(a).any() else None
+  return {
+    "images": len(res.images),
+    "steps_mean": float(np.mean(res.steps)),
+    "val_loss_mean": mean(res.val_loss),
+    "train_loss_mean": mean(res.train_loss),
+    "seconds": float(np.sum(res.seconds)),
+  }
+
+
 def run(
   cfg: IPProtectConfig, workdir: str, *, progress: bool = True, mesh: jax.sharding.Mesh | None = None
 ) -> dict[str, Any]:
@@ -320,24 +332,18 @@ def run(
   ckpt = os.path.join(workdir, "checkpoints")
   os.makedirs(ckpt, exist_ok=True)
   log = os.path.join(workdir, "metrics.jsonl")
-  epoch_log = lambda phase: (
-    lambda epoch, record: main and rundir.append_jsonl(log, {"phase": phase, "epoch": epoch, **record})
-  )
-  batch_log = lambda i, res: (
-    main
-    and rundir.append_jsonl(
-      log,
-      {
-        "phase": "sanitize",
-        "batch": i,
-        "images": len(res.images),
-        "steps_mean": float(np.mean(res.steps)),
-        "val_loss_mean": float(np.nanmean(res.val_loss)) if np.isfinite(res.val_loss).any() else None,
-        "train_loss_mean": float(np.nanmean(res.train_loss)) if np.isfinite(res.train_loss).any() else None,
-        "seconds": float(np.sum(res.seconds)),
-      },
-    )
-  )
+
+  def epoch_log(phase: str):
+    def write(epoch: int, record: dict[str, Any]) -> None:
+      if main:
+        rundir.append_jsonl(log, {"phase": phase, "epoch": epoch, **record})
+
+    return write
+
+  def batch_log(i: int, res: sanitizer.BatchResult) -> None:
+    if main:
+      rundir.append_jsonl(log, {"phase": "sanitize", "batch": i, **batch_summary(res)})
+
   noise = sellers.TABLE_I_NOISE[sellers.table_i_family(buyer.name)]
   timings = {}
 
