@@ -24,7 +24,7 @@ import numpy as np
 
 from jipguard import cli, distributed, ensemble, models, rundir
 from jipguard import data as data_lib
-from jipguard.ipprotect import metrics, sanitizer, sellers
+from jipguard.ipprotect import attacks, metrics, sanitizer, sellers
 from jipguard.ipprotect.objective import SanitizerConfig
 from jipguard.ipprotect.sellers import TrainConfig
 
@@ -486,6 +486,8 @@ def evaluate(
       out["compliance_lower_bound"] = metrics.hoeffding_lower_bound(comp, 0.95)
       out["compliance_lower_bound_confidence"] = 0.95
   corr = metrics.pixel_correlation(x, x_san)
+  # The cheapest attack: each sanitized image's most correlated buyer image (docs/ipprotect-attacks.md).
+  out["linkage"] = attacks.self_linkage(x, x_san, buyer.labels)
   out.update(
     correlation_mean=float(corr.mean()),
     correlation_max=float(corr.max()),

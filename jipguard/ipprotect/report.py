@@ -65,6 +65,11 @@ def _loss_detail(s) -> str:
   return ""
 
 
+def _linkage(link: dict[str, float]) -> str:
+  top, chance = f"{link['top1']:.3f} / {link['top5']:.3f}", f"{link['chance_top1']:.4f} / {link['chance_top5']:.4f}"
+  return f"{top} (chance {chance})"
+
+
 def write_ipprotect_report(workdir: str, cfg, m: dict[str, Any], buyer, result) -> None:
   """report.md, examples.png and sellers.png of an IPProtect run."""
   image_grid(
@@ -124,6 +129,10 @@ stopping rule {_schedule(s)}, seed {cfg.seed}.
 | SSIM with the original (pixels clipped to [0, 1]) | {m["ssim_mean"]:.3f} |
 | RMS pixel distance to the original | {m["rms_to_original_mean"]:.3f} |
 | sanitized pixel range | [{m["sanitized_pixel_range"][0]:.2f}, {m["sanitized_pixel_range"][1]:.2f}] |
+| linkage: the original is the most correlated buyer image, top 1 / top 5 | {_linkage(m["linkage"])} |
+
+The linkage row is the cheapest attack (docs/ipprotect-attacks.md): far above chance, it says the
+sanitized images are tied to their originals.
 
 These are pixel-space stand-ins, not the paper's image IP exposure (the VGG conv5_1 perceptual
 loss, which needs ImageNet-pretrained weights this run does not have).

@@ -29,6 +29,8 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
   ):
     assert key in m
   assert len(m["seller_utility_original"]) == 8
+  # The cheapest attack's figure is in every run (far above chance would say the images are tied to their originals).
+  assert 0 <= m["linkage"]["top1"] <= 1 and m["linkage"]["chance_top1"] == pytest.approx(1 / cfg.buyer_size)
   assert 0 <= m["utility_mae_fresh_images"] <= 1 and 0 <= m["utility_mae_val_oob"] <= 1
   # The fresh-images reference: are as many other test images, none of them a buyer image.
   buyer, _ = job.load_data(cfg)
@@ -40,6 +42,7 @@ def test_smoke_preset_end_to_end_and_rerun_reuses_everything(tmp_path):
     assert (tmp_path / name).exists(), name
   assert "loss = margin (kappa = 1.0)" in (tmp_path / "report.md").read_text()  # The smoke preset's loss.
   assert "stopping rule on (every 10 steps from step 20)" in (tmp_path / "report.md").read_text()  # smoke's schedule.
+  assert "linkage: the original is the most correlated buyer image" in (tmp_path / "report.md").read_text()
   # sanitized.npz: sanitized images and labels only, none of them (close to) an original.
   buyer, _ = job.load_data(cfg)
   with np.load(tmp_path / "sanitized.npz") as f:
