@@ -237,7 +237,7 @@ _COMPACT_AT = 2  # Compaction shrinks the batch once at most 1 / _COMPACT_AT of 
 # The smallest batch compaction shrinks to, per backend (others: ``_MIN_BUCKET_ELSEWHERE``);
 # each batch size is one more compiled program. On the 2-core CPU a step costs in proportion
 # to its batch, so the batch follows the active images down to 1. The benchmark's
-# sanitize_dataset problem (256 images, 50 + 10 MLPs; /tmp script, one process per floor),
+# sanitize_dataset problem (256 images, 50 + 10 MLPs; one process per floor),
 # cold (compiling) / warm: floor 1: batches 256 128 64 32 16 4 2 1, 22.4 s (15.2 s of it
 # compiling) / 7.2 s; floor 16: 19.9 s (11.9 s) / 7.7 s; floor 64: 20.3 s (10.2 s) / 10.4 s;
 # the same steps, images equal to float rounding. Warm runs are the common case with the
