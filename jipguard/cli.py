@@ -91,6 +91,29 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, preset_defau
     )
 
 
+def config_from_flags(
+  args: argparse.Namespace,
+  cls: type,
+  *,
+  ranges: dict[str, dict[str, Any]] | None = None,
+  int_range: dict[str, Any] | None = None,
+  float_range: dict[str, Any] | None = None,
+) -> Any:
+  """The config dataclass ``cls`` from the flags of :func:`add_config_flags`, each numeric flag
+  checked first (:func:`check_int` / :func:`check_float`, naming it): with ``ranges[field]`` where
+  given, else ``int_range`` / ``float_range`` (default: >= 0, and finite for floats)."""
+  ranges = ranges or {}
+  int_range = dict(lo=0) if int_range is None else int_range
+  float_range = dict(lo=0) if float_range is None else float_range
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if hints[f.name] is int:
+      check_int(f"--{f.name}", getattr(args, f.name), **ranges.get(f.name, int_range))
+    elif hints[f.name] is float:
+      check_float(f"--{f.name}", getattr(args, f.name), **ranges.get(f.name, float_range))
+  return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def one_line(err: BaseException) -> str:
   """``err``'s message on one line (its type's name when it has none)."""
   text = " ".join(str(err).split())

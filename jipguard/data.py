@@ -20,6 +20,7 @@ Everything returned is host numpy: images float32 NHWC in [0, 1], labels int32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import gzip
 import importlib.resources
@@ -512,21 +513,29 @@ def _load_idx_dir(path: str, split: str) -> Dataset:
   return Dataset(images, labels, num_classes, os.path.basename(os.path.normpath(path)), f"IDX files in {path}")
 
 
+def read_npz(path: str | os.PathLike, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """The arrays of an ``.npz`` file (those named in ``keys``, or all), without pickles.
+
+  Raises:
+    DataError: The file is missing, truncated or corrupt, or a plain ``.npy``, naming it.
+  """
+  try:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz archive")
+    with z:
+      return {k: z[k] for k in z.files if keys is None or k in keys}
+  except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+    raise DataError(f"{path}: cannot read npz file ({type(err).__name__}: {err})") from err
+
+
 def _load_npz(path: str, split: str) -> Dataset:
   if os.path.isdir(path):
     found = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
     if len(found) != 1:
       raise DataError(f"{path}: holds {len(found)} .npz files {found}; pass one file's path")
     path = os.path.join(path, found[0])
-  keys = ("x_train", "y_train", "x_test", "y_test", "images", "labels", SANITIZED_KEY)
-  try:
-    z = np.load(path, allow_pickle=False)
-    if not isinstance(z, np.lib.npyio.NpzFile):
-      raise ValueError("a single .npy array, not an .npz archive")
-    with z:
-      arrays = {k: z[k] for k in z.files if k in keys}
-  except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
-    raise DataError(f"{path}: cannot read npz file ({type(err).__name__}: {err})") from err
+  arrays = read_npz(path, ("x_train", "y_train", "x_test", "y_test", "images", "labels", SANITIZED_KEY))
   if f"x_{split}" in arrays and f"y_{split}" in arrays:
     images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
   elif "images" in arrays and "labels" in arrays and split == "train":

@@ -9,9 +9,7 @@ Each study takes one flag per field of its config, with the config's default.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 
 from jipguard import cli
 from jipguard.fingerprint import collusion, studies
@@ -55,13 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{decision.status}: {decision.message}")
     return 0
   cls, run, _ = STUDIES[a.cmd]
-  hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):  # Seeds, counts and rates are non-negative and finite; the config checks more.
-    if hints[f.name] is int:
-      cli.check_int(f"--{f.name}", getattr(a, f.name), lo=0)
-    elif hints[f.name] is float:
-      cli.check_float(f"--{f.name}", getattr(a, f.name), lo=0)
-  cfg = cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})  # ValueError names the flag.
+  # Seeds, counts and rates are non-negative and finite; the config checks more (ValueError names the flag).
+  cfg = cli.config_from_flags(a, cls)
   if a.print_config:
     return cli.print_config(cfg)
   workdir = a.workdir or os.path.join("runs", f"fp-{a.cmd}-s{cfg.seed}")

@@ -140,7 +140,7 @@ def config_to_json(cfg: IPProtectConfig, *, anchor_salt: str | None = None) -> d
 
 
 def _seed_commitment(seed: int, salt_hex: str) -> str:
-  return hashlib.scrypt(str(seed).encode(), salt=bytes.fromhex(salt_hex), n=2**14, r=8, p=1, dklen=32).hex()
+  return sanitizer.seed_digest(seed, bytes.fromhex(salt_hex)).hex()
 
 
 def config_from_json(d: dict[str, Any]) -> IPProtectConfig:

@@ -187,11 +187,17 @@ def anchor_secret(seed: int | None = None) -> bytes:
   return _secret_from_seed(seed)
 
 
-@functools.lru_cache(maxsize=16)
-def _secret_from_seed(seed: int) -> bytes:
+def seed_digest(seed: int, salt: bytes) -> bytes:
+  """scrypt(seed, salt): 32 bytes, slow to search (the anchor secret of a given seed with a fixed
+  salt; with a random salt, config.json's commitment to that seed)."""
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     raise ValueError(f"anchor seed must be a non-negative integer, got {seed!r}")
-  return hashlib.scrypt(str(seed).encode(), salt=_SEED_SALT, n=2**14, r=8, p=1, dklen=ANCHOR_SECRET_BYTES)
+  return hashlib.scrypt(str(seed).encode(), salt=salt, n=2**14, r=8, p=1, dklen=ANCHOR_SECRET_BYTES)
+
+
+@functools.lru_cache(maxsize=16)
+def _secret_from_seed(seed: int) -> bytes:
+  return seed_digest(seed, _SEED_SALT)
 
 
 def _as_secret(secret: bytes | int) -> bytes:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import typing
-import zipfile
 
 import jax
 import numpy as np
@@ -88,14 +87,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def _study_config(a: argparse.Namespace) -> studies.StudyConfig:
   """The study's config from its flags, each checked against its allowed range first."""
-  cls = studies.STUDIES[a.cmd]
-  hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):
-    if hints[f.name] is int:
-      jcli.check_int(f"--{f.name}", getattr(a, f.name), **_RANGES.get(f.name, dict(lo=1)))
-    elif hints[f.name] is float:
-      jcli.check_float(f"--{f.name}", getattr(a, f.name), **_RANGES.get(f.name, {}))
-  return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
+  return jcli.config_from_flags(a, studies.STUDIES[a.cmd], ranges=_RANGES, int_range=dict(lo=1), float_range={})
 
 
 def default_workdir(cfg: studies.StudyConfig) -> str:
@@ -120,11 +112,7 @@ def cmd_mark(a: argparse.Namespace) -> int:
   if not a.output.endswith(".npz"):
     raise jcli.FlagError(f"--output must name an .npz file, got {a.output!r}")
   if a.input.endswith(".npz") and os.path.isfile(a.input):
-    try:
-      with np.load(a.input, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as err:
-      raise data.DataError(f"{a.input}: cannot read npz file ({type(err).__name__}: {err})") from err
+    arrays = data.read_npz(a.input)
     key = "images" if "images" in arrays else "x_train"
     if key not in arrays:
       raise data.DataError(f"{a.input}: expected an 'images' (or 'x_train') array, found {sorted(arrays)}")
