@@ -16,7 +16,9 @@ Sets (``CONDITIONS``; all images uint8 before training):
   its own target: the identity plus the LSB payload), ``mrit_other`` (mRIT towards the clean
   image that FSP targeted, of another class: block scrambling without FSP);
 * countermeasures on the protected images: ``jpeg<q>`` (Pillow), ``blur`` (Gaussian, radius 1),
-  ``grayscale`` (colour sets only).
+  ``grayscale`` (colour sets only). Their models are tested on the clean test images and, as a
+  user who squeezes the training images would also squeeze the inputs, on the test images with
+  the same countermeasure applied (``test_accuracy_squeezed_test``).
 
 The run directory (``docs/authorization.md``): ``config.json``, ``key.json`` (0600, the secret
 key; never printed), ``sets.npz`` (the FSP and protected sets, sidecar, targets: a finished
@@ -357,6 +359,13 @@ def train_all(
       "test_accuracy": float(np.mean(test_acc)),
       "test_accuracy_std": float(np.std(test_acc)),
     }
+    if c not in CONDITIONS:
+      # A user who squeezes the training images may squeeze the inputs at test time too
+      # (grayscale above all: a model trained on grey images meets colour ones otherwise).
+      squeezed = countermeasure(c, fsp.to_uint8(test.images)).astype(np.float32) / 255
+      out[c]["test_accuracy_squeezed_test"] = float(
+        np.mean([ensemble.accuracy(model, result.state.member(i).variables, squeezed, test.labels)[0] for i in members])
+      )
   return out
 
 
@@ -412,16 +421,18 @@ def report(cfg: StudyConfig, workdir: str, acc: dict[str, dict[str, float]], sta
     {
       "countermeasure": c,
       "test_acc_%": _pct(acc[c]["test_accuracy"]),
+      "squeezed_test_acc_%": _pct(acc[c]["test_accuracy_squeezed_test"]),
       "protected_%": _pct(acc["protected"]["test_accuracy"]),
       "clean_%": _pct(acc["clean"]["test_accuracy"]),
     }
     for c in cms
   ]
+  cm_cols = ["countermeasure", "test_acc_%", "squeezed_test_acc_%", "protected_%", "clean_%"]
   rundir.write_table(
     os.path.join(workdir, "countermeasures"),
     cm_rows,
-    ["countermeasure", "test_acc_%", "protected_%", "clean_%"],
-    title="Countermeasures applied to the protected training images",
+    cm_cols,
+    title="Countermeasures applied to the protected training images (squeezed_test: and to the test images)",
   )
   lines = [
     "# Dataset authorization control: study",
@@ -435,7 +446,7 @@ def report(cfg: StudyConfig, workdir: str, acc: dict[str, dict[str, float]], sta
     rundir.markdown_table(abl, ["set", "train_acc_%", "test_acc_%"]),
     "## Countermeasures",
     "",
-    rundir.markdown_table(cm_rows, ["countermeasure", "test_acc_%", "protected_%", "clean_%"]) if cm_rows else "none\n",
+    rundir.markdown_table(cm_rows, cm_cols) if cm_rows else "none\n",
     "## Images",
     "",
     rundir.markdown_table([{"quantity": k, "value": v} for k, v in stats.items()], ["quantity", "value"]),

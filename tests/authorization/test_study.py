@@ -29,6 +29,7 @@ def test_run_directory(finished):
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["epoch"] for r in rows] == list(range(1, SMOKE["epochs"] + 1))
   assert set(m["accuracy"]) == {*study.CONDITIONS, "jpeg50"}
+  assert 0 < m["accuracy"]["jpeg50"]["test_accuracy_squeezed_test"] <= 1
 
 
 def test_exact_restoration_and_the_lsb_bound(finished):
