@@ -636,3 +636,24 @@ def test_penalty_is_per_member_and_vmapped_equals_alone(per_pass, tmp_path):
     trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False, penalty_data=targets[:2])
   with pytest.raises(ValueError, match="without a penalty"):
     _trainer().fit(keys, x, y, indices=indices, epochs=1, progress=False, penalty_data=targets)
+
+
+def test_conv_predict_chunks_by_member_images_and_keeps_the_logits(monkeypatch):
+  """Conv members are predicted in chunks of at most CONV_MEMBER_IMAGES_PER_CHUNK / M images
+  (here 3 images for M=2, so 7 images take 3 padded chunks); the logits equal one pass."""
+  from jipguard.ensemble import members  # noqa: PLC0415 (the module whose constant is patched)
+
+  model = models.get_model("cnn", 10).clone(widths=(4, 8), dense=16)
+  trainer = ensemble.EnsembleTrainer(model, optax.sgd(0.1), batch_size=4)
+  x = np.random.default_rng(0).random((7, 8, 8, 3), dtype=np.float32)
+  state = trainer.init(jax.random.split(jax.random.key(0), 2), x)
+  full = ensemble.apply(model, state.variables, jnp.asarray(x))
+  monkeypatch.setattr(members, "CONV_MEMBER_IMAGES_PER_CHUNK", 6)
+  seen, inner = [], members._predict
+  monkeypatch.setattr(
+    members, "_predict", lambda *a, batch_size: seen.append(batch_size) or inner(*a, batch_size=batch_size)
+  )
+  chunked = ensemble.predict(model, state.variables, x)
+  assert seen == [3]
+  np.testing.assert_allclose(chunked, full, atol=1e-5)
+  assert chunked.shape == (2, 7, 10)
