@@ -125,4 +125,4 @@ def test_keygen_never_overwrites_and_study_flags_are_checked(owner, capsys):
   _one_error(capsys, "no_such_set")
   assert not (root / "w").exists()
   assert cli.main(["study", "--preset", "smoke", "--print_config"]) == 0
-  assert '"train_size": 256' in capsys.readouterr().out
+  assert '"epsilon": 0.15' in capsys.readouterr().out
