@@ -37,7 +37,7 @@ def test_tables_writes_its_run_directory(tmp_path):
   ("flags", "needle"),
   [
     (["--num_owners", "2"], "--num_owners"),
-    (["--attacks", "attack7"], "--attacks"),
+    (["--attacks", "attack9"], "--attacks"),
     (["--weights", "a,b"], "--weights"),
     (["--lr_model", "2"], "--lr_model"),
     (["--dataset", "nope"], "nope"),
