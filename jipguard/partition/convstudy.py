@@ -21,10 +21,12 @@ DataError names what is missing), or any path ``data.load`` reads.
 
 Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one row per epoch of each
 setting, one per attack and setting), ``table.md/.csv`` (accuracy, then MSE / SSIM / reprint
-accuracy per attack, setting and split point), ``reconstructions_<split>.png`` (originals, then
-the first attack's reconstructions per setting), ``fingerprint_projection.json`` (the secret X,
-mode 0600), ``settings/<split>_<setting>.npz`` (finished settings; a rerun loads them),
-``report.md`` and, last, ``metrics.json``.
+accuracy per attack, setting and split point), ``fig4.png`` (the paper's Fig. 4: accuracy,
+reprint accuracy, MSE and SSIM of the best attack per split point and setting),
+``reconstructions_<split>.png`` (originals, then the first attack's reconstructions per
+setting), ``fingerprint_projection.json`` (the secret X's seed and F, mode 0600),
+``settings/<split>_<setting>.npz`` (finished settings; a rerun loads them), ``report.md`` and,
+last, ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -265,6 +267,37 @@ def _fingerprint(cfg: ConvStudyConfig, workdir: str, num_classes: int, x: np.nda
   return rng.standard_normal((cfg.fingerprint_bits, p)).astype(np.float32), f_L
 
 
+def figure4(path: str, metrics: dict[str, Any]) -> None:
+  """Fig. 4 of the paper from ``metrics.json``'s content: per split point and setting, (a) model
+  accuracy, (b) reprint accuracy, (c) MSE and (d) SSIM of the best attack (the lowest MSE)."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (plotting only here)
+
+  splits = list(metrics["accuracy"])
+  settings = [s for s in SETTINGS if s in metrics["accuracy"][splits[0]]]
+  best = {
+    (at, s): min((r[s] for r in metrics["attacks"][at].values()), key=lambda m: m["mse"])
+    for at in splits
+    for s in settings
+  }
+  panels = [
+    ("(a) model accuracy %", lambda at, s: 100 * metrics["accuracy"][at][s]),
+    ("(b) reprint accuracy %", lambda at, s: 100 * best[at, s]["reprint_accuracy"]),
+    ("(c) MSE, best attack", lambda at, s: best[at, s]["mse"]),
+    ("(d) SSIM, best attack", lambda at, s: best[at, s]["ssim"]),
+  ]
+  fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+  width = 0.8 / len(settings)
+  for ax, (title, value) in zip(axes, panels):
+    for k, s in enumerate(settings):
+      ax.bar(np.arange(len(splits)) + k * width, [value(at, s) for at in splits], width, label=s)
+    ax.set_xticks(np.arange(len(splits)) + width * (len(settings) - 1) / 2, splits)
+    ax.set_title(title, fontsize=9)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  rundir.save_figure(fig, path)
+  plt.close(fig)
+
+
 def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """Runs the study into ``workdir`` (see the module docstring); returns metrics.json's content."""
   train, test = load(cfg)  # Bad data fail before the run directory exists.
@@ -339,9 +372,11 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
     f"(mu {cfg.fingerprint_weight}); its bit errors are read from the remote Dense_0 kernel (the projection is "
     "in fingerprint_projection.json, mode 0600).\n",
     open(os.path.join(workdir, "table.md")).read(),
+    "![Fig. 4](fig4.png)\n",
     *[f"![{at}](reconstructions_{at}.png)\n" for at in cfg.split_list()],
   ]
   rundir.write_text(os.path.join(workdir, "report.md"), "\n".join(report))
   metrics["elapsed_s"] = elapsed
+  figure4(os.path.join(workdir, "fig4.png"), metrics)
   rundir.write_json(os.path.join(workdir, "metrics.json"), metrics)
   return metrics
