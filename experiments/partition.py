@@ -12,11 +12,11 @@ Examples (times on a shared 2-core CPU):
 
   # The conv settings: the LFW CNN (width 1/4) split at pool1, pool2 and pool3 on 32x32 colour
   # Fashion-MNIST (offline), 4 owners, no / single defender and a fingerprinted single one, a
-  # mirror and a dense inverse network and the optimisation attack (~35 min, loaded machine).
+  # mirror and a dense inverse network and the optimisation attack (55 min on the loaded machine).
   jipguard partition conv --workdir runs/partition-conv
   # VGG-19-BN (width 1/8) at pool2, as the paper's CIFAR-10 setting; --dataset cifar10 reads tfds.
   jipguard partition conv --preset vgg --workdir runs/partition-conv-vgg
-  # CI-sized conv run (the LFW CNN on 16x16 images, all four settings).
+  # CI-sized conv run (the LFW CNN on 16x16 images, all four settings; ~100 s).
   jipguard partition conv --preset smoke --workdir runs/partition-conv-smoke
 
 Expected: with no defender every inverse network reconstructs well (MSE ~0.02-0.04, SSIM ~0.4-0.6);
