@@ -413,6 +413,25 @@ def train_test_split(ds: Dataset, test_fraction: float, key) -> tuple[Dataset, D
   return ds.subset(train_idx), ds.subset(test_idx)
 
 
+def colourise(images_NxHxWx1: np.ndarray, seed: int, size: int = 32) -> np.ndarray:
+  """Grey images padded to ``size`` x ``size`` and tinted: ``g * fg + (1 - g) * bg`` with a random
+  bright foreground and dark background colour per image (a coloured Fashion-MNIST, an offline
+  32x32x3 colour set). float32 in [0, 1]; deterministic in ``seed``.
+
+  Raises:
+    ValueError: Images larger than ``size``.
+  """
+  x = np.asarray(images_NxHxWx1, np.float32)
+  ph, pw = size - x.shape[1], size - x.shape[2]
+  if ph < 0 or pw < 0:
+    raise ValueError(f"cannot pad {x.shape[1:3]} images to {size}x{size}")
+  x = np.pad(x, [(0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)])
+  rng = np.random.default_rng(seed)
+  fg = rng.uniform(0.5, 1.0, (len(x), 1, 1, 3)).astype(np.float32)
+  bg = rng.uniform(0.0, 0.35, (len(x), 1, 1, 3)).astype(np.float32)
+  return x * fg + (1 - x) * bg
+
+
 # Helpers. ------------------------------------------------------------------------------------
 
 

@@ -164,18 +164,7 @@ PRESETS = {
 # --------------------------------------------------------------------------------- data
 
 
-def colourise(images_NxHxWx1: np.ndarray, seed: int, size: int = 32) -> np.ndarray:
-  """Grey images padded to ``size`` x ``size`` and tinted: ``g * fg + (1 - g) * bg`` with a random
-  bright foreground and dark background colour per image (a coloured Fashion-MNIST)."""
-  x = np.asarray(images_NxHxWx1, np.float32)
-  ph, pw = size - x.shape[1], size - x.shape[2]
-  if ph < 0 or pw < 0:
-    raise ValueError(f"cannot pad {x.shape[1:3]} images to {size}x{size}")
-  x = np.pad(x, [(0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)])
-  rng = np.random.default_rng(seed)
-  fg = rng.uniform(0.5, 1.0, (len(x), 1, 1, 3)).astype(np.float32)
-  bg = rng.uniform(0.0, 0.35, (len(x), 1, 1, 3)).astype(np.float32)
-  return x * fg + (1 - x) * bg
+colourise = data.colourise  # Grey images padded to 32x32 and tinted per image (the ground floor's).
 
 
 def load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:

@@ -5,15 +5,18 @@ local part of the model, passes its images through a private adversarial defende
 only hidden states; the server trains the rest. The attacks test how much of the images the
 uploaded states still reveal.
 
-* ``split``: a ``models.MLP`` split at a named layer into local and remote parts whose
-  composition is the unsplit model bit for bit (the paper's 5-layer, 900-unit MNIST network).
-* ``networks``: the dense decoders: the defender designs and the inverse-network attacks.
+* ``split``: a ``models.MLP`` (the paper's 5-layer, 900-unit MNIST network) or a staged
+  :class:`ConvNet` (the LFW CNN, VGG-19-BN) split at a named layer / pool into local and remote
+  parts whose composition is the unsplit model bit for bit.
+* ``networks``: the decoders: the defender designs and the inverse-network attacks (dense,
+  Attack_7's 1-D deconvolution, and the conv mirrors of a local part).
 * ``defense``: Algorithm 1 with per-owner defenders (our reading of Eq. 3, with the defender
   weight lambda), each design's owners one stacked ensemble; accuracy of the deployed pipeline.
 * ``attacks``: the inverse-network attack (one design's attackers one ensemble), the
   optimisation attack, and MSE / SSIM / reprint accuracy.
 * ``study``: the Table I / II study (no / single / multiple defenders, a defender-weight sweep);
-  ``cli``: ``jipguard partition``.
+  ``convstudy``: the conv settings (a conv net split at pool1 / pool2 / pool3, with a
+  fingerprinted setting); ``cli``: ``jipguard partition``.
 
 Shape suffixes (``h_MxNxD``):
 
@@ -25,36 +28,58 @@ Shape suffixes (``h_MxNxD``):
 | S | images of one owner's share |
 | T | rounds (steps) of an epoch |
 | M | stacked members: owners of one defender design, or targets of one attack design |
-| D | the hidden state's width (the local part's output) |
+| D | the hidden state's width (the local part's output; a conv part's is H x W x C) |
 | H, W, C | image height, width, channels |
 | K | classes (logits) |
 """
 
 from jipguard.partition.attacks import InverseConfig, invert, optimisation_attack, reconstruction_metrics, train_inverse
 from jipguard.partition.defense import DefenseConfig, Trained, accuracy, obfuscate, train, uploaded_states
-from jipguard.partition.networks import ATTACKS, DEFENDERS, MULTIPLE, Decoder
-from jipguard.partition.split import Split, compose, merge_params, paper_mlp, split_model, split_params
+from jipguard.partition.networks import ATTACKS, CONV_ATTACKS, CONV_DEFENDERS, DEFENDERS, MULTIPLE, ConvDecoder, Decoder
+from jipguard.partition.split import (
+  ConvNet,
+  Split,
+  build,
+  compose,
+  lfw_cnn,
+  merge_params,
+  merge_variables,
+  paper_mlp,
+  split_model,
+  split_params,
+  split_variables,
+  vgg19_bn,
+)
 
 __all__ = [
   "ATTACKS",
+  "CONV_ATTACKS",
+  "CONV_DEFENDERS",
   "DEFENDERS",
   "MULTIPLE",
+  "ConvDecoder",
+  "ConvNet",
   "Decoder",
   "DefenseConfig",
   "InverseConfig",
   "Split",
   "Trained",
   "accuracy",
+  "build",
   "compose",
   "invert",
+  "lfw_cnn",
   "merge_params",
+  "merge_variables",
   "obfuscate",
   "optimisation_attack",
   "paper_mlp",
   "reconstruction_metrics",
   "split_model",
   "split_params",
+  "split_variables",
   "train",
   "train_inverse",
   "uploaded_states",
+  "vgg19_bn",
 ]

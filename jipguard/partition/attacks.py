@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from jipguard import ensemble
-from jipguard.partition import networks
+from jipguard.partition import networks, split
 
 PyTree = Any
 
@@ -51,7 +51,12 @@ class InverseConfig:
 
 def _local_states(local, local_params_M, x_NxHxWxC):
   """``h_MxNxD``: each target's local part on the auxiliary images."""
-  return jax.vmap(lambda p: local.apply({"params": p}, x_NxHxWxC))(local_params_M)
+  return jax.vmap(lambda p: local.apply(split.as_variables(p), x_NxHxWxC))(local_params_M)
+
+
+def _unroll(decoder) -> bool:
+  """Conv decoders' members step one by one on the CPU backend (see ``ensemble.members.apply``)."""
+  return isinstance(decoder, networks.ConvDecoder) and jax.default_backend() == "cpu"
 
 
 def _inverse_step(state, h_BxD, x_B, key, *, decoder, tx):
@@ -77,7 +82,9 @@ def _inverse_epoch(state, h_MxNxD, x_NxHxWxC, key, *, decoder, tx, batch_size):
   def body(state, t):
     idx = order[t]
     keys = jax.random.split(jax.random.fold_in(dropout_key, t), h_MxNxD.shape[0])
-    state, loss = jax.vmap(step, in_axes=(0, 0, None, 0))(state, h_MxNxD[:, idx], x_NxHxWxC[idx], keys)
+    state, loss = ensemble.members.map_members(
+      lambda s, h, k: step(s, h, x_NxHxWxC[idx], k), state, h_MxNxD[:, idx], keys, unroll=_unroll(decoder)
+    )
     return state, loss
 
   state, loss_TxM = jax.lax.scan(body, state, jnp.arange(steps))
@@ -85,9 +92,10 @@ def _inverse_epoch(state, h_MxNxD, x_NxHxWxC, key, *, decoder, tx, batch_size):
 
 
 def train_inverse(
-  decoder: networks.Decoder, local, local_params_M: PyTree, x_aux: np.ndarray, cfg: InverseConfig = InverseConfig()
+  decoder, local, local_params_M: PyTree, x_aux: np.ndarray, cfg: InverseConfig = InverseConfig()
 ) -> tuple[ensemble.EnsembleState, list[np.ndarray]]:
-  """M inverse networks of one design, member m on ``(f_l(local_params_M[m], x_aux), x_aux)``.
+  """M inverse networks of one design, member m on ``(f_l(local_params_M[m], x_aux), x_aux)``
+  (``local_params_M``: the stacked local parts' variables, or an MLP's bare params).
 
   Returns:
     The stacked decoders, and each epoch's training MSE per member (M floats).
@@ -113,9 +121,11 @@ def train_inverse(
 
 
 @functools.partial(jax.jit, static_argnames=("decoder",))
-def invert(decoder: networks.Decoder, params_M: PyTree, h_MxNxD: jax.Array) -> jax.Array:
+def invert(decoder, params_M: PyTree, h_MxNxD: jax.Array) -> jax.Array:
   """Member m's reconstruction of target m's states: ``x_hat_MxNxHxWxC``."""
-  return jax.vmap(lambda p, h: decoder.apply({"params": p}, h))(params_M, h_MxNxD)
+  return ensemble.members.map_members(
+    lambda p, h: decoder.apply({"params": p}, h), params_M, h_MxNxD, unroll=_unroll(decoder)
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("local", "image_shape", "steps"))
@@ -140,7 +150,8 @@ def optimisation_attack(
 
   def loss(z):
     x = jax.nn.sigmoid(z)
-    fit = jnp.mean((local.apply({"params": local_params}, x) - h_NxD) ** 2, axis=-1)
+    h = local.apply(split.as_variables(local_params), x)
+    fit = jnp.mean(((h - h_NxD) ** 2).reshape(h.shape[0], -1), axis=-1)
     tv = jnp.mean(jnp.abs(jnp.diff(x, axis=1)), axis=(1, 2, 3)) + jnp.mean(jnp.abs(jnp.diff(x, axis=2)), axis=(1, 2, 3))
     return jnp.sum(fit + tv_weight * tv)
 

@@ -16,11 +16,11 @@ Our reading of section III and Algorithm 1 (docs/partition.md, "Reading of Eq. 3
 
   ``u = 0`` is Eq. 3 as printed (scaled by lambda); ``u = 1`` (default) keeps x' classifiable.
   The distance d is the per-pixel MSE (the paper names MSE and SSIM; MSE is the one we train on).
-* The server's step (Algorithm 1, "for the server") updates ``Theta = {Theta_l, Theta_r}`` on the
-  owners' obfuscated batches by Eq. 1 (cross-entropy) plus an optional penalty on the remote
-  part (Eq. 27's fingerprint term: ``penalty(remote_params, penalty_data)``, the signature of
-  ``fingerprint.Penalty``). The obfuscated samples are data to it: no gradient reaches the
-  defenders (``stop_gradient``).
+* The server's step (Algorithm 1, "for the server") updates ``Theta = {Theta_l, Theta_r}`` (and
+  a conv net's batch statistics) on the owners' obfuscated batches by Eq. 1 (cross-entropy)
+  plus an optional penalty on the remote part (Eq. 27's fingerprint term:
+  ``penalty(remote_params, penalty_data)``, the signature of ``fingerprint.Penalty``). The
+  obfuscated samples are data to it: no gradient reaches the defenders (``stop_gradient``).
 * One round (Algorithm 1's loop body) is: every owner samples a batch and takes one defender step
   with the current Theta; the server takes one step on the union of the new obfuscated batches.
   An epoch is ``S // B`` rounds, S each owner's samples, B the batch per owner.
@@ -34,6 +34,12 @@ leading owner axis; their step vmapped): owner o's defender initialises from
 ``fold_in(defender_key, o)``, so grouping owners differently gives the same defenders
 (tests/partition/test_defense.py). With no design (``designs=()``) x' = x: the undefended
 baseline, trained by the same code.
+
+The same code trains the conv settings (``arch`` ``"lfw_cnn"`` / ``"vgg19_bn"``, split at a
+stage ``"pool1"`` ..; designs of ``networks.CONV_DEFENDERS``, mirrors of the local part). There
+the owners of a design are stepped one after another inside the compiled round (on the CPU
+backend) instead of vmapped: vmapped per-member convolutions become grouped convolutions, which
+XLA:CPU runs several times slower (see ``ensemble.members.apply``); both give the same result.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ import numpy as np
 import optax
 import tqdm
 
-from jipguard import ensemble, models
+from jipguard import ensemble
 from jipguard.partition import networks, split
 
 PyTree = Any
@@ -63,6 +69,8 @@ class DefenseConfig:
   """
 
   designs: tuple[str, ...] = ()  # Defender designs dealt to owners in turn (): none; ("single",); networks.MULTIPLE.
+  arch: str = "mlp"  # The network (split.ARCHS): the MNIST MLP, the LFW CNN or VGG-19-BN.
+  width: float = 1.0  # Channel multiplier of a conv arch (1: the architecture as defined in split.py).
   num_owners: int = 20  # Data owners N (the paper's multiple-defender setting: 20).
   defender_weight: float = 1.0  # lambda, the weight of Eq. 3's privacy term (Table I sweeps it).
   utility_weight: float = 1.0  # u, the weight of the model's loss in the defender's loss (0: Eq. 3 as printed).
@@ -72,14 +80,19 @@ class DefenseConfig:
   lr_model: float = 3e-4  # Adam learning rate of Theta (the paper: 1e-4 over 600 epochs).
   lr_defender: float = 1e-3  # Adam learning rate of the defenders (the paper: 1e-3).
   hidden: tuple[int, ...] = split.PAPER_HIDDEN  # Hidden widths of the MLP (the paper: four of 900).
-  split_at: str = split.PAPER_SPLIT  # Last local layer (the paper: the second).
-  dropout: float = split.PAPER_DROPOUT  # Dropout of the MLP (the paper: 0.15).
+  split_at: str = split.PAPER_SPLIT  # Last local layer (MLP: Dense_1, the paper's second) or stage (conv: pool1..).
+  dropout: float = split.PAPER_DROPOUT  # Dropout of the dense layers (the paper: MLP 0.15).
   seed: int = 0  # Seeds the model, the defenders, the owners' shares and batches.
 
   def __post_init__(self):
+    if self.arch not in split.ARCHS:
+      raise ValueError(f"arch: unknown architecture {self.arch!r}; choose from {split.ARCHS}")
+    known = networks.DEFENDERS if self.arch == "mlp" else networks.CONV_DEFENDERS
     for name in self.designs:
-      if name not in networks.DEFENDERS:
-        raise ValueError(f"designs: unknown defender {name!r}; choose from {sorted(networks.DEFENDERS)}")
+      if name not in known:
+        raise ValueError(f"designs: unknown defender {name!r} for {self.arch}; choose from {sorted(known)}")
+    if not 0 < self.width <= 8:
+      raise ValueError(f"width must be in (0, 8], got {self.width}")
     if self.num_owners < 1 or self.num_owners < len(self.designs):
       raise ValueError(f"num_owners must be >= 1 and >= the number of designs, got {self.num_owners}")
     if not (self.defender_weight >= 0 and self.utility_weight >= 0):
@@ -105,54 +118,74 @@ class Trained:
   Attributes:
     config: The run's configuration.
     split: The local and remote parts.
-    params: Theta, the unsplit MLP's params.
+    variables: Theta, the unsplit model's Flax variables (``params``, and a conv net's ``batch_stats``).
     defenders: One ``EnsembleState`` per group (owners in :meth:`DefenseConfig.groups` order).
     history: One dict per epoch (``epoch``, ``loss``, ``privacy_mse``).
   """
 
   config: DefenseConfig
   split: split.Split
-  params: PyTree
+  variables: PyTree
   defenders: tuple[ensemble.EnsembleState, ...]
   history: list[dict[str, Any]]
 
   @property
+  def params(self) -> PyTree:
+    """Theta's parameters (an MLP's: ``Dense_0 ..``)."""
+    return self.variables["params"]
+
+  @property
+  def local_variables(self) -> PyTree:
+    """The local part's Flax variables."""
+    return split.split_variables(self.split, self.variables)[0]
+
+  @property
   def local_params(self) -> PyTree:
-    return split.split_params(self.params, self.split.num_local)[0]
+    """The local part's parameters."""
+    return self.local_variables["params"]
 
 
-def _forward(net: split.Split, params, x, *, train=False, key=None):
-  """``f_r(f_l(x))`` of the unsplit ``params`` (dropout from ``key`` in training mode)."""
-  local, remote = split.split_params(params, net.num_local)
-  k1, k2 = (None, None) if key is None else jax.random.split(key)
-  h = net.local.apply({"params": local}, x, train=train, rngs={} if k1 is None else {"dropout": k1})
-  return net.remote.apply({"params": remote}, h, train=train, rngs={} if k2 is None else {"dropout": k2})
+def _forward(net: split.Split, variables, x, *, train=False, key=None):
+  """``f_r(f_l(x))`` of the unsplit model's ``variables``: logits in inference mode; in training
+  mode (dropout from ``key``, batch statistics of this batch) ``(logits, new batch_stats)``."""
+  local, remote = split.split_variables(net, variables)
+  if not train:
+    return net.remote.apply(remote, net.local.apply(local, x))
+  k1, k2 = jax.random.split(key)
+  h, local_stats = net.local.apply(local, x, train=True, rngs={"dropout": k1}, mutable=["batch_stats"])
+  logits, remote_stats = net.remote.apply(remote, h, train=True, rngs={"dropout": k2}, mutable=["batch_stats"])
+  return logits, split.merge_variables(net, dict(local_stats), dict(remote_stats))
 
 
-def defender_loss(dec_params, model_params, x, y, *, net, decoder, weight, utility):
+def defender_loss(dec_params, model_variables, x, y, *, net, decoder, weight, utility):
   """``(L_d, privacy MSE)`` of one owner's batch (the model frozen, inference mode)."""
-  local = split.split_params(model_params, net.num_local)[0]
-  h = net.local.apply({"params": local}, x)
+  local = split.split_variables(net, model_variables)[0]
+  h = net.local.apply(local, x)
   x_obf = decoder.apply({"params": dec_params}, h)
   priv = jnp.mean((x_obf - x) ** 2)
-  util = optax.softmax_cross_entropy_with_integer_labels(_forward(net, model_params, x_obf), y).mean()
+  util = optax.softmax_cross_entropy_with_integer_labels(_forward(net, model_variables, x_obf), y).mean()
   return utility * util - weight * priv, priv
 
 
-def defender_step(state: ensemble.EnsembleState, model_params, x, y, *, net, decoder, tx, weight, utility):
+def defender_step(state: ensemble.EnsembleState, model_variables, x, y, *, net, decoder, tx, weight, utility):
   """One owner's defender step (Algorithm 1, step 2): ``(state, x', privacy MSE)``, x' made by the
-  updated defender (step 3). Vmapped over the owners of a design."""
+  updated defender (step 3). Mapped over the owners of a design."""
   loss = functools.partial(defender_loss, net=net, decoder=decoder, weight=weight, utility=utility)
-  (_, priv), grads = jax.value_and_grad(loss, has_aux=True)(state.params, model_params, x, y)
+  (_, priv), grads = jax.value_and_grad(loss, has_aux=True)(state.params, model_variables, x, y)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  local = split.split_params(model_params, net.num_local)[0]
-  x_obf = decoder.apply({"params": params}, net.local.apply({"params": local}, x))
+  local = split.split_variables(net, model_variables)[0]
+  x_obf = decoder.apply({"params": params}, net.local.apply(local, x))
   return dataclasses.replace(state, params=params, opt_state=opt_state), x_obf, priv
 
 
+def _unroll(net: split.Split) -> bool:
+  """Step a conv design's owners one by one on the CPU backend (module docstring)."""
+  return net.is_conv and jax.default_backend() == "cpu"
+
+
 def _round(
-  params, opt_state, defenders, x_OxB, y_OxB, key, penalty_data, warmup, *, net, groups, tx, tx_d, cfg, penalty
+  variables, opt_state, defenders, x_OxB, y_OxB, key, penalty_data, warmup, *, net, groups, tx, tx_d, cfg, penalty
 ):
   """One round of Algorithm 1: every owner's defender step, then the server's step (on the clean
   batch in a warm-up round, when the defenders still step but their images are not used)."""
@@ -160,7 +193,7 @@ def _round(
   privs = []
   new_defenders = []
   for (name, owners), state in zip(groups, defenders):
-    decoder = networks.defender(name, x_OxB.shape[2:])
+    decoder = networks.defender(name, x_OxB.shape[2:], net.local)
     step = functools.partial(
       defender_step,
       net=net,
@@ -170,7 +203,9 @@ def _round(
       utility=cfg.utility_weight,
     )
     idx = np.asarray(owners)
-    state, xg, priv = jax.vmap(step, in_axes=(0, None, 0, 0))(state, params, x_OxB[idx], y_OxB[idx])
+    state, xg, priv = ensemble.members.map_members(
+      lambda s, x, y, step=step: step(s, variables, x, y), state, x_OxB[idx], y_OxB[idx], unroll=_unroll(net)
+    )
     x_obf = x_obf.at[idx].set(xg)
     new_defenders.append(state)
     privs.append(priv)
@@ -179,22 +214,23 @@ def _round(
   ys = y_OxB.reshape(-1)
 
   def server_loss(p):
-    logits = _forward(net, p, xs, train=True, key=key)
+    v = {**variables, "params": p}
+    logits, stats = _forward(net, v, xs, train=True, key=key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
     if penalty is not None:
-      loss = loss + penalty(split.split_params(p, net.num_local)[1], penalty_data)
-    return loss
+      loss = loss + penalty(split.split_variables(net, v)[1]["params"], penalty_data)
+    return loss, stats
 
-  loss, grads = jax.value_and_grad(server_loss)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
+  (loss, stats), grads = jax.value_and_grad(server_loss, has_aux=True)(variables["params"])
+  updates, opt_state = tx.update(grads, opt_state, variables["params"])
+  variables = {**variables, **stats, "params": optax.apply_updates(variables["params"], updates)}
   priv = jnp.mean(jnp.concatenate(privs)) if privs else jnp.float32(0.0)
-  return params, opt_state, tuple(new_defenders), loss, priv
+  return variables, opt_state, tuple(new_defenders), loss, priv
 
 
 @functools.partial(jax.jit, static_argnames=("net", "groups", "tx", "tx_d", "cfg", "penalty"), donate_argnums=(0, 1, 2))
 def _epoch(
-  params,
+  variables,
   opt_state,
   defenders,
   images_OxS,
@@ -218,12 +254,12 @@ def _epoch(
   order = perms[:, : steps * cfg.batch_size].reshape(o, steps, cfg.batch_size).swapaxes(0, 1)  # T x O x B
 
   def body(carry, t):
-    params, opt_state, defenders = carry
+    variables, opt_state, defenders = carry
     idx = order[t]
     x = jnp.take_along_axis(images_OxS, idx.reshape(o, -1, *([1] * (images_OxS.ndim - 2))), axis=1)
     y = jnp.take_along_axis(labels_OxS, idx, axis=1)
     out = _round(
-      params,
+      variables,
       opt_state,
       defenders,
       x,
@@ -240,8 +276,9 @@ def _epoch(
     )
     return out[:3], out[3:]
 
-  (params, opt_state, defenders), (loss, priv) = jax.lax.scan(body, (params, opt_state, defenders), jnp.arange(steps))
-  return params, opt_state, defenders, loss.mean(), priv.mean()
+  carry = (variables, opt_state, defenders)
+  (variables, opt_state, defenders), (loss, priv) = jax.lax.scan(body, carry, jnp.arange(steps))
+  return variables, opt_state, defenders, loss.mean(), priv.mean()
 
 
 def owner_shares(num: int, num_owners: int, seed: int) -> np.ndarray:
@@ -271,7 +308,8 @@ def train(
     labels: Their labels.
     num_classes: Classes of the model.
     penalty: Optional extra server loss on the remote part, ``penalty(remote_params, penalty_data)``
-      (e.g. ``fingerprint.Penalty(projection, layers=("Dense_0",))``: Eq. 27 in Theta_r).
+      (e.g. ``fingerprint.Penalty(projection, layers=("Dense_0",))``: Eq. 27 in Theta_r; on a
+    conv net the remote part's first dense layer is ``Dense_0`` as well).
     penalty_data: The penalty's data (e.g. the customer's fingerprint F_j).
     progress: Show a progress bar.
     on_epoch_end: Called with each epoch's record.
@@ -286,19 +324,18 @@ def train(
   shares = owner_shares(len(images), cfg.num_owners, cfg.seed)
   if shares.shape[1] < cfg.batch_size:
     raise ValueError(f"each owner has {shares.shape[1]} images, fewer than batch_size={cfg.batch_size}")
-  model = models.MLP(num_classes=num_classes, hidden=cfg.hidden, dropout=cfg.dropout)
-  net = split.split_model(model, cfg.split_at)
+  net = split.split_model(network(cfg, num_classes), cfg.split_at)
   key = jax.random.key(cfg.seed)
   tx, tx_d = optax.adam(cfg.lr_model), optax.adam(cfg.lr_defender)
-  params = model.init(jax.random.fold_in(key, 0), images[:1])["params"]
-  opt_state = tx.init(params)
+  variables = dict(network(cfg, num_classes).init(jax.random.fold_in(key, 0), images[:1]))
+  opt_state = tx.init(variables["params"])
   groups = cfg.groups()
-  h = net.local.apply({"params": split.split_params(params, net.num_local)[0]}, images[:1])
+  h = net.local.apply(split.split_variables(net, variables)[0], images[:1])
   defenders = tuple(
     ensemble.members.init(
       jax.vmap(lambda o: jax.random.fold_in(jax.random.fold_in(key, 1), o))(jnp.asarray(owners)),
       h,
-      model=networks.defender(name, images.shape[1:]),
+      model=networks.defender(name, images.shape[1:], net.local),
       tx=tx_d,
     )
     for name, owners in groups
@@ -306,8 +343,8 @@ def train(
   x_OxS, y_OxS = jnp.asarray(images[shares]), jnp.asarray(labels[shares])
   history = []
   for epoch in tqdm.trange(cfg.epochs, desc="partition", disable=not progress, leave=False):
-    params, opt_state, defenders, loss, priv = _epoch(
-      params,
+    variables, opt_state, defenders, loss, priv = _epoch(
+      variables,
       opt_state,
       defenders,
       x_OxS,
@@ -328,7 +365,7 @@ def train(
     history.append(record)
     if on_epoch_end is not None:
       on_epoch_end(record)
-  return Trained(config=cfg, split=net, params=params, defenders=defenders, history=history)
+  return Trained(config=cfg, split=net, variables=variables, defenders=defenders, history=history)
 
 
 def obfuscate(trained: Trained, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,10 +374,9 @@ def obfuscate(trained: Trained, images: np.ndarray) -> tuple[np.ndarray, np.ndar
   x = jnp.asarray(images, jnp.float32)
   owner = np.arange(len(x)) % trained.config.num_owners
   out = np.array(x)
-  local = trained.local_params
-  h = trained.split.local.apply({"params": local}, x)
+  h = trained.split.local.apply(trained.local_variables, x)
   for (name, owners), state in zip(trained.config.groups(), trained.defenders):
-    decoder = networks.defender(name, x.shape[1:])
+    decoder = networks.defender(name, x.shape[1:], trained.split.local)
     for j, o in enumerate(owners):
       sel = np.flatnonzero(owner == o)
       if len(sel):
@@ -351,16 +387,21 @@ def obfuscate(trained: Trained, images: np.ndarray) -> tuple[np.ndarray, np.ndar
 def accuracy(trained: Trained, images: np.ndarray, labels: np.ndarray) -> float:
   """Test accuracy of the deployed pipeline: ``f(d_o(f_l(x)))`` with each image's owner's defender."""
   x_obf, _ = obfuscate(trained, images)
-  logits = _forward(trained.split, trained.params, jnp.asarray(x_obf))
+  logits = _forward(trained.split, trained.variables, jnp.asarray(x_obf))
   return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == np.asarray(labels)))
 
 
 def uploaded_states(trained: Trained, images: np.ndarray) -> np.ndarray:
   """What the server sees of ``images``: ``H' = f_l(x')`` (``f_l(x)`` with no defender), ``h_NxD``."""
   x_obf, _ = obfuscate(trained, images)
-  return np.asarray(trained.split.local.apply({"params": trained.local_params}, jnp.asarray(x_obf)))
+  return np.asarray(trained.split.local.apply(trained.local_variables, jnp.asarray(x_obf)))
 
 
 def classify(trained: Trained, images: np.ndarray) -> np.ndarray:
   """Theta's predicted classes of ``images`` as given (no defender): the reprint classifier."""
-  return np.asarray(jnp.argmax(_forward(trained.split, trained.params, jnp.asarray(images, jnp.float32)), -1))
+  return np.asarray(jnp.argmax(_forward(trained.split, trained.variables, jnp.asarray(images, jnp.float32)), -1))
+
+
+def network(cfg: DefenseConfig, num_classes: int):
+  """The unsplit network of ``cfg`` (``split.build``)."""
+  return split.build(cfg.arch, num_classes, hidden=cfg.hidden, dropout=cfg.dropout, width=cfg.width)

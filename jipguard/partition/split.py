@@ -1,4 +1,7 @@
-"""Splitting a fully connected network at a named layer into a local and a remote part.
+"""Splitting a network at a named layer into a local and a remote part.
+
+Two families split here: the fully connected ``models.MLP`` (the MNIST setting) and the staged
+conv nets :class:`ConvNet` of the LFW and CIFAR-10 settings (section VI-A2).
 
 ``models.MLP(hidden=(900,) * 4)`` is the paper's MNIST network (section VI-A1: five ReLU
 layers, 900 hidden units; ``paper_mlp``). Its dense layers are ``Dense_0 ... Dense_4``.
@@ -9,9 +12,24 @@ Splitting at ``"Dense_1"`` (the last local layer; the paper keeps the first two 
 * the remote part ``f_r`` (:class:`RemoteMLP`): the remaining hidden layers and the output
   layer, renamed from ``Dense_0`` on.
 
+A :class:`ConvNet` is a chain of stages, each convolutions then a max pool; stage i is the
+submodule ``pool{i}`` and its output the paper's partition point ``pool_i``. Splitting at
+``"pool2"`` gives the same module restricted to stages 1-2 (local, its output the hidden state
+``h_BxHxWxC``) and to stages 3.. and the dense head (remote). Both keep the unsplit model's
+submodule names, so the variables (``params`` and ``batch_stats``) split by name.
+
+* :func:`lfw_cnn`: the LFW network (conv 8x8 x2, pool1 4x4, conv 5x5 x2, pool2 3x3, conv 5x5 x2,
+  pool3 3x3, conv 5x5 x2, pool 3x3, dense 800, dropout, dense 800); every conv followed by ReLU
+  and batch norm, as printed. Channels are not printed: ``(16, 32, 64, 128) * width``. Pools
+  have stride 2 and SAME padding (with stride = window a 64x64 LFW face would be 1x1 before
+  the fourth pool).
+* :func:`vgg19_bn`: VGG-19 with batch norm (conv 3x3 -> BN -> ReLU; 2-2-4-4-4 convs of
+  64-128-256-512-512 channels, 2x2 pools) and the CIFAR-10 head ``Dense(num_classes)`` on the
+  512-vector; ``width`` multiplies every channel count (a smoke run uses 1/8).
+
 Guarantee (tests/partition/test_split.py): ``f_r(f_l(x)) == f(x)`` bit for bit, with the
-parameters split by :func:`split_params` (the same operations in the same order), and
-:func:`merge_params` inverts :func:`split_params`.
+variables split by :func:`split_variables` (:func:`split_params` for an MLP's params; the same
+operations in the same order), and :func:`merge_variables` inverts it.
 """
 
 from __future__ import annotations
@@ -22,6 +40,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jipguard import models
 
@@ -69,29 +88,147 @@ class RemoteMLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+# A conv stage: (channels of each conv, conv kernel size, pool window).
+Stage = tuple[tuple[int, ...], int, int]
+
+
+class ConvStage(nn.Module):
+  """Convolutions (each with ReLU and batch norm) then a max pool of stride 2."""
+
+  stage: Stage  # (channels per conv, kernel, pool window).
+  norm_first: bool  # conv -> BN -> ReLU (VGG) instead of conv -> ReLU -> BN (the LFW CNN as printed).
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    widths, kernel, pool = self.stage
+    for width in widths:
+      x = nn.Conv(width, (kernel, kernel), use_bias=False)(x)
+      norm = nn.BatchNorm(use_running_average=not train, momentum=0.9)
+      x = nn.relu(norm(x)) if self.norm_first else norm(nn.relu(x))
+    if pool == 2:
+      return models.max_pool(x, 2)
+    return nn.max_pool(x, (pool, pool), strides=(2, 2), padding="SAME")
+
+
+class ConvNet(nn.Module):
+  """Conv stages ``pool1, pool2, ...`` then dense layers ``Dense_0 ..`` and the output layer.
+
+  ``start`` / ``stop`` restrict the module to stages ``[start, stop)``; the dense head runs only
+  when ``stop`` is None. The unrestricted module is the whole network; a split's local and remote
+  parts are restrictions with the same submodule names.
+
+  Attributes:
+    stages: The conv stages.
+    dense: Widths of the hidden dense layers (each ReLU, then dropout).
+    num_classes: Number of output logits.
+    dropout: Dropout after each hidden dense layer in training mode.
+    norm_first: Conv -> BN -> ReLU instead of conv -> ReLU -> BN.
+    start: First stage applied.
+    stop: One past the last stage applied; None: every stage and the head.
+  """
+
+  stages: tuple[Stage, ...]
+  dense: tuple[int, ...] = ()
+  num_classes: int = 10
+  dropout: float = 0.0
+  norm_first: bool = True
+  start: int = 0
+  stop: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    last = len(self.stages) if self.stop is None else self.stop
+    for i in range(self.start, last):
+      x = ConvStage(self.stages[i], self.norm_first, name=f"pool{i + 1}")(x, train)
+    if self.stop is not None:
+      return x
+    x = x.reshape(x.shape[0], -1)
+    for j, width in enumerate(self.dense):
+      x = nn.relu(nn.Dense(width, name=f"Dense_{j}")(x))
+      if self.dropout > 0:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name=f"Dense_{len(self.dense)}")(x)
+
+
+def _scale(widths: Sequence[int], width: float) -> tuple[int, ...]:
+  return tuple(max(1, round(c * width)) for c in widths)
+
+
+LFW_DROPOUT = 0.2  # "dropout(0.8)" read as keep-probability 0.8 (TensorFlow 1's argument).
+
+
+def lfw_cnn(num_classes: int, width: float = 1.0, dropout: float = LFW_DROPOUT) -> ConvNet:
+  """The LFW network of section VI-A2 (channels ``(16, 32, 64, 128) * width``; module docstring)."""
+  c = _scale((16, 32, 64, 128), width)
+  stages = (((c[0],) * 2, 8, 4), ((c[1],) * 2, 5, 3), ((c[2],) * 2, 5, 3), ((c[3],) * 2, 5, 3))
+  return ConvNet(stages=stages, dense=(800, 800), num_classes=num_classes, dropout=dropout, norm_first=False)
+
+
+def vgg19_bn(num_classes: int, width: float = 1.0) -> ConvNet:
+  """VGG-19 with batch norm for 32x32 images (``width`` multiplies every channel count)."""
+  c = _scale((64, 128, 256, 512, 512), width)
+  stages = tuple(((w,) * n, 3, 2) for w, n in zip(c, (2, 2, 4, 4, 4)))
+  return ConvNet(stages=stages, num_classes=num_classes, norm_first=True)
+
+
+ARCHS = ("mlp", "lfw_cnn", "vgg19_bn")  # Architectures that split here.
+SPLIT_POINTS = {"mlp": PAPER_SPLIT, "lfw_cnn": "pool2", "vgg19_bn": "pool2"}  # The paper's default split of each.
+
+
+def build(
+  arch: str, num_classes: int, *, hidden: Sequence[int] = PAPER_HIDDEN, dropout: float | None = None, width: float = 1.0
+) -> nn.Module:
+  """The unsplit network ``arch`` of :data:`ARCHS` (``hidden`` for the MLP, ``width`` for conv nets).
+
+  Raises:
+    ValueError: Unknown ``arch``.
+  """
+  if arch == "mlp":
+    return models.MLP(
+      num_classes=num_classes, hidden=tuple(hidden), dropout=PAPER_DROPOUT if dropout is None else dropout
+    )
+  if arch == "lfw_cnn":
+    return lfw_cnn(num_classes, width, LFW_DROPOUT if dropout is None else dropout)
+  if arch == "vgg19_bn":
+    return vgg19_bn(num_classes, width)
+  raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """A ``models.MLP`` split after its layer ``Dense_{k-1}``.
+  """A network split after its layer ``Dense_{k-1}`` (MLP) or its stage ``pool{k}`` (ConvNet).
 
   Attributes:
     local: The local part f_l (run by every data owner).
     remote: The remote part f_r (run by the server).
-    num_local: k, the number of local dense layers.
+    num_local: k, the number of local dense layers or conv stages.
   """
 
-  local: LocalMLP  # f_l.
-  remote: RemoteMLP  # f_r.
-  num_local: int  # Local dense layers: Dense_0 .. Dense_{k-1}.
+  local: nn.Module  # f_l.
+  remote: nn.Module  # f_r.
+  num_local: int  # Local dense layers Dense_0 .. Dense_{k-1}, or stages pool1 .. pool{k}.
+
+  @property
+  def is_conv(self) -> bool:
+    return isinstance(self.local, ConvNet)
 
 
-def split_model(model: models.MLP, at: str = PAPER_SPLIT) -> Split:
-  """Splits ``model`` after the dense layer named ``at`` (``"Dense_1"``: two local layers).
+def split_model(model: nn.Module, at: str = PAPER_SPLIT) -> Split:
+  """Splits ``model`` after the dense layer (MLP: ``"Dense_1"``, two local layers) or the conv
+  stage (ConvNet: ``"pool2"``) named ``at``.
 
   Raises:
-    ValueError: ``model`` is not a ``models.MLP``, or ``at`` is not one of its hidden layers.
+    ValueError: ``model`` is neither a ``models.MLP`` nor a :class:`ConvNet`, or ``at`` is not
+      one of its hidden layers / stages (naming the choices).
   """
+  if isinstance(model, ConvNet):
+    names = [f"pool{i + 1}" for i in range(len(model.stages))]
+    if at not in names:
+      raise ValueError(f"split point {at!r} is not a stage of the conv net; choose one of {names}")
+    k = names.index(at) + 1
+    return Split(local=model.clone(stop=k), remote=model.clone(start=k), num_local=k)
   if not isinstance(model, models.MLP):
-    raise ValueError(f"only models.MLP splits here, got {type(model).__name__}")
+    raise ValueError(f"only models.MLP and ConvNet split here, got {type(model).__name__}")
   names = [f"Dense_{i}" for i in range(len(model.hidden))]
   if at not in names:
     raise ValueError(f"split layer {at!r} is not a hidden layer of the MLP; choose one of {names}")
@@ -118,7 +255,39 @@ def merge_params(local: PyTree, remote: PyTree) -> PyTree:
   return {**local, **{f"Dense_{int(name.split('_')[1]) + k}": v for name, v in remote.items()}}
 
 
-def compose(split: Split, local_params: PyTree, remote_params: PyTree, x_BxHxWxC: jax.Array) -> jax.Array:
-  """``f_r(f_l(x))`` in inference mode: ``logits_BxK``."""
-  h = split.local.apply({"params": local_params}, x_BxHxWxC)
-  return split.remote.apply({"params": remote_params}, h)
+def split_variables(split: Split, variables: PyTree) -> tuple[PyTree, PyTree]:
+  """``(local_variables, remote_variables)`` of the unsplit model's Flax variables (every
+  collection: ``params``, ``batch_stats``)."""
+  if not split.is_conv:
+    parts = {c: split_params(v, split.num_local) for c, v in variables.items()}
+    return {c: p[0] for c, p in parts.items()}, {c: p[1] for c, p in parts.items()}
+  local_names = {f"pool{i + 1}" for i in range(split.num_local)}
+  local = {c: {n: v for n, v in tree.items() if n in local_names} for c, tree in variables.items()}
+  remote = {c: {n: v for n, v in tree.items() if n not in local_names} for c, tree in variables.items()}
+  return local, remote
+
+
+def merge_variables(split: Split, local: PyTree, remote: PyTree) -> PyTree:
+  """The unsplit model's variables (inverse of :func:`split_variables`)."""
+  if not split.is_conv:
+    return {c: merge_params(local[c], remote[c]) for c in local}
+  return {c: {**local[c], **remote[c]} for c in local}
+
+
+def as_variables(tree: PyTree) -> PyTree:
+  """Flax variables of a tree that is either variables already or an MLP's bare ``params``."""
+  return tree if "params" in tree else {"params": tree}
+
+
+def compose(split: Split, local: PyTree, remote: PyTree, x_BxHxWxC: jax.Array) -> jax.Array:
+  """``f_r(f_l(x))`` in inference mode: ``logits_BxK`` (``local`` / ``remote``: variables, or an
+  MLP's bare params)."""
+  h = split.local.apply(as_variables(local), x_BxHxWxC)
+  return split.remote.apply(as_variables(remote), h)
+
+
+def hidden_shape(split: Split, image_shape: Sequence[int]) -> tuple[int, ...]:
+  """The shape of one image's hidden state (``(D,)`` or ``(H, W, C)``)."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  shapes = jax.eval_shape(split.local.init, jax.random.key(0), x)
+  return jax.eval_shape(split.local.apply, shapes, x).shape[1:]

@@ -40,6 +40,7 @@ PAPER_TABLE2 = {  # Table II: accuracy, then MSE / SSIM of each attack, per sett
   "attack4": ((0.024, 0.781), (0.024, 0.756), (0.072, 0.493)),
   "attack5": ((0.068, 0.550), (0.073, 0.535), (0.192, 0.193)),
   "attack6": ((0.076, 0.512), (0.089, 0.453), (0.201, 0.116)),
+  "attack7": ((0.072, 0.517), (0.074, 0.511), (0.167, 0.203)),
   "attack8": ((0.033, 0.731), (0.048, 0.661), (0.190, 0.158)),
 }
 
@@ -60,7 +61,7 @@ class StudyConfig:
   lr_defender: float = 1e-3  # Adam learning rate of the defenders (the paper: 1e-3).
   defender_weight: float = 0.1  # lambda of the single and multiple defenders of Table II.
   weights: str = "0.03,0.1,0.3"  # Table I: single-defender weights swept (comma-separated).
-  attacks: str = "attack1,attack2,attack3,attack4,attack5,attack6,attack8"  # Inverse networks (Attack_7 left out).
+  attacks: str = "attack1,attack2,attack3,attack4,attack5,attack6,attack7,attack8"  # Inverse networks of Table I.
   attack_epochs: int = 8  # Epochs of each inverse network on the auxiliary images.
   opt_images: int = 50  # Test images attacked by the optimisation attack (0: none).
   opt_steps: int = 300  # Adam steps of the optimisation attack.
@@ -90,9 +91,10 @@ class StudyConfig:
       raise ValueError(f"--weights must be comma-separated numbers, got {self.weights!r}") from None
     if not all(0 < w < 100 for w in ws):
       raise ValueError(f"--weights must lie in (0, 100), got {self.weights!r}")
-    bad = [a for a in self.attack_list() if a not in networks.ATTACKS]
+    known = sorted({*networks.ATTACKS, *networks.CONV1D_ATTACKS})
+    bad = [a for a in self.attack_list() if a not in known]
     if bad or not self.attack_list():
-      raise ValueError(f"--attacks must name some of {sorted(networks.ATTACKS)}, got {self.attacks!r}")
+      raise ValueError(f"--attacks must name some of {known}, got {self.attacks!r}")
 
   def weight_list(self) -> list[float]:
     return [float(w) for w in self.weights.split(",") if w.strip()]
@@ -145,8 +147,7 @@ def _setting(
     hidden=(cfg.hidden,) * 4,
     seed=cfg.seed,
   )
-  model = models.MLP(num_classes=own.num_classes, hidden=dcfg.hidden)
-  template = jax.eval_shape(model.init, jax.random.key(0), x_te[:1])["params"]
+  template = jax.eval_shape(defense.network(dcfg, own.num_classes).init, jax.random.key(0), x_te[:1])["params"]
   if os.path.exists(path):
     with np.load(path) as f:
       leaves = [f[f"p{i}"] for i in range(len(jax.tree.leaves(template)))]
@@ -165,12 +166,13 @@ def _setting(
   h = defense.uploaded_states(trained, x_te)
   rundir.append_jsonl(log, {"setting": name, "accuracy": acc, "train_s": time.time() - t0})
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained.params))}
+  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained.params))}  # An MLP: params only.
   rundir.write_npz(path, h=h, accuracy=np.float64(acc), **leaves)
   return trained.params, h, acc
 
 
-def _grid(path: str, x: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+def grid(path: str, x: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+  """A PNG of up to 10 originals (first row), then one row of reconstructions per entry of ``rows``."""
   import matplotlib.pyplot as plt  # noqa: PLC0415 (plotting only here)
 
   n = min(10, len(x))
@@ -267,7 +269,7 @@ def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, A
   cols2 = ["attack", *[f"{k} {c}" for k in ("none", "single", "multiple") for c in ("mse/ssim", "reprint")]]
   cols2.append("paper mse/ssim (none, single, multiple)")
   rundir.write_table(os.path.join(workdir, "table2"), t2, cols2, title="Table II: no / single / multiple defenders")
-  _grid(os.path.join(workdir, "reconstructions.png"), x_te, recon)
+  grid(os.path.join(workdir, "reconstructions.png"), x_te, recon)
   elapsed = time.time() - start
   report = [
     "# SecureMark-DL privacy partitioning: Tables I-II\n",

@@ -52,4 +52,6 @@ def test_metrics_of_perfect_and_of_bad_reconstructions():
   with pytest.raises(ValueError, match="finite"):
     attacks.reconstruction_metrics(x, x * np.nan, np.zeros(4), lambda z: z)
   with pytest.raises(ValueError, match="attack"):
-    networks.attack("attack7", (28, 28, 1))
+    networks.attack("attack9", (28, 28, 1))
+  with pytest.raises(ValueError, match="conv"):
+    networks.attack("cifar_attack1", (28, 28, 1))  # A conv decoder needs a conv local part.

@@ -37,7 +37,7 @@ def test_tables_writes_its_run_directory(tmp_path):
   ("flags", "needle"),
   [
     (["--num_owners", "2"], "--num_owners"),
-    (["--attacks", "attack7"], "--attacks"),
+    (["--attacks", "attack9"], "--attacks"),
     (["--weights", "a,b"], "--weights"),
     (["--lr_model", "2"], "--lr_model"),
     (["--dataset", "nope"], "nope"),
@@ -55,3 +55,43 @@ def test_print_config_shows_the_preset_with_overrides(capsys):
   assert cli.main(["tables", "--preset", "smoke", "--seed", "3", "--print_config"]) == 0
   cfg = json.loads(capsys.readouterr().out)
   assert cfg["num_owners"] == 4 and cfg["seed"] == 3
+
+
+_CONV = [
+  "--preset", "smoke", "--settings", "none", "--epochs", "1", "--warmup_epochs", "0", "--width", "0.125",
+  "--attacks", "lfw_attack2", "--opt_images", "2", "--opt_steps", "2", "--quiet",
+]  # fmt: skip
+
+
+def test_conv_writes_its_run_directory_and_keeps_its_secret(tmp_path):
+  w = str(tmp_path / "run")
+  assert cli.main(["conv", "--workdir", w, *_CONV]) == 0
+  for name in ("config.json", "metrics.jsonl", "table.md", "table.csv", "reconstructions_pool2.png", "report.md"):
+    assert os.path.exists(os.path.join(w, name)), name
+  assert os.stat(os.path.join(w, "fingerprint_projection.json")).st_mode & 0o077 == 0
+  m = rundir.read_json(os.path.join(w, "metrics.json"))
+  assert set(m["accuracy"]["pool2"]) == {"none"}  # The secret is drawn whatever the settings.
+  assert set(m["attacks"]["pool2"]) == {"lfw_attack2", "optimisation"}
+  secret = rundir.read_secret(os.path.join(w, "fingerprint_projection.json"))
+  assert str(secret["seed"]) not in open(os.path.join(w, "report.md")).read()
+  os.remove(os.path.join(w, "metrics.json"))  # A rerun loads the finished settings and the same secret.
+  assert cli.main(["conv", "--workdir", w, *_CONV]) == 0
+  assert rundir.read_json(os.path.join(w, "metrics.json"))["accuracy"] == m["accuracy"]
+
+
+@pytest.mark.parametrize(
+  ("flags", "needle"),
+  [
+    (["--splits", "pool9"], "--splits"),
+    (["--settings", "single"], "--settings"),
+    (["--width", "0"], "--width"),
+    (["--attacks", "attack1"], "--attacks"),
+    (["--dataset", "lfw"], "lfw needs --data_dir"),
+  ],
+)
+def test_conv_bad_input_is_one_error_line_and_no_run_directory(tmp_path, capsys, flags, needle):
+  w = tmp_path / "run"
+  assert cli.main(["conv", "--workdir", str(w), *_CONV, *flags]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+  assert not w.exists()
