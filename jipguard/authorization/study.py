@@ -164,9 +164,6 @@ PRESETS = {
 # --------------------------------------------------------------------------------- data
 
 
-colourise = data.colourise  # Grey images padded to 32x32 and tinted per image (the ground floor's).
-
-
 def load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:
   """The training subset and the test set, colourised if asked (grey sets only)."""
   train = data.load(cfg.dataset, "train", data_dir=cfg.data_dir)
@@ -181,8 +178,8 @@ def load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:
   if cfg.colour:
     if train.image_shape[-1] != 1:
       raise ValueError("--colour makes a colour set of grey images; this dataset is already in colour")
-    train = dataclasses.replace(train, images=colourise(train.images, cfg.seed))
-    test = dataclasses.replace(test, images=colourise(test.images, cfg.seed + 1))
+    train = dataclasses.replace(train, images=data.colourise(train.images, cfg.seed))
+    test = dataclasses.replace(test, images=data.colourise(test.images, cfg.seed + 1))
   return train, test
 
 
