@@ -70,11 +70,12 @@ def resolve_conv_impl(impl: str, kernel_size: Sequence[int] = (3, 3)) -> str:
   """``impl`` (one of :data:`CONV_IMPLS`) with ``auto`` resolved for this process's backend and
   a ``kernel_size`` kernel: ``patches`` for a 1x1 kernel on CPU, ``xla`` otherwise.
 
-  On XLA:CPU (2 shared cores) a 1x1 convolution as a strided slice and one product trained
-  2-3x faster than the library convolution (its kernel gradient needs no transposes), while a
-  3x3 kernel's patches (9x the activations, for 16-64 channels) made the ResNet-8 and CNN
-  training steps 1.7x slower than Eigen's convolutions: those layers are memory-bound there
-  (``benchmarks/README.md``, "Patch-GEMM convolutions").
+  On XLA:CPU (2 shared cores) the kernel gradient of a 1x1 stride-2 convolution as a strided
+  slice and one product took a third of the library convolution's time (no transposes, no
+  dilated convolution), and a ResNet-8 training step with its shortcuts so was ~9% faster
+  (186 vs 204 ms, B=128), while a 3x3 kernel's patches (9x the activations, for 16-64 channels)
+  made the ResNet-8 and CNN steps 1.4-1.9x slower than Eigen's convolutions: those layers are
+  memory-bound there (``benchmarks/README.md``, "Patch-GEMM convolutions").
 
   Raises:
     ValueError: ``impl`` is not one of :data:`CONV_IMPLS`.
