@@ -158,16 +158,19 @@ class EnsembleSize:
   """M members, each trained on its own bootstrap of a pool of N images.
 
   Attributes:
-    model: ``"mlp"`` (Fashion-MNIST subset, 28x28x1) or ``"cnn"`` (random 32x32x3).
+    model: ``"mlp"`` (Fashion-MNIST subset, 28x28x1), ``"cnn"`` or ``"resnet8"`` (random 32x32x3).
     members: M.
     n: Pool size N = each member's bootstrap sample size.
     batch_size: Minibatch per member; an epoch is N // batch_size steps.
+    conv_impl: The conv models' lowering (``models.CONV_IMPLS``): rows of one model with
+      different values time the old and the new path in one run against one torch timing.
   """
 
   model: str
   members: int
   n: int
   batch_size: int = 128
+  conv_impl: str = "auto"
 
   @property
   def image_hwc(self) -> tuple[int, int, int]:
@@ -179,8 +182,11 @@ class EnsembleSize:
 
   @property
   def label(self) -> str:
-    arch = "MLP 784-256-256-10" if self.model == "mlp" else "CNN 32x32x3"
-    return f"M={self.members} {arch} N={self.n} B={self.batch_size}"
+    if self.model == "mlp":
+      return f"M={self.members} MLP 784-256-256-10 N={self.n} B={self.batch_size}"
+    arch = "CNN" if self.model == "cnn" else "ResNet-8"
+    conv = "" if self.conv_impl == "auto" else f" conv={self.conv_impl}"
+    return f"M={self.members} {arch} 32x32x3 N={self.n} B={self.batch_size}{conv}"
 
   @property
   def flops(self) -> float:
@@ -210,8 +216,32 @@ def cnn_layer_flops(
   return [*flops, 2.0 * h * w * c * dense, 2.0 * dense * num_classes]
 
 
+def resnet_layer_flops(
+  image_hwc: tuple[int, int, int],
+  stage_sizes: Sequence[int] = (1, 1, 1),
+  widths: Sequence[int] = (16, 32, 64),
+  num_classes: int = 10,
+) -> list[float]:
+  """Multiply-adds x 2 of each conv (SAME; 1x1 stride-2 shortcuts) and the dense layer of
+  ``models.ResNet`` on one example, stem first."""
+  h, w, c = image_hwc
+  flops = [2.0 * h * w * 9 * c * widths[0]]
+  c = widths[0]
+  for stage, (blocks, width) in enumerate(zip(stage_sizes, widths)):
+    for block in range(blocks):
+      s = 2 if stage > 0 and block == 0 else 1
+      oh, ow = -(-h // s), -(-w // s)
+      flops += [2.0 * oh * ow * 9 * c * width, 2.0 * oh * ow * 9 * width * width]
+      if s != 1 or c != width:
+        flops.append(2.0 * oh * ow * c * width)
+      h, w, c = oh, ow, width
+  return [*flops, 2.0 * c * num_classes]
+
+
 def layer_flops(model: str, image_hwc: tuple[int, int, int]) -> list[float]:
-  return mlp_layer_flops(image_hwc) if model == "mlp" else cnn_layer_flops(image_hwc)
+  if model == "mlp":
+    return mlp_layer_flops(image_hwc)
+  return cnn_layer_flops(image_hwc) if model == "cnn" else resnet_layer_flops(image_hwc)
 
 
 def forward_flops(model: str, image_hwc: tuple[int, int, int]) -> float:
@@ -226,29 +256,45 @@ def training_flops(model: str, image_hwc: tuple[int, int, int]) -> float:
   return 3.0 * sum(flops) - flops[0]
 
 
+def conv_sizes(members: int, n: int) -> list[EnsembleSize]:
+  """The conv rows, each model under every lowering of its convolutions (``xla``: the library
+  convolutions; ``patches``: patch-GEMM; the default ``auto``: per backend and kernel size,
+  which for the CNN, all 3x3, is ``xla`` on every backend, so it has no row of its own)."""
+  return [
+    EnsembleSize("resnet8", members, n, conv_impl="xla"),
+    EnsembleSize("resnet8", members, n, conv_impl="patches"),
+    EnsembleSize("resnet8", members, n),
+    EnsembleSize("cnn", members, n, conv_impl="patches"),
+    EnsembleSize("cnn", members, n),
+  ]
+
+
 def ensemble_sizes(quick: bool) -> list[EnsembleSize]:
   if quick:
-    return [EnsembleSize("mlp", 10, 2560)]
+    return [EnsembleSize("mlp", 10, 2560), *conv_sizes(2, 512)]
   # The last MLP size is the main job's sample_models: 110 models on bootstraps of 300 buyer
   # images, batch 32 (`job.IPProtectConfig.omega_train`), one of its 30 epochs.
   return [
     EnsembleSize("mlp", 10, 10_000),
     EnsembleSize("mlp", 100, 10_000),
     EnsembleSize("mlp", 110, 300, 32),
-    EnsembleSize("cnn", 8, 1024),
+    *conv_sizes(8, 1024),
   ]
 
 
-def _flax_model(name: str, dropout: bool = True):
+def _flax_model(name: str, dropout: bool = True, conv_impl: str = "auto"):
   if name == "cnn" and not dropout:
-    return models.CNN(num_classes=10, conv_dropout=0.0, dense_dropout=0.0)
-  return models.get_model(name, 10)
+    return models.CNN(num_classes=10, conv_dropout=0.0, dense_dropout=0.0, conv_impl=conv_impl)
+  model = models.get_model(name, 10)
+  return model if name == "mlp" else model.clone(conv_impl=conv_impl)
 
 
 def _torch_model(name: str, image_hwc: tuple[int, int, int], dropout: bool = True) -> Callable[[], torch.nn.Module]:
   h, _, c = image_hwc
   if name == "mlp":
     return functools.partial(tr.TorchMLP, in_features=int(np.prod(image_hwc)))
+  if name == "resnet8":
+    return functools.partial(tr.TorchResNet, in_channels=c, image_hw=h)
   rates = {} if dropout else {"conv_dropout": 0.0, "dense_dropout": 0.0}
   return functools.partial(tr.TorchCNN, in_channels=c, image_hw=h, **rates)
 
@@ -303,7 +349,7 @@ class Equivalence:
 
 @functools.cache
 def check_equivalence(
-  model: str, members: int = 2, batch_size: int = 32, steps: int = 3, epochs: int = 2
+  model: str, members: int = 2, batch_size: int = 32, steps: int = 3, epochs: int = 2, conv_impl: str = "auto"
 ) -> Equivalence:
   """Trains ``members`` members for ``epochs`` short epochs with JAX and both torch references.
 
@@ -321,7 +367,7 @@ def check_equivalence(
   images, labels = _pool(model, 4 * s)
   keys = jax.random.split(jax.random.key(42), members)
   indices = data.bootstrap_indices(jax.random.key(43), len(images), members, size=s)
-  trainer = ensemble.EnsembleTrainer(_flax_model(model, dropout=False), TX, batch_size=batch_size)
+  trainer = ensemble.EnsembleTrainer(_flax_model(model, dropout=False, conv_impl=conv_impl), TX, batch_size=batch_size)
   state = trainer.init(keys, jnp.asarray(images))
   make = _torch_model(model, hwc, dropout=False)
   func = tr.FuncEnsemble(_on_device(tr.from_flax(make, state.params, state.batch_stats, hwc)), LR)
@@ -346,13 +392,17 @@ def check_equivalence(
   return result
 
 
+# Torch timings and final losses of an ensemble row, by (model, M, N, B, repeats, budget_s).
+_TORCH_EPOCHS: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+
+
 def ensemble_row(size: EnsembleSize, repeats: int, budget_s: float | None = None) -> harness.Row:
   configure_torch()
-  check = check_equivalence(size.model)
+  check = check_equivalence(size.model, conv_impl=size.conv_impl)
   images, labels = _pool(size.model, size.n)
   keys = jax.random.split(jax.random.key(0), size.members)
   indices = data.bootstrap_indices(jax.random.key(1), size.n, size.members)
-  trainer = ensemble.EnsembleTrainer(_flax_model(size.model), TX, batch_size=size.batch_size)
+  trainer = ensemble.EnsembleTrainer(_flax_model(size.model, conv_impl=size.conv_impl), TX, batch_size=size.batch_size)
   x, idx = jnp.asarray(images), jnp.asarray(indices)
   lab = jnp.asarray(labels)[idx]
   state = trainer.init(keys, x)
@@ -371,18 +421,25 @@ def ensemble_row(size: EnsembleSize, repeats: int, budget_s: float | None = None
   jax_loss = np.asarray(last["metrics"]["loss"])
   del state
 
-  images_t, labels_t, indices_t = _to_torch(images, labels, indices)
-  make = _torch_model(size.model, size.image_hwc)
-  timings, torch_loss = {}, {}
-  for name, cls in (("func", tr.FuncEnsemble), ("loop", tr.LoopEnsemble)):
-    impl = cls(_on_device(tr.from_flax(make, init.params, init.batch_stats, size.image_hwc)), LR)
-    gen = torch.Generator().manual_seed(0)
+  # Rows that differ only in the JAX lowering (conv_impl) start from the same weights: one torch timing.
+  torch_key = (size.model, size.members, size.n, size.batch_size, repeats, budget_s)
+  if torch_key not in _TORCH_EPOCHS:
+    images_t, labels_t, indices_t = _to_torch(images, labels, indices)
+    make = _torch_model(size.model, size.image_hwc)
+    timings, torch_loss = {}, {}
+    for name, cls in (("func", tr.FuncEnsemble), ("loop", tr.LoopEnsemble)):
+      impl = cls(_on_device(tr.from_flax(make, init.params, init.batch_stats, size.image_hwc)), LR)
+      gen = torch.Generator().manual_seed(0)
 
-    def torch_epoch(impl=impl, gen=gen, name=name):
-      torch_loss[name] = torch_sync(tr.train_epoch(impl, images_t, labels_t, indices_t, size.batch_size, generator=gen))
+      def torch_epoch(impl=impl, gen=gen, name=name):
+        torch_loss[name] = torch_sync(
+          tr.train_epoch(impl, images_t, labels_t, indices_t, size.batch_size, generator=gen)
+        )
 
-    timings[name] = harness.time_calls(torch_epoch, repeats, budget_s)
-    del impl
+      timings[name] = harness.time_calls(torch_epoch, repeats, budget_s)
+      del impl
+    _TORCH_EPOCHS[torch_key] = timings, torch_loss
+  timings, torch_loss = _TORCH_EPOCHS[torch_key]
   for name, loss in {"jax": jax_loss, **{k: v.cpu().numpy() for k, v in torch_loss.items()}}.items():
     if not np.all(np.isfinite(loss)):
       raise FloatingPointError(f"{name} {size.label}: non-finite training loss {loss}")

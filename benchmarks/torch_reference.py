@@ -2,8 +2,9 @@
 
 The package never imports this module (PyTorch is an optional ``bench`` extra). It holds
 
-* :class:`TorchMLP` and :class:`TorchCNN`: the same networks as ``jipguard.models.MLP`` and
-  ``jipguard.models.CNN`` (NCHW, the PyTorch convention);
+* :class:`TorchMLP`, :class:`TorchCNN` and :class:`TorchResNet`: the same networks as
+  ``jipguard.models.MLP``, ``jipguard.models.CNN`` and ``jipguard.models.ResNet`` (NCHW, the
+  PyTorch convention);
 * :func:`from_flax`: builds one such module per member from a jipguard ``EnsembleState``,
   so that both sides start from the same weights;
 * two ensemble trainers with one ``step(x_MxB..., y_MxB) -> loss_M``:
@@ -90,6 +91,69 @@ class TorchCNN(nn.Module):
     return self.dense[1](x)
 
 
+class _SameConv(nn.Module):
+  """A bias-free conv with flax's ``SAME`` padding: for stride 2 on even sizes flax pads
+  (0, 1), not torch's symmetric (1, 1)."""
+
+  def __init__(self, c_in: int, c_out: int, k: int, stride: int, image_hw: int):
+    super().__init__()
+    out = -(-image_hw // stride)
+    total = max((out - 1) * stride + k - image_hw, 0)
+    self.pad = (total // 2, total - total // 2) * 2  # (left, right, top, bottom)
+    self.conv = nn.Conv2d(c_in, c_out, k, stride=stride, bias=False)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.conv(F.pad(x, self.pad) if any(self.pad) else x)
+
+
+class _TorchBlock(nn.Module):
+  def __init__(self, c_in: int, width: int, stride: int, image_hw: int):
+    super().__init__()
+    self.conv0 = _SameConv(c_in, width, 3, stride, image_hw)
+    self.bn0 = nn.BatchNorm2d(width, eps=1e-5, momentum=0.1)
+    self.conv1 = _SameConv(width, width, 3, 1, -(-image_hw // stride))
+    self.bn1 = nn.BatchNorm2d(width, eps=1e-5, momentum=0.1)
+    self.shortcut = None
+    if c_in != width or stride != 1:
+      self.shortcut = nn.Sequential(
+        _SameConv(c_in, width, 1, stride, image_hw), nn.BatchNorm2d(width, eps=1e-5, momentum=0.1)
+      )
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = self.bn1(self.conv1(F.relu(self.bn0(self.conv0(x)))))
+    return F.relu((x if self.shortcut is None else self.shortcut(x)) + y)
+
+
+class TorchResNet(nn.Module):
+  """``jipguard.models.ResNet``: conv3x3(16) BN ReLU -> basic blocks -> global mean -> dense."""
+
+  def __init__(
+    self,
+    in_channels: int = 3,
+    image_hw: int = 32,
+    num_classes: int = 10,
+    stage_sizes: Sequence[int] = (1, 1, 1),
+    widths: Sequence[int] = (16, 32, 64),
+  ):
+    super().__init__()
+    self.stem = _SameConv(in_channels, widths[0], 3, 1, image_hw)
+    self.bn = nn.BatchNorm2d(widths[0], eps=1e-5, momentum=0.1)
+    blocks, c, hw = [], widths[0], image_hw
+    for stage, (n, width) in enumerate(zip(stage_sizes, widths)):
+      for b in range(n):
+        stride = 2 if stage > 0 and b == 0 else 1
+        blocks.append(_TorchBlock(c, width, stride, hw))
+        c, hw = width, -(-hw // stride)
+    self.blocks = nn.ModuleList(blocks)
+    self.dense = nn.Linear(c, num_classes)
+
+  def forward(self, x_BxCxHxW: torch.Tensor) -> torch.Tensor:
+    x = F.relu(self.bn(self.stem(x_BxCxHxW)))
+    for block in self.blocks:
+      x = block(x)
+    return self.dense(x.mean((2, 3)))
+
+
 def _chw_rows(kernel_INxOUT: np.ndarray, hwc: tuple[int, int, int]) -> np.ndarray:
   """Reorders a dense kernel's input rows from flax's (h, w, c) flattening to torch's (c, h, w)."""
   h, w, c = hwc
@@ -138,6 +202,30 @@ def _cnn_state(module: TorchCNN, params: dict[str, Any], batch_stats: dict[str, 
   return state
 
 
+def _bn_state(prefix: str, bn: dict[str, Any], stats: dict[str, Any]) -> dict[str, np.ndarray]:
+  return {
+    f"{prefix}.weight": bn["scale"],
+    f"{prefix}.bias": bn["bias"],
+    f"{prefix}.running_mean": stats["mean"],
+    f"{prefix}.running_var": stats["var"],
+  }
+
+
+def _resnet_state(module: TorchResNet, params: dict[str, Any], batch_stats: dict[str, Any]) -> dict[str, np.ndarray]:
+  state = {"stem.conv.weight": params["Conv_0"]["kernel"].transpose(3, 2, 0, 1)}
+  state.update(_bn_state("bn", params["BatchNorm_0"], batch_stats["BatchNorm_0"]))
+  for i, block in enumerate(module.blocks):
+    p, s = params[f"ResidualBlock_{i}"], batch_stats[f"ResidualBlock_{i}"]
+    for j in range(2):
+      state[f"blocks.{i}.conv{j}.conv.weight"] = p[f"Conv_{j}"]["kernel"].transpose(3, 2, 0, 1)
+      state.update(_bn_state(f"blocks.{i}.bn{j}", p[f"BatchNorm_{j}"], s[f"BatchNorm_{j}"]))
+    if block.shortcut is not None:
+      state[f"blocks.{i}.shortcut.0.conv.weight"] = p["Conv_2"]["kernel"].transpose(3, 2, 0, 1)
+      state.update(_bn_state(f"blocks.{i}.shortcut.1", p["BatchNorm_2"], s["BatchNorm_2"]))
+  state.update({f"dense.{k}": v for k, v in _linear(params["Dense_0"]["kernel"], params["Dense_0"]["bias"]).items()})
+  return state
+
+
 def _map(fn, tree: Mapping[str, Any]) -> dict[str, Any]:
   return {k: _map(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
 
@@ -148,7 +236,7 @@ def from_flax(
   """One torch module per member, holding member m's flax weights.
 
   Args:
-    make_module: Builds an empty :class:`TorchMLP` or :class:`TorchCNN`.
+    make_module: Builds an empty :class:`TorchMLP`, :class:`TorchCNN` or :class:`TorchResNet`.
     params: Flax params with a leading member axis M (numpy or jax arrays).
     batch_stats: Flax batch statistics with a leading member axis (CNN), or None / {}.
     image_hwc: Shape of one input image (to reorder the first dense layer of an MLP).
@@ -166,6 +254,8 @@ def from_flax(
     module = make_module()
     if isinstance(module, TorchCNN):
       state = _cnn_state(module, member(params), member(batch_stats))
+    elif isinstance(module, TorchResNet):
+      state = _resnet_state(module, member(params), member(batch_stats))
     else:
       state = _mlp_state(member(params), image_hwc)
     result = module.load_state_dict(

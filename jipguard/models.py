@@ -63,6 +63,96 @@ def _max_pool_jvp(size, primals, tangents):
   return y, jnp.sum(_windows(t, size) * share, axis=(2, 4))
 
 
+CONV_IMPLS = ("auto", "xla", "patches")
+
+
+def resolve_conv_impl(impl: str, kernel_size: Sequence[int] = (3, 3)) -> str:
+  """``impl`` (one of :data:`CONV_IMPLS`) with ``auto`` resolved for this process's backend and
+  a ``kernel_size`` kernel: ``patches`` for a 1x1 kernel on CPU, ``xla`` otherwise.
+
+  On XLA:CPU (2 shared cores) the kernel gradient of a 1x1 stride-2 convolution as a strided
+  slice and one product took a third of the library convolution's time (no transposes, no
+  dilated convolution), and a ResNet-8 training step with its shortcuts so was ~9% faster
+  (186 vs 204 ms, B=128), while a 3x3 kernel's patches (9x the activations, for 16-64 channels)
+  made the ResNet-8 and CNN steps 1.4-1.9x slower than Eigen's convolutions: those layers are
+  memory-bound there (``benchmarks/README.md``, "Patch-GEMM convolutions").
+
+  Raises:
+    ValueError: ``impl`` is not one of :data:`CONV_IMPLS`.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "patches" if jax.default_backend() == "cpu" and tuple(kernel_size) == (1, 1) else "xla"
+  return impl
+
+
+def conv_patches(
+  x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[int], padding: str = "SAME"
+) -> jax.Array:
+  """A 2-D convolution (NHWC, HWIO) as patch extraction plus ONE matrix product.
+
+  The kh x kw shifted, strided views of the padded input are concatenated along channels
+  into ``(B, H', W', kh*kw*C)`` patches, (i, j, c) in the order of ``kernel.reshape(-1, O)``,
+  and contracted with the kernel in one ``dot_general``. Equals ``lax.conv_general_dilated``
+  with the same strides and padding (tested to float tolerance, forward and both gradients).
+  Its derivatives are a matrix product each (kernel: patches^T @ grad; input: grad @ kernel^T,
+  scattered back by the transposes of the slices, i.e. pads and adds), so, unlike XLA:CPU's
+  convolutions, it has no transposes in its kernel gradient and, under ``vmap`` over stacked
+  members, it is a batched matrix product rather than a grouped convolution. It writes kh*kw
+  copies of the input, so it is memory-bound where channels are few (see
+  :func:`resolve_conv_impl`). A 1x1 kernel is a strided slice and one product.
+  """
+  kh, kw, c, o = kernel_HxWxIxO.shape
+  sh, sw = strides
+  _, h, w, _ = x_BxHxWxC.shape
+  (pt, pb), (pl, pr) = jax.lax.padtype_to_pads((h, w), (kh, kw), (sh, sw), padding)
+  oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if pt or pb or pl or pr else x_BxHxWxC
+  views = [
+    jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+  return jax.lax.dot_general(patches, kernel_HxWxIxO.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())))
+
+
+class Conv(nn.Module):
+  """A bias-free 2-D convolution (``nn.Conv``'s parameters: ``kernel`` HWIO, same init), with
+  the lowering chosen per backend.
+
+  ``conv_impl``: ``xla`` is ``lax.conv_general_dilated`` (what ``nn.Conv`` runs); ``patches``
+  is :func:`conv_patches`; ``auto`` (default) picks per backend and kernel size
+  (:func:`resolve_conv_impl`). All three compute the same function (tested); the parameter
+  tree is ``nn.Conv``'s, so checkpoints do not depend on the choice.
+
+  Attributes:
+    features: Output channels O.
+    kernel_size: ``(kh, kw)``.
+    strides: ``(sh, sw)``.
+    padding: ``SAME`` or ``VALID``.
+    conv_impl: One of :data:`CONV_IMPLS`.
+  """
+
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: str = "SAME"
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, x_BxHxWxC.shape[-1], self.features))
+    kernel = kernel.astype(x_BxHxWxC.dtype)
+    if resolve_conv_impl(self.conv_impl, self.kernel_size) == "patches":
+      return conv_patches(x_BxHxWxC, kernel, self.strides, self.padding)
+    return jax.lax.conv_general_dilated(
+      x_BxHxWxC, kernel, tuple(self.strides), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
 class MLP(nn.Module):
   """IPProtect's MNIST / Fashion-MNIST network: a 3-layer ReLU DNN.
 
@@ -105,6 +195,7 @@ class CNN(nn.Module):
     dense: Width of the hidden dense layer.
     conv_dropout: Dropout after each conv block.
     dense_dropout: Dropout before the output layer.
+    conv_impl: How the convolutions lower (:class:`Conv`; one of :data:`CONV_IMPLS`).
   """
 
   num_classes: int = 10
@@ -112,13 +203,14 @@ class CNN(nn.Module):
   dense: int = 512
   conv_dropout: float = 0.25
   dense_dropout: float = 0.5
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
     for width in self.widths:
       for _ in range(2):
-        x = nn.relu(norm()(nn.Conv(width, (3, 3), use_bias=False)(x)))
+        x = nn.relu(norm()(Conv(width, (3, 3), conv_impl=self.conv_impl)(x)))
       x = max_pool(x)
       x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
@@ -132,16 +224,17 @@ class ResidualBlock(nn.Module):
 
   width: int
   strides: int = 1
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    y = nn.Conv(self.width, (3, 3), (self.strides, self.strides), use_bias=False)(x)
+    y = Conv(self.width, (3, 3), (self.strides, self.strides), conv_impl=self.conv_impl)(x)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+    y = Conv(self.width, (3, 3), conv_impl=self.conv_impl)(y)
     y = norm(scale_init=nn.initializers.zeros)(y)
     if x.shape[-1] != self.width or self.strides != 1:
-      x = nn.Conv(self.width, (1, 1), (self.strides, self.strides), use_bias=False)(x)
+      x = Conv(self.width, (1, 1), (self.strides, self.strides), conv_impl=self.conv_impl)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
@@ -157,20 +250,22 @@ class ResNet(nn.Module):
     num_classes: Number of output logits.
     stage_sizes: Blocks per stage.
     widths: Channels per stage.
+    conv_impl: How the convolutions lower (:class:`Conv`; one of :data:`CONV_IMPLS`).
   """
 
   num_classes: int = 10
   stage_sizes: Sequence[int] = (1, 1, 1)
   widths: Sequence[int] = (16, 32, 64)
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
+    x = Conv(self.widths[0], (3, 3), conv_impl=self.conv_impl)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = ResidualBlock(width, strides)(x, train=train)
+        x = ResidualBlock(width, strides, self.conv_impl)(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 

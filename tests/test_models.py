@@ -1,5 +1,7 @@
 """Tests for the papers' architectures."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,3 +73,93 @@ def test_max_pool_splits_the_gradient_of_tied_maxima():
   x = jnp.array([[1.0, 1.0], [0.0, -1.0]]).reshape(1, 2, 2, 1)
   grad = jax.grad(lambda a: models.max_pool(a).sum())(x)
   assert jnp.array_equal(grad[0, :, :, 0], jnp.array([[0.5, 0.5], [0.0, 0.0]]))
+
+
+def _lax_conv(x, kernel, strides, padding="SAME"):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize(
+  "hw,c,o,k,s",
+  [
+    (8, 1, 4, 3, 1),  # A 1-channel (Fashion-MNIST) stem.
+    (8, 3, 16, 3, 1),  # The ResNet / CNN stem on colour images.
+    (8, 16, 16, 3, 1),  # ResNet stage 1.
+    (8, 16, 32, 3, 2),  # Stride-2 3x3: flax SAME pads (0, 1) on even sizes.
+    (7, 16, 32, 3, 2),  # ... and (1, 1) on odd ones.
+    (8, 16, 32, 1, 2),  # The 1x1 stride-2 shortcut.
+    (7, 32, 64, 1, 2),
+    (4, 64, 64, 3, 1),
+  ],
+)
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_conv_patches_equals_lax_conv_forward_and_both_gradients(hw, c, o, k, s, padding):
+  kx, kk, kg = jax.random.split(jax.random.key(hw * c + o + k + s), 3)
+  x = jax.random.normal(kx, (2, hw, hw, c))
+  kernel = jax.random.normal(kk, (k, k, c, o)) / (k * k * c) ** 0.5
+  g = jax.random.normal(kg, _lax_conv(x, kernel, (s, s), padding).shape)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def forward_and_grads(conv, x, kernel, g):
+    y, vjp = jax.vjp(lambda x, w: conv(x, w, (s, s), padding), x, kernel)
+    return (y, *vjp(g))  # Output, input gradient, kernel gradient.
+
+  want = forward_and_grads(_lax_conv, x, kernel, g)
+  got = forward_and_grads(models.conv_patches, x, kernel, g)
+  assert got[0].shape == want[0].shape
+  for a, b in zip(got, want):
+    assert jnp.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_patches_vmapped_over_stacked_members_equals_each_member():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 16))  # Member m's own batch.
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 16, 32))
+  got = jax.jit(jax.vmap(lambda x, w: models.conv_patches(x, w, (2, 2))))(x, kernel)
+  want = jax.jit(lambda x, w: jnp.stack([_lax_conv(x[m], w[m], (2, 2)) for m in range(3)]))(x, kernel)
+  assert jnp.allclose(got, want, atol=1e-5)
+
+
+def test_conv_has_nn_conv_parameters():
+  x = jnp.zeros((1, 8, 8, 3))
+  ref = nn.Conv(16, (3, 3), use_bias=False).init(jax.random.key(2), x)
+  mine = models.Conv(16, (3, 3)).init(jax.random.key(2), x)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, ref, mine))
+
+
+@pytest.mark.parametrize(
+  "model",
+  [
+    models.CNN(widths=(4, 8), dense=16, conv_dropout=0.0, dense_dropout=0.0),
+    models.ResNet(widths=(4, 8, 8)),  # Stride-2 3x3 convs and 1x1 shortcuts.
+  ],
+  ids=["cnn", "resnet8"],
+)
+def test_conv_impls_give_the_same_logits_and_gradients(model):
+  x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+  y = jnp.arange(4)
+  variables = model.init(jax.random.key(1), x)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def loss_and_grads(params, impl):
+    def loss(params):
+      logits, _ = model.clone(conv_impl=impl).apply(
+        {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+      )
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), logits
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (_, want_logits), want_grads = loss_and_grads(variables["params"], "xla")
+  for impl in ("patches", "auto"):
+    (_, logits), grads = loss_and_grads(variables["params"], impl)
+    assert jnp.allclose(logits, want_logits, atol=1e-4)
+    assert jax.tree.all(jax.tree.map(lambda a, b: jnp.allclose(a, b, atol=1e-4, rtol=1e-3), grads, want_grads))
+
+
+def test_resolve_conv_impl():
+  cpu = jax.default_backend() == "cpu"
+  assert models.resolve_conv_impl("auto", (1, 1)) == ("patches" if cpu else "xla")
+  assert models.resolve_conv_impl("auto", (3, 3)) == "xla"
+  assert models.resolve_conv_impl("patches", (3, 3)) == "patches"
+  with pytest.raises(ValueError, match="conv_impl"):
+    models.resolve_conv_impl("im2col")

@@ -1,0 +1,109 @@
+"""A probe, not a table row: each convolution of ResNet-8 (B=128, 32x32x3) under each lowering.
+
+    python benchmarks/conv_layers.py              # ~1 min on 2 idle cores
+    python benchmarks/conv_layers.py --batch 64
+
+For every conv shape of ``models.ResNet`` (stage_sizes (1, 1, 1)) it times, jitted with the
+options a conv model's training program compiles with (``ensemble._cpu.CPU_CONV_OPTIONS`` on
+CPU), the forward, the input gradient and the kernel gradient of ``lax.conv_general_dilated``
+(``conv_impl="xla"``) and of ``models.conv_patches`` (``"patches"``); then one training step of
+one member (Adam, the trainer's ``_member_step``) under ``xla``, ``patches`` and ``auto``,
+alternated so that load from other jobs falls on all three. Medians of ``--repeats`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jipguard import models
+from jipguard.ensemble import _cpu
+from jipguard.ensemble.training import _member_step
+
+# (input side, in channels, out channels, kernel, stride) of ResNet-8 on 32x32x3.
+SHAPES = [(32, 3, 16, 3, 1), (32, 16, 16, 3, 1), (32, 16, 32, 3, 2), (16, 32, 32, 3, 1), (32, 16, 32, 1, 2)]
+SHAPES += [(16, 32, 64, 3, 2), (8, 64, 64, 3, 1), (16, 32, 64, 1, 2)]
+
+
+def _jit(fn):
+  options = _cpu.CPU_CONV_OPTIONS if jax.default_backend() == "cpu" and _cpu._xla_takes_conv_options() else None
+  return jax.jit(fn, compiler_options=options)
+
+
+def _median_ms(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def _xla(x, k, s):
+  return jax.lax.conv_general_dilated(x, k, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _patches(x, k, s):
+  return models.conv_patches(x, k, (s, s))
+
+
+def layers(batch: int, repeats: int) -> None:
+  print("| layer | xla fwd / input grad / kernel grad ms | patches fwd / input grad / kernel grad ms |")
+  print("|---|---|---|")
+  rng = np.random.default_rng(0)
+  for h, c, o, ks, s in SHAPES:
+    x = jnp.asarray(rng.random((batch, h, h, c), np.float32))
+    k = jnp.asarray(rng.random((ks, ks, c, o), np.float32))
+    g = jnp.asarray(rng.random((batch, -(-h // s), -(-h // s), o), np.float32))
+    cells = []
+    for impl in (_xla, _patches):
+      conv = functools.partial(impl, s=s)
+      fwd = _jit(conv)
+      dx = _jit(lambda x, k, g, conv=conv: jax.vjp(lambda x: conv(x, k), x)[1](g)[0])
+      dk = _jit(lambda x, k, g, conv=conv: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])
+      ms = [_median_ms(fwd, x, k, repeats=repeats), _median_ms(dx, x, k, g, repeats=repeats)]
+      ms.append(_median_ms(dk, x, k, g, repeats=repeats))
+      cells.append(" / ".join(f"{t:.1f}" for t in ms))
+    print(f"| {h}x{h}x{c} -> {o}, {ks}x{ks} stride {s} | {cells[0]} | {cells[1]} |")
+
+
+def steps(batch: int, repeats: int) -> None:
+  tx = optax.adam(1e-3)
+  x = jnp.asarray(np.random.default_rng(0).random((batch, 32, 32, 3), np.float32))
+  y = jnp.zeros((batch,), jnp.int32)
+  programs = {}
+  for impl in ("xla", "patches", "auto"):
+    model = models.get_model("resnet8", 10).clone(conv_impl=impl)
+    variables = model.init(jax.random.key(0), x[:1])
+    step = _jit(functools.partial(_member_step, model, tx, None))
+    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y, jax.random.key(1), None)
+    jax.block_until_ready(step(*args))
+    programs[impl] = step, args
+  times = {impl: [] for impl in programs}
+  for _ in range(repeats):
+    for impl, (step, args) in programs.items():
+      times[impl].append(_median_ms(step, *args, repeats=1))
+  for impl, ms in times.items():
+    print(
+      f"ResNet-8 training step, one member, B={batch}, conv_impl={impl}: {np.median(ms):.0f} ms (median of {repeats})"
+    )
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch", type=int, default=128, help="batch size (default: %(default)s)")
+  p.add_argument("--repeats", type=int, default=5, help="timed calls per program (default: %(default)s)")
+  a = p.parse_args()
+  layers(a.batch, a.repeats)
+  steps(a.batch, a.repeats)
+
+
+if __name__ == "__main__":
+  main()
