@@ -302,9 +302,7 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
   """Runs the study into ``workdir`` (see the module docstring); returns metrics.json's content."""
   train, test = load(cfg)  # Bad data fail before the run directory exists.
   rundir.write_config(workdir, dataclasses.asdict(cfg))
-  perm = np.random.default_rng([cfg.seed, 0]).permutation(len(train))
-  own, aux = train.subset(perm[: cfg.train_size]), train.subset(perm[cfg.train_size : cfg.train_size + cfg.aux_size])
-  x_te, y_te = test.images[: cfg.test_size], test.labels[: cfg.test_size]
+  own, aux, x_te, y_te = study.split_data(cfg, train, test)
   log = os.path.join(workdir, "metrics.jsonl")
   start = time.time()
   projection, f_L = _fingerprint(cfg, workdir, train.num_classes, x_te)

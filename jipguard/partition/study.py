@@ -190,13 +190,20 @@ def grid(path: str, x: np.ndarray, rows: dict[str, np.ndarray]) -> None:
   plt.close(fig)
 
 
+def split_data(cfg: Any, train: data.Dataset, test: data.Dataset):
+  """``(owners' images, auxiliary images, test images, test labels)``: the first ``cfg.train_size``
+  and the next ``cfg.aux_size`` images of a seeded permutation of ``train`` (disjoint: the
+  attacker's auxiliary images are never an owner's), and the first ``cfg.test_size`` test images."""
+  perm = np.random.default_rng([cfg.seed, 0]).permutation(len(train))
+  own, aux = train.subset(perm[: cfg.train_size]), train.subset(perm[cfg.train_size : cfg.train_size + cfg.aux_size])
+  return own, aux, test.images[: cfg.test_size], test.labels[: cfg.test_size]
+
+
 def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """Runs the study into ``workdir`` (see the module docstring); returns metrics.json's content."""
   train, test = _load(cfg)  # Bad data fail before the run directory exists.
   rundir.write_config(workdir, dataclasses.asdict(cfg))
-  perm = np.random.default_rng([cfg.seed, 0]).permutation(len(train))
-  own, aux = train.subset(perm[: cfg.train_size]), train.subset(perm[cfg.train_size : cfg.train_size + cfg.aux_size])
-  x_te, y_te = test.images[: cfg.test_size], test.labels[: cfg.test_size]
+  own, aux, x_te, y_te = split_data(cfg, train, test)
   log = os.path.join(workdir, "metrics.jsonl")
   net = split.split_model(models.MLP(num_classes=train.num_classes, hidden=(cfg.hidden,) * 4), split.PAPER_SPLIT)
   params, h, rows2 = {}, {}, []
