@@ -142,7 +142,7 @@ class StudyConfig:
 
 PRESETS = {
   # The smallest setting where protected images train clearly worse models (the test's): an MLP
-  # attacked at its last hidden layer with epsilon 0.15; 15 s on 2 cores. Inkawhich's 0.07 is
+  # attacked at its last hidden layer with epsilon 0.15; 51 s on 2 shared cores. Inkawhich's 0.07 is
   # too small a budget against an MLP surrogate (the "mlp" preset; docs/authorization.md).
   "smoke": {
     "model": "mlp",
