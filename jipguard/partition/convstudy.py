@@ -223,9 +223,8 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
   )
   template = jax.eval_shape(defense.network(dcfg, own.num_classes).init, jax.random.key(0), x_te[:1])
   if os.path.exists(path):
-    f = data.read_npz(path)
-    leaves = [f[f"p{i}"] for i in range(len(jax.tree.leaves(template)))]
-    return jax.tree.unflatten(jax.tree.structure(template), leaves), f["h"], float(f["accuracy"]), float(f["bits"])
+    variables, f = study.load_setting(path, template)
+    return variables, f["h"], float(f["accuracy"]), float(f["bits"])
   log = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()
   marked = setting == "fingerprint"
@@ -245,9 +244,7 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
   bits = penalty.bit_errors(remote, f_L)
   row = {"split": at, "setting": setting, "accuracy": acc, "fingerprint_bit_errors": bits, "train_s": time.time() - t0}
   rundir.append_jsonl(log, row)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained.variables))}
-  rundir.write_npz(path, h=h, accuracy=np.float64(acc), bits=np.float64(bits), **leaves)
+  study.save_setting(path, trained.variables, h=h, accuracy=np.float64(acc), bits=np.float64(bits))
   return trained.variables, h, acc, bits
 
 

@@ -128,6 +128,21 @@ def _load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:
   return train, test
 
 
+def save_setting(path: str, tree: Any, **arrays: np.ndarray) -> None:
+  """A finished setting: ``tree``'s leaves (as ``p0, p1, ...``) and ``arrays``, written atomically."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(tree))}
+  rundir.write_npz(path, **arrays, **leaves)
+
+
+def load_setting(path: str, template: Any) -> tuple[Any, dict[str, np.ndarray]]:
+  """``(tree shaped like template, the other arrays)`` of a setting :func:`save_setting` wrote."""
+  f = data.read_npz(path)
+  n = len(jax.tree.leaves(template))
+  tree = jax.tree.unflatten(jax.tree.structure(template), [f.pop(f"p{i}") for i in range(n)])
+  return tree, f
+
+
 def _setting(
   cfg: StudyConfig, name: str, designs, weight: float, workdir: str, own: data.Dataset, test, *, progress: bool
 ) -> tuple[Any, np.ndarray, float]:
@@ -149,9 +164,8 @@ def _setting(
   )
   template = jax.eval_shape(defense.network(dcfg, own.num_classes).init, jax.random.key(0), x_te[:1])["params"]
   if os.path.exists(path):
-    with np.load(path) as f:
-      leaves = [f[f"p{i}"] for i in range(len(jax.tree.leaves(template)))]
-      return jax.tree.unflatten(jax.tree.structure(template), leaves), f["h"], float(f["accuracy"])
+    params, f = load_setting(path, template)
+    return params, f["h"], float(f["accuracy"])
   log = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()
   trained = defense.train(
@@ -165,9 +179,7 @@ def _setting(
   acc = defense.accuracy(trained, x_te, y_te)
   h = defense.uploaded_states(trained, x_te)
   rundir.append_jsonl(log, {"setting": name, "accuracy": acc, "train_s": time.time() - t0})
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained.params))}  # An MLP: params only.
-  rundir.write_npz(path, h=h, accuracy=np.float64(acc), **leaves)
+  save_setting(path, trained.params, h=h, accuracy=np.float64(acc))  # An MLP: params only.
   return trained.params, h, acc
 
 
