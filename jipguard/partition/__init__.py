@@ -12,9 +12,13 @@ uploaded states still reveal.
   Attack_7's 1-D deconvolution, and the conv mirrors of a local part).
 * ``defense``: Algorithm 1 with per-owner defenders (our reading of Eq. 3, with the defender
   weight lambda), each design's owners one stacked ensemble; accuracy of the deployed pipeline.
-* ``attacks``: the inverse-network attack (one design's attackers one ensemble), the
-  optimisation attack, and MSE / SSIM / reprint accuracy.
-* ``study``: the Table I / II study (no / single / multiple defenders, a defender-weight sweep);
+* ``attacks``: the inverse-network attack (one design's attackers one ensemble, on the local
+  part's states or on any states the attacker holds), the optimisation attack, and MSE / SSIM /
+  reprint accuracy / DPD_aux.
+* ``perceptual``: DPD_aux, the stand-in for the paper's DPD (features of a CNN trained on the
+  auxiliary images: no pretrained perceptual network exists offline).
+* ``study``: the Table I / II study (no / single / multiple defenders, a defender-weight sweep,
+  a fingerprinted setting) and Table III (the server colluding with one owner);
   ``convstudy``: the conv settings (a conv net split at pool1 / pool2 / pool3, with a
   fingerprinted setting); ``cli``: ``jipguard partition``.
 
@@ -33,9 +37,26 @@ Shape suffixes (``h_MxNxD``):
 | K | classes (logits) |
 """
 
-from jipguard.partition.attacks import InverseConfig, invert, optimisation_attack, reconstruction_metrics, train_inverse
-from jipguard.partition.defense import DefenseConfig, Trained, accuracy, obfuscate, train, uploaded_states
+from jipguard.partition.attacks import (
+  InverseConfig,
+  fit_inverse,
+  invert,
+  optimisation_attack,
+  reconstruction_metrics,
+  train_inverse,
+)
+from jipguard.partition.defense import (
+  DefenseConfig,
+  FingerprintPenalty,
+  Trained,
+  accuracy,
+  fingerprint_secret,
+  obfuscate,
+  train,
+  uploaded_states,
+)
 from jipguard.partition.networks import ATTACKS, CONV_ATTACKS, CONV_DEFENDERS, DEFENDERS, MULTIPLE, ConvDecoder, Decoder
+from jipguard.partition.perceptual import PerceptualConfig, PerceptualDistance
 from jipguard.partition.split import (
   ConvNet,
   Split,
@@ -55,18 +76,23 @@ __all__ = [
   "ATTACKS",
   "CONV_ATTACKS",
   "CONV_DEFENDERS",
-  "DEFENDERS",
-  "MULTIPLE",
   "ConvDecoder",
   "ConvNet",
+  "DEFENDERS",
   "Decoder",
   "DefenseConfig",
+  "FingerprintPenalty",
   "InverseConfig",
+  "MULTIPLE",
+  "PerceptualConfig",
+  "PerceptualDistance",
   "Split",
   "Trained",
   "accuracy",
   "build",
   "compose",
+  "fingerprint_secret",
+  "fit_inverse",
   "invert",
   "lfw_cnn",
   "merge_params",

@@ -13,8 +13,8 @@ the owners' private defenders nor their images.
   images ``x = sigmoid(z)`` in [0, 1], Adam from the grey image ``z = 0``.
 * Metrics (:func:`reconstruction_metrics`): per-image MSE, SSIM (``dm_pix.ssim``, 11x11
   Gaussian window, sigma 1.5, on [0, 1] pixels) and reprint accuracy: a classifier's accuracy on
-  the reconstructions. DPD (a perceptual distance) needs a pretrained perceptual network, which
-  does not exist offline: left out.
+  the reconstructions; optionally DPD_aux (:mod:`perceptual`), the stand-in for the paper's
+  DPD, whose pretrained perceptual network does not exist offline.
 
 Positive control (tests/partition/test_attacks.py): without a defender both attacks recover
 their inputs well.
@@ -104,9 +104,28 @@ def train_inverse(
     ValueError: Fewer auxiliary images than one batch.
   """
   x = jnp.asarray(x_aux, jnp.float32)
+  return fit_inverse(decoder, _local_states(local, local_params_M, x), x, cfg)
+
+
+def fit_inverse(
+  decoder, h_MxNxD: np.ndarray | jax.Array, x_aux: np.ndarray, cfg: InverseConfig = InverseConfig()
+) -> tuple[ensemble.EnsembleState, list[np.ndarray]]:
+  """M inverse networks of one design, member m on the pairs ``(h_MxNxD[m, n], x_aux[n])``: any
+  states the attacker holds for its auxiliary images (:func:`train_inverse`'s ``f_l(x_aux)``, or
+  what a colluding owner's defender makes of them).
+
+  Returns:
+    The stacked decoders, and each epoch's training MSE per member (M floats).
+
+  Raises:
+    ValueError: Fewer auxiliary images than one batch, or states that are not one per image.
+  """
+  x = jnp.asarray(x_aux, jnp.float32)
+  h = jnp.asarray(h_MxNxD, jnp.float32)
   if x.shape[0] < cfg.batch_size:
     raise ValueError(f"{x.shape[0]} auxiliary images, fewer than batch_size={cfg.batch_size}")
-  h = _local_states(local, local_params_M, x)
+  if h.ndim < 3 or h.shape[1] != x.shape[0]:
+    raise ValueError(f"states must be M x N x ... with N = {x.shape[0]} images, got {h.shape}")
   m = h.shape[0]
   key = jax.random.key(cfg.seed)
   tx = optax.adam(cfg.lr)
@@ -171,9 +190,15 @@ def ssim(x_NxHxWxC: np.ndarray, x_hat_NxHxWxC: np.ndarray) -> np.ndarray:
 
 
 def reconstruction_metrics(
-  x: np.ndarray, x_hat: np.ndarray, labels: np.ndarray, classify: Callable[[np.ndarray], np.ndarray]
+  x: np.ndarray,
+  x_hat: np.ndarray,
+  labels: np.ndarray,
+  classify: Callable[[np.ndarray], np.ndarray],
+  distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, float]:
-  """``mse`` (per pixel), ``ssim`` (mean over images) and ``reprint_accuracy`` (``classify`` on ``x_hat``).
+  """``mse`` (per pixel), ``ssim`` (mean over images), ``reprint_accuracy`` (``classify`` on
+  ``x_hat``) and, given a per-image ``distance`` (``perceptual.PerceptualDistance``), its mean as
+  ``dpd_aux``.
 
   Raises:
     ValueError: Shapes differ, or a reconstruction is not finite.
@@ -183,8 +208,11 @@ def reconstruction_metrics(
     raise ValueError(f"originals {x.shape} and reconstructions {x_hat.shape} differ in shape")
   if not np.all(np.isfinite(x_hat)):
     raise ValueError("reconstructions are not finite")
-  return {
+  out = {
     "mse": float(np.mean((x - x_hat) ** 2)),
     "ssim": float(np.mean(ssim(x, x_hat))),
     "reprint_accuracy": float(np.mean(classify(x_hat) == np.asarray(labels))),
   }
+  if distance is not None:
+    out["dpd_aux"] = float(np.mean(distance(x, x_hat)))
+  return out

@@ -7,7 +7,7 @@ For each split point of ``splits`` one partitioned model is trained per setting 
   owners (``networks.MULTIPLE_CONV``);
 * ``fingerprint``: ``single`` with a customer's fingerprint embedded in the remote part during the
   same training (Eq. 27: ``mu * mean((F - X theta_sub)^2)`` on the remote ``Dense_0`` kernel,
-  :class:`FingerprintPenalty`), so its accuracy reads against ``single``'s: with and without.
+  :class:`defense.FingerprintPenalty`), so its accuracy reads against ``single``'s: with and without.
 
 Every setting's deployed accuracy is measured on the test images. Each attack of ``attacks``
 (``networks.CONV_ATTACKS``) trains ONCE per split point as a stacked ensemble with one member
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import time
 from typing import Any
 
@@ -50,30 +49,6 @@ DEFAULT_ATTACKS = {
   "lfw_cnn": "lfw_attack1,lfw_attack2",
   "vgg19_bn": "cifar_attack1,cifar_attack2",
 }  # A mirror, a dense.
-
-
-@dataclasses.dataclass(frozen=True)
-class FingerprintPenalty:
-  """Eq. 27 on the remote part: ``mu * mean((F - X theta_sub)^2)``, ``theta_sub`` the remote
-  ``Dense_0`` kernel averaged over its outputs (the form of ``fingerprint.Penalty``; equal to
-  it, tests/partition/test_convstudy.py). Hashed by identity: one object per training."""
-
-  projection: np.ndarray  # X, L x P (secret).
-  mu: float  # Embedding weight (the paper: 0.2).
-
-  __hash__ = object.__hash__
-  __eq__ = object.__eq__
-
-  def theta(self, remote_params) -> jax.Array:
-    return remote_params["Dense_0"]["kernel"].mean(-1).reshape(-1)
-
-  def __call__(self, remote_params, f_L: jax.Array) -> jax.Array:
-    return self.mu * jnp.mean((f_L - jnp.asarray(self.projection) @ self.theta(remote_params)) ** 2)
-
-  def bit_errors(self, remote_params, f_L: np.ndarray) -> float:
-    """Fraction of the fingerprint's bits whose sign the remote part reads wrong."""
-    f_hat = np.asarray(self.projection, np.float64) @ np.asarray(self.theta(remote_params), np.float64)
-    return float(np.mean(np.sign(f_hat) != np.sign(f_L)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,19 +224,9 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
 
 
 def _fingerprint(cfg: ConvStudyConfig, workdir: str, num_classes: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(X, F)``: the secret projection (drawn with ``secrets``, kept in a 0600 file, reused by a
-  rerun) and a +-1 fingerprint of ``fingerprint_bits``."""
-  path = os.path.join(workdir, "fingerprint_projection.json")
+  """``(X, F)`` of the fingerprinted setting (:func:`defense.fingerprint_secret`)."""
   net = split.split_model(split.build(cfg.arch, num_classes, width=cfg.width), cfg.split_list()[0])
-  if not os.path.exists(path):
-    rng = np.random.default_rng(secrets.randbits(128))
-    rundir.write_secret(path, {"seed": int(rng.integers(2**63)), "fingerprint": rng.integers(0, 2, 4096).tolist()})
-  secret = rundir.read_secret(path)
-  rng = np.random.default_rng(secret["seed"])
-  shapes = jax.eval_shape(net.remote.init, jax.random.key(0), jnp.zeros((1, *split.hidden_shape(net, x.shape[1:]))))
-  p = shapes["params"]["Dense_0"]["kernel"].shape[0]
-  f_L = 2 * np.asarray(secret["fingerprint"][: cfg.fingerprint_bits], np.float32) - 1
-  return rng.standard_normal((cfg.fingerprint_bits, p)).astype(np.float32), f_L
+  return defense.fingerprint_secret(workdir, net, x.shape[1:], cfg.fingerprint_bits)
 
 
 def figure4(path: str, metrics: dict[str, Any]) -> None:
@@ -303,7 +268,7 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
   log = os.path.join(workdir, "metrics.jsonl")
   start = time.time()
   projection, f_L = _fingerprint(cfg, workdir, train.num_classes, x_te)
-  penalty = FingerprintPenalty(projection, cfg.fingerprint_weight)
+  penalty = defense.FingerprintPenalty(projection, cfg.fingerprint_weight)
   names = cfg.setting_list()
   rows, metrics = [], {"accuracy": {}, "fingerprint_bit_errors": {}, "attacks": {}}
   for at in cfg.split_list():

@@ -47,6 +47,8 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import functools
+import os
+import secrets
 from typing import Any
 
 import jax
@@ -55,7 +57,7 @@ import numpy as np
 import optax
 import tqdm
 
-from jipguard import ensemble
+from jipguard import ensemble, rundir
 from jipguard.partition import networks, split
 
 PyTree = Any
@@ -99,6 +101,14 @@ class DefenseConfig:
       raise ValueError("defender_weight and utility_weight must be >= 0")
     if self.epochs < 0 or self.batch_size < 1 or self.warmup_epochs < 0:
       raise ValueError(f"epochs and warmup_epochs must be >= 0, batch_size >= 1, got {self}")
+
+  def owner_designs(self) -> tuple[str, ...]:
+    """Each owner's defender design (``""``: no defender), by :meth:`groups`."""
+    design = [""] * self.num_owners
+    for name, owners in self.groups():
+      for o in owners:
+        design[o] = name
+    return tuple(design)
 
   def groups(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """``(design, owners)`` per group: owner o gets ``designs[perm[o] % len(designs)]``, perm a
@@ -281,6 +291,50 @@ def _epoch(
   return variables, opt_state, defenders, loss.mean(), priv.mean()
 
 
+@dataclasses.dataclass(frozen=True)
+class FingerprintPenalty:
+  """Eq. 27 on the remote part, the server's ``penalty`` of :func:`train`:
+  ``mu * mean((F - X theta_sub)^2)``, ``theta_sub`` the remote ``Dense_0`` kernel averaged over
+  its outputs (the form of ``fingerprint.Penalty``, which this package may not import; equal to
+  it, tests/partition/test_conv.py). Hashed by identity: one object per training."""
+
+  projection: np.ndarray  # X, L x P (secret).
+  mu: float  # Embedding weight (the paper: 0.2).
+
+  __hash__ = object.__hash__
+  __eq__ = object.__eq__
+
+  def theta(self, remote_params) -> jax.Array:
+    return remote_params["Dense_0"]["kernel"].mean(-1).reshape(-1)
+
+  def __call__(self, remote_params, f_L: jax.Array) -> jax.Array:
+    return self.mu * jnp.mean((f_L - jnp.asarray(self.projection) @ self.theta(remote_params)) ** 2)
+
+  def bit_errors(self, remote_params, f_L: np.ndarray) -> float:
+    """Fraction of the fingerprint's bits whose sign the remote part reads wrong."""
+    f_hat = np.asarray(self.projection, np.float64) @ np.asarray(self.theta(remote_params), np.float64)
+    return float(np.mean(np.sign(f_hat) != np.sign(f_L)))
+
+
+def fingerprint_secret(workdir: str, net: split.Split, image_shape, bits: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(X, F)`` of a run's fingerprinted setting: the secret projection X (``bits`` x the remote
+  ``Dense_0``'s input width) and a +-1 fingerprint F of ``bits``. Their seed and bits are drawn
+  with ``secrets`` into ``workdir/fingerprint_projection.json`` (mode 0600) on the first call;
+  a rerun reads them back, so it embeds the same fingerprint."""
+  path = os.path.join(workdir, "fingerprint_projection.json")
+  if not os.path.exists(path):
+    rng = np.random.default_rng(secrets.randbits(128))
+    rundir.write_secret(path, {"seed": int(rng.integers(2**63)), "fingerprint": rng.integers(0, 2, 4096).tolist()})
+  secret = rundir.read_secret(path)
+  if not 1 <= bits <= len(secret["fingerprint"]):
+    raise ValueError(f"fingerprint bits must be in [1, {len(secret['fingerprint'])}], got {bits}")
+  rng = np.random.default_rng(secret["seed"])
+  h = jnp.zeros((1, *split.hidden_shape(net, image_shape)))
+  p = jax.eval_shape(net.remote.init, jax.random.key(0), h)["params"]["Dense_0"]["kernel"].shape[0]
+  f_L = 2 * np.asarray(secret["fingerprint"][:bits], np.float32) - 1
+  return rng.standard_normal((bits, p)).astype(np.float32), f_L
+
+
 def owner_shares(num: int, num_owners: int, seed: int) -> np.ndarray:
   """``indices_OxS``: a seeded permutation of ``num`` images dealt into equal shares (remainder dropped)."""
   s = num // num_owners
@@ -368,11 +422,18 @@ def train(
   return Trained(config=cfg, split=net, variables=variables, defenders=defenders, history=history)
 
 
-def obfuscate(trained: Trained, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(x', owner)``: image n is owner ``n % N``'s and goes through that owner's defender
-  (x' = x for an owner without one). Host loop over groups; each group's owners vmapped."""
+def obfuscate(trained: Trained, images: np.ndarray, *, owner: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """``(x', owner_N)``: image n is owner ``n % N``'s (or, given ``owner``, every image is that
+  owner's) and goes through its owner's defender (x' = x for an owner without one).
+
+  Raises:
+    ValueError: ``owner`` is not one of the N owners.
+  """
   x = jnp.asarray(images, jnp.float32)
-  owner = np.arange(len(x)) % trained.config.num_owners
+  n_owners = trained.config.num_owners
+  if owner is not None and not 0 <= owner < n_owners:
+    raise ValueError(f"owner must be in [0, {n_owners}), got {owner}")
+  owner = np.arange(len(x)) % n_owners if owner is None else np.full(len(x), owner)
   out = np.array(x)
   h = trained.split.local.apply(trained.local_variables, x)
   for (name, owners), state in zip(trained.config.groups(), trained.defenders):
@@ -391,9 +452,10 @@ def accuracy(trained: Trained, images: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == np.asarray(labels)))
 
 
-def uploaded_states(trained: Trained, images: np.ndarray) -> np.ndarray:
-  """What the server sees of ``images``: ``H' = f_l(x')`` (``f_l(x)`` with no defender), ``h_NxD``."""
-  x_obf, _ = obfuscate(trained, images)
+def uploaded_states(trained: Trained, images: np.ndarray, *, owner: int | None = None) -> np.ndarray:
+  """What the server sees of ``images``: ``H' = f_l(x')`` (``f_l(x)`` with no defender), ``h_NxD``;
+  image n is owner ``n % N``'s, or every image is ``owner``'s (:func:`obfuscate`)."""
+  x_obf, _ = obfuscate(trained, images, owner=owner)
   return np.asarray(trained.split.local.apply(trained.local_variables, jnp.asarray(x_obf)))
 
 

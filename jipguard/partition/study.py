@@ -1,20 +1,33 @@
-"""Tables I-II: attacks against no / single / multiple defenders, and the defender-weight sweep.
+"""Tables I-II: attacks against no / single / multiple defenders, the defender-weight sweep, and
+Table III (ours): the server colluding with one data owner.
 
 One partitioned model is trained per setting (:mod:`defense`): no defender; the single design
 (``"single"`` on every owner) at each defender weight of ``weights`` (Table I's sweep); the
-four designs of Table II dealt over the owners (``networks.MULTIPLE``) at ``defender_weight``.
-Every setting's deployed accuracy is measured on the test images. Then each inverse-network
-design of ``attacks`` is trained ONCE as a stacked ensemble with one member per setting (member
-m learns to invert setting m's local part on the auxiliary images) and applied to what each
-setting's owners upload for the test images; the optimisation attack runs on a few of them.
-Reprint accuracy is the undefended model's accuracy on the reconstructions.
+four designs of Table II dealt over the owners (``networks.MULTIPLE``) at ``defender_weight``;
+and ``fingerprint``: the single defender at ``defender_weight`` with a customer's fingerprint
+embedded in the remote part during the same training (Eq. 27, ``defense.FingerprintPenalty``),
+so its accuracy reads against ``single``'s: with and without. Every setting's deployed accuracy
+is measured on the test images. Then each inverse-network design of ``attacks`` is trained ONCE
+as a stacked ensemble with one member per setting (member m learns to invert setting m's local
+part on the auxiliary images) and applied to what each setting's owners upload for the test
+images; the optimisation attack runs on a few of them. Reprint accuracy is the undefended
+model's accuracy on the reconstructions; DPD_aux (:mod:`perceptual`) stands in for the paper's
+DPD.
+
+Table III tests what the paper's argument for multiple defenders rests on: an attacker who
+knows one owner's defender. Owner ``colluder`` runs its defender on the server's auxiliary
+images and hands over the uploads; ``colluder_attack`` trained on those pairs (one member per
+setting) attacks every owner's test uploads, reported for the colluder's own images, the other
+owners of its design, and the owners of other designs.
 
 Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one row per epoch of each
 setting, one per attack and setting), ``table1.md/.csv`` (single defender: MSE / SSIM per
-attack and weight), ``table2.md/.csv`` (no / single / multiple), ``reconstructions.png``
-(originals, then Attack_3's reconstructions per setting), ``settings/<setting>.npz`` (each
-trained setting's parameters, uploaded test states and accuracy: a rerun of the same command
-loads finished settings instead of training them again), ``report.md`` and, last,
+attack and weight), ``table2.md/.csv`` (no / single / multiple), ``table3.md/.csv`` (the
+colluding owner), ``reconstructions.png`` (originals, then Attack_3's reconstructions per
+setting), ``fingerprint_projection.json`` (the secret X's seed and F, mode 0600),
+``settings/<setting>.npz`` (each trained setting's parameters, uploaded test states, the
+colluder's uploads of the auxiliary images, accuracy and fingerprint bit errors: a rerun of the
+same command loads finished settings instead of training them again), ``report.md`` and, last,
 ``metrics.json``.
 """
 
@@ -30,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jipguard import cli, data, models, rundir
-from jipguard.partition import attacks, defense, networks, split
+from jipguard.partition import attacks, defense, networks, perceptual, split
 
 PAPER_TABLE2 = {  # Table II: accuracy, then MSE / SSIM of each attack, per setting.
   "accuracy": {"none": 97.67, "single": 96.85, "multiple": 95.71},
@@ -66,14 +79,22 @@ class StudyConfig:
   opt_images: int = 50  # Test images attacked by the optimisation attack (0: none).
   opt_steps: int = 300  # Adam steps of the optimisation attack.
   hidden: int = 900  # Width of the MLP's four hidden layers (the paper: 900).
+  colluder: int = 0  # The owner who colludes with the server (Table III: its defender's pairs train the attack).
+  colluder_attack: str = "attack3"  # Inverse network of the colluding-owner attack ("": no Table III).
+  perceptual_epochs: int = 10  # Epochs of DPD_aux's feature network on the auxiliary images (0: no DPD_aux).
+  fingerprint_bits: int = 32  # L of the fingerprinted setting (single + Eq. 27 in the remote part; 0: none).
+  fingerprint_weight: float = 0.2  # mu of Eq. 27 (the paper: 0.2).
   seed: int = 0  # Seeds everything.
 
   def __post_init__(self):
     for name in ("train_size", "aux_size", "test_size", "num_owners", "batch_size", "hidden", "epochs"):
       cli.check_int(f"--{name}", getattr(self, name), lo=1)
-    for name in ("warmup_epochs", "attack_epochs", "opt_images", "opt_steps", "seed"):
+    for name in ("warmup_epochs", "attack_epochs", "opt_images", "opt_steps", "perceptual_epochs", "seed"):
       cli.check_int(f"--{name}", getattr(self, name), lo=0)
+    cli.check_int("--fingerprint_bits", self.fingerprint_bits, lo=0, hi=4096)
     cli.check_float("--defender_weight", self.defender_weight, lo=0)
+    cli.check_float("--fingerprint_weight", self.fingerprint_weight, lo=0, hi=100)
+    cli.check_int("--colluder", self.colluder, lo=0, hi=self.num_owners - 1)
     if self.train_size < self.num_owners * self.batch_size:
       raise ValueError(f"--train_size must be >= num_owners * batch_size = {self.num_owners * self.batch_size}")
     if self.num_owners < len(networks.MULTIPLE):
@@ -95,6 +116,8 @@ class StudyConfig:
     bad = [a for a in self.attack_list() if a not in known]
     if bad or not self.attack_list():
       raise ValueError(f"--attacks must name some of {known}, got {self.attacks!r}")
+    if self.colluder_attack and self.colluder_attack not in known:
+      raise ValueError(f"--colluder_attack must be one of {known} or empty, got {self.colluder_attack!r}")
 
   def weight_list(self) -> list[float]:
     return [float(w) for w in self.weights.split(",") if w.strip()]
@@ -104,16 +127,33 @@ class StudyConfig:
 
   def settings(self) -> list[tuple[str, tuple[str, ...], float]]:
     """``(name, designs, lambda)`` of every setting: none, single at each weight (and at
-    ``defender_weight``), multiple."""
+    ``defender_weight``), multiple, and (``fingerprint_bits`` > 0) fingerprint: single at
+    ``defender_weight`` with Eq. 27 in the remote part."""
     ws = sorted({*self.weight_list(), self.defender_weight} - {0.0})
     single = [(f"single@{w:g}", ("single",), w) for w in ws]
-    return [("none", (), 0.0), *single, ("multiple", networks.MULTIPLE, self.defender_weight)]
+    marked = [("fingerprint", ("single",), self.defender_weight)] if self.fingerprint_bits else []
+    return [("none", (), 0.0), *single, ("multiple", networks.MULTIPLE, self.defender_weight), *marked]
+
+  def defense(self, designs: tuple[str, ...], weight: float) -> defense.DefenseConfig:
+    """Algorithm 1's configuration of a setting."""
+    return defense.DefenseConfig(
+      designs=designs,
+      num_owners=self.num_owners,
+      defender_weight=weight,
+      epochs=self.epochs,
+      warmup_epochs=self.warmup_epochs,
+      batch_size=self.batch_size,
+      lr_model=self.lr_model,
+      lr_defender=self.lr_defender,
+      hidden=(self.hidden,) * 4,
+      seed=self.seed,
+    )
 
 
 PRESETS = {
   "smoke": dict(
     train_size=400, aux_size=200, test_size=100, num_owners=4, epochs=2, hidden=64, weights="0.1",
-    attacks="attack3,attack8", attack_epochs=2, opt_images=10, opt_steps=20,
+    attacks="attack3,attack8", attack_epochs=2, opt_images=10, opt_steps=20, perceptual_epochs=1, fingerprint_bits=8,
   ),
 }  # fmt: skip
 
@@ -144,43 +184,50 @@ def load_setting(path: str, template: Any) -> tuple[Any, dict[str, np.ndarray]]:
 
 
 def _setting(
-  cfg: StudyConfig, name: str, designs, weight: float, workdir: str, own: data.Dataset, test, *, progress: bool
-) -> tuple[Any, np.ndarray, float]:
-  """One setting's trained params, the states its owners upload for the test images, and its
-  accuracy: from ``settings/<name>.npz`` when a previous run finished it, else trained and saved."""
+  cfg: StudyConfig, name: str, designs, weight: float, workdir: str, own: data.Dataset, aux, test, mark, *, progress
+) -> dict[str, Any]:
+  """One setting: its trained params, the states its owners upload for the test images (``h``),
+  what the colluding owner's defender makes of the auxiliary images (``h_colluder``), its
+  accuracy and fingerprint bit errors (``bits``). From ``settings/<name>.npz`` when a previous
+  run finished it, else trained and saved. ``mark``: ``(penalty, F)`` of the fingerprint."""
   path = os.path.join(workdir, "settings", name.replace("@", "_at_") + ".npz")
   x_te, y_te = test
-  dcfg = defense.DefenseConfig(
-    designs=designs,
-    num_owners=cfg.num_owners,
-    defender_weight=weight,
-    epochs=cfg.epochs,
-    warmup_epochs=cfg.warmup_epochs,
-    batch_size=cfg.batch_size,
-    lr_model=cfg.lr_model,
-    lr_defender=cfg.lr_defender,
-    hidden=(cfg.hidden,) * 4,
-    seed=cfg.seed,
-  )
+  dcfg = cfg.defense(designs, weight)
   template = jax.eval_shape(defense.network(dcfg, own.num_classes).init, jax.random.key(0), x_te[:1])["params"]
+  keys = ("h", "h_colluder", "accuracy", "bits")
   if os.path.exists(path):
     params, f = load_setting(path, template)
-    return params, f["h"], float(f["accuracy"])
+    if all(k in f for k in keys):  # Else written by a version without them: trained again.
+      return {"params": params, **{k: f[k] for k in keys}}
   log = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()
+  penalty, f_L = mark
+  marked = name == "fingerprint"
   trained = defense.train(
     dcfg,
     own.images,
     own.labels,
     num_classes=own.num_classes,
+    penalty=penalty if marked else None,
+    penalty_data=jnp.asarray(f_L) if marked else None,
     progress=progress,
     on_epoch_end=lambda r: rundir.append_jsonl(log, {"setting": name, **r}),
   )
-  acc = defense.accuracy(trained, x_te, y_te)
-  h = defense.uploaded_states(trained, x_te)
-  rundir.append_jsonl(log, {"setting": name, "accuracy": acc, "train_s": time.time() - t0})
-  save_setting(path, trained.params, h=h, accuracy=np.float64(acc))  # An MLP: params only.
-  return trained.params, h, acc
+  out = {
+    "params": trained.params,  # An MLP: params only.
+    "h": defense.uploaded_states(trained, x_te),
+    "h_colluder": defense.uploaded_states(trained, aux, owner=cfg.colluder),
+    "accuracy": np.float64(defense.accuracy(trained, x_te, y_te)),
+    "bits": np.float64(np.nan),
+  }
+  if penalty is not None:
+    out["bits"] = np.float64(
+      penalty.bit_errors(split.split_variables(trained.split, trained.variables)[1]["params"], f_L)
+    )
+  row = {"setting": name, "accuracy": float(out["accuracy"]), "fingerprint_bit_errors": float(out["bits"])}
+  rundir.append_jsonl(log, {**row, "train_s": time.time() - t0})
+  save_setting(path, trained.params, **{k: out[k] for k in keys})
+  return out
 
 
 def grid(path: str, x: np.ndarray, rows: dict[str, np.ndarray]) -> None:
@@ -218,32 +265,42 @@ def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, A
   own, aux, x_te, y_te = split_data(cfg, train, test)
   log = os.path.join(workdir, "metrics.jsonl")
   net = split.split_model(models.MLP(num_classes=train.num_classes, hidden=(cfg.hidden,) * 4), split.PAPER_SPLIT)
-  params, h, rows2 = {}, {}, []
+  mark = (None, None)
+  if cfg.fingerprint_bits:
+    projection, f_L = defense.fingerprint_secret(workdir, net, x_te.shape[1:], cfg.fingerprint_bits)
+    mark = (defense.FingerprintPenalty(projection, cfg.fingerprint_weight), f_L)
+  settings, rows2 = {}, []
   start = time.time()
   for name, designs, weight in cfg.settings():
-    params[name], h[name], acc = _setting(cfg, name, designs, weight, workdir, own, (x_te, y_te), progress=progress)
-    rows2.append({"setting": name, "defender_weight": weight, "accuracy": 100 * acc})
-  names = list(params)
-  reference = params["none"]
+    settings[name] = _setting(
+      cfg, name, designs, weight, workdir, own, aux.images, (x_te, y_te), mark, progress=progress
+    )
+    rows2.append({"setting": name, "defender_weight": weight, "accuracy": 100 * float(settings[name]["accuracy"])})
+  names = list(settings)
+  reference = settings["none"]["params"]
   classify = lambda z: np.asarray(jnp.argmax(split.compose(net, *split.split_params(reference, net.num_local), z), -1))  # noqa: E731
-  local_params = {n: split.split_params(params[n], net.num_local)[0] for n in names}
+  dpd = None
+  if cfg.perceptual_epochs:
+    pcfg = perceptual.PerceptualConfig(epochs=cfg.perceptual_epochs, seed=cfg.seed)
+    dpd = perceptual.train(aux.images, aux.labels, num_classes=train.num_classes, cfg=pcfg)
+    rundir.append_jsonl(log, {"dpd_aux_train_accuracy": dpd.train_accuracy})
+  metric = lambda x, x_hat, y: attacks.reconstruction_metrics(x, x_hat, y, classify, dpd)  # noqa: E731
+  local_params = {n: split.split_params(settings[n]["params"], net.num_local)[0] for n in names}
   locals_M = jax.tree.map(lambda *a: jnp.stack(a), *[local_params[n] for n in names])
-  h_M = jnp.stack([jnp.asarray(h[n]) for n in names])
+  h_M = jnp.stack([jnp.asarray(settings[n]["h"]) for n in names])
   results: dict[str, dict[str, dict[str, float]]] = {}
   recon: dict[str, np.ndarray] = {}
+  icfg = attacks.InverseConfig(epochs=cfg.attack_epochs, batch_size=32, seed=cfg.seed)
   for attack in cfg.attack_list():
     dec = networks.attack(attack, x_te.shape[1:])
-    icfg = attacks.InverseConfig(epochs=cfg.attack_epochs, batch_size=32, seed=cfg.seed)
     state, _ = attacks.train_inverse(dec, net.local, locals_M, aux.images, icfg)
     x_hat = np.asarray(attacks.invert(dec, state.params, h_M))
     results[attack] = {}
     for m, n in enumerate(names):
-      results[attack][n] = attacks.reconstruction_metrics(x_te, x_hat[m], y_te, classify)
+      results[attack][n] = metric(x_te, x_hat[m], y_te)
       rundir.append_jsonl(log, {"attack": attack, "setting": n, **results[attack][n]})
     if attack == "attack3" or not recon:
-      recon = {
-        f"{attack} {n}": x_hat[m] for m, n in enumerate(names) if not n.startswith("single@") or n in _table2(cfg)
-      }
+      recon = {f"{attack} {n}": x_hat[m] for m, n in enumerate(names) if n in _table2(cfg)}
   if cfg.opt_images:
     results["optimisation"] = {}
     for m, n in enumerate(names):
@@ -255,55 +312,127 @@ def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, A
         steps=cfg.opt_steps,
         tv_weight=0.01,
       )
-      results["optimisation"][n] = attacks.reconstruction_metrics(
-        x_te[: cfg.opt_images], x_hat, y_te[: cfg.opt_images], classify
-      )
+      results["optimisation"][n] = metric(x_te[: cfg.opt_images], x_hat, y_te[: cfg.opt_images])
       rundir.append_jsonl(log, {"attack": "optimisation", "setting": n, **results["optimisation"][n]})
-  # Table I: the single defender at each weight; Table II: none / single / multiple.
+  collusion = _collusion(cfg, names, settings, aux.images, h_M, x_te, y_te, metric, log) if cfg.colluder_attack else {}
+  _write_tables(cfg, workdir, names, results, rows2, collusion)
+  grid(os.path.join(workdir, "reconstructions.png"), x_te, recon)
+  elapsed = time.time() - start
+  acc = {r["setting"]: r["accuracy"] for r in rows2}
+  bits = {n: float(settings[n]["bits"]) for n in names}
+  report = [
+    "# SecureMark-DL privacy partitioning: Tables I-II\n",
+    f"Dataset {cfg.dataset} ({cfg.train_size} owners' images over {cfg.num_owners} owners, {cfg.aux_size} "
+    f"auxiliary, {cfg.test_size} test); {cfg.epochs} epochs ({cfg.warmup_epochs} warm-up); {elapsed:.0f} s.\n",
+    "Table II's single defender is `" + _table2(cfg)[1] + "`. Reprint accuracy: the undefended model on the "
+    "reconstructions. DPD_aux: the stand-in for the paper's DPD (LPIPS-form distance in the features of a CNN "
+    "trained on the auxiliary images; not comparable with the paper's values).\n",
+    open(os.path.join(workdir, "table2.md")).read(),
+    open(os.path.join(workdir, "table1.md")).read(),
+  ]
+  if "fingerprint" in names:
+    report.append(
+      f"Fingerprints (Eq. 27, {cfg.fingerprint_bits} bits, mu {cfg.fingerprint_weight}, in the remote Dense_0): "
+      f"accuracy {acc['fingerprint']:.1f}% with, {acc[_table2(cfg)[1]]:.1f}% without (the same single defender); "
+      f"bit errors {bits['fingerprint']:.3f} (unmarked: {bits[_table2(cfg)[1]]:.3f}).\n"
+    )
+  if collusion:
+    report.append(open(os.path.join(workdir, "table3.md")).read())
+  report.append("![reconstructions](reconstructions.png)\n")
+  rundir.write_text(os.path.join(workdir, "report.md"), "\n".join(report))
+  metrics = {
+    "accuracy": acc,
+    "fingerprint_bit_errors": bits,
+    "attacks": results,
+    "collusion": collusion,
+    "table2_settings": _table2(cfg),
+    "elapsed_s": elapsed,
+  }
+  rundir.write_json(os.path.join(workdir, "metrics.json"), metrics)
+  return metrics
+
+
+def _collusion(cfg, names, settings, x_aux, h_M, x_te, y_te, metric, log) -> dict[str, dict[str, dict[str, float]]]:
+  """Table III: the server colludes with owner ``cfg.colluder``, who runs its defender on the
+  server's auxiliary images; one inverse network per setting (one stacked ensemble) learns
+  uploaded state -> image from those pairs and attacks every owner's test uploads. Metrics per
+  group of test images: the colluder's own, other owners of the colluder's design, owners of the
+  other designs."""
+  dec = networks.attack(cfg.colluder_attack, x_te.shape[1:])
+  icfg = attacks.InverseConfig(epochs=cfg.attack_epochs, batch_size=32, seed=cfg.seed)
+  h_col = jnp.stack([jnp.asarray(settings[n]["h_colluder"]) for n in names])
+  state, _ = attacks.fit_inverse(dec, h_col, x_aux, icfg)
+  x_hat = np.asarray(attacks.invert(dec, state.params, h_M))
+  owner = np.arange(len(x_te)) % cfg.num_owners
+  out = {}
+  for m, (n, designs, weight) in enumerate(cfg.settings()):
+    design = np.asarray(cfg.defense(designs, weight).owner_designs())[owner]
+    own_design = design[owner == cfg.colluder][0] if np.any(owner == cfg.colluder) else None
+    groups = {
+      "colluder": owner == cfg.colluder,
+      "same design": (owner != cfg.colluder) & (design == own_design),
+      "other designs": design != own_design,
+    }
+    out[n] = {
+      g: metric(x_te[sel], x_hat[m][sel], y_te[sel]) | {"images": int(sel.sum())}
+      for g, sel in groups.items()
+      if sel.any()
+    }
+    for g, r in out[n].items():
+      rundir.append_jsonl(log, {"attack": f"colluder {cfg.colluder_attack}", "setting": n, "group": g, **r})
+  return out
+
+
+def _write_tables(cfg: StudyConfig, workdir: str, names, results, rows2, collusion) -> None:
+  """table1 (the weight sweep), table2 (no / single / multiple) and table3 (the colluding owner)."""
   t1 = [
     {"attack": a, **{f"{n} mse": r[n]["mse"] for n in names if n.startswith("single@")}}
     | {f"{n} ssim": r[n]["ssim"] for n in names if n.startswith("single@")}
     for a, r in results.items()
   ]
-  t1.append({"attack": "accuracy %", **{f"{r['setting']} mse": r["accuracy"] for r in rows2[1:-1]}})
+  t1.append(
+    {
+      "attack": "accuracy %",
+      **{f"{r['setting']} mse": r["accuracy"] for r in rows2 if r["setting"].startswith("single@")},
+    }
+  )
   cols1 = ["attack", *[f"{n} mse" for n in names if n.startswith("single@")]]
   cols1 += [f"{n} ssim" for n in names if n.startswith("single@")]
   rundir.write_table(os.path.join(workdir, "table1"), t1, cols1, title="Table I: single defender, weight sweep")
   t2_names = _table2(cfg)
+  keys = ("none", "single", "multiple")
   t2 = []
   for a, r in results.items():
     row = {"attack": a}
-    for n, key in zip(t2_names, ("none", "single", "multiple")):
+    for n, key in zip(t2_names, keys):
       row[f"{key} mse/ssim"] = f"{r[n]['mse']:.3f}/{r[n]['ssim']:.3f}"
       row[f"{key} reprint"] = r[n]["reprint_accuracy"]
+      if "dpd_aux" in r[n]:
+        row[f"{key} dpd_aux"] = r[n]["dpd_aux"]
     if a in PAPER_TABLE2:
       row["paper mse/ssim (none, single, multiple)"] = ", ".join(f"{m:.3f}/{s:.3f}" for m, s in PAPER_TABLE2[a])
     t2.append(row)
   acc = {r["setting"]: r["accuracy"] for r in rows2}
   acc_row = {"attack": "accuracy %"}
-  for n, key in zip(t2_names, ("none", "single", "multiple")):
+  for n, key in zip(t2_names, keys):
     acc_row[f"{key} mse/ssim"] = f"{acc[n]:.2f}"
   acc_row["paper mse/ssim (none, single, multiple)"] = "97.67, 96.85, 95.71"
   t2.insert(0, acc_row)
-  cols2 = ["attack", *[f"{k} {c}" for k in ("none", "single", "multiple") for c in ("mse/ssim", "reprint")]]
+  extra = ("reprint", "dpd_aux") if cfg.perceptual_epochs else ("reprint",)
+  cols2 = ["attack", *[f"{k} {c}" for k in keys for c in ("mse/ssim", *extra)]]
   cols2.append("paper mse/ssim (none, single, multiple)")
   rundir.write_table(os.path.join(workdir, "table2"), t2, cols2, title="Table II: no / single / multiple defenders")
-  grid(os.path.join(workdir, "reconstructions.png"), x_te, recon)
-  elapsed = time.time() - start
-  report = [
-    "# SecureMark-DL privacy partitioning: Tables I-II\n",
-    f"Dataset {cfg.dataset} ({cfg.train_size} owners' images over {cfg.num_owners} owners, {cfg.aux_size} "
-    f"auxiliary, {cfg.test_size} test); {cfg.epochs} epochs ({cfg.warmup_epochs} warm-up); {elapsed:.0f} s.\n",
-    "Table II's single defender is `" + t2_names[1] + "`. Reprint accuracy: the undefended model on the "
-    "reconstructions.\n",
-    open(os.path.join(workdir, "table2.md")).read(),
-    open(os.path.join(workdir, "table1.md")).read(),
-    "![reconstructions](reconstructions.png)\n",
-  ]
-  rundir.write_text(os.path.join(workdir, "report.md"), "\n".join(report))
-  metrics = {"accuracy": acc, "attacks": results, "table2_settings": t2_names, "elapsed_s": elapsed}
-  rundir.write_json(os.path.join(workdir, "metrics.json"), metrics)
-  return metrics
+  if collusion:
+    groups = ("colluder", "same design", "other designs")
+    t3 = [
+      {"setting": n, **{g: f"{c[g]['mse']:.3f}/{c[g]['ssim']:.3f} ({c[g]['images']})" for g in groups if g in c}}
+      for n, c in collusion.items()
+    ]
+    title = (
+      f"Table III: the server colludes with owner {cfg.colluder} ({cfg.colluder_attack} trained on its "
+      "defender's uploads of the auxiliary images); MSE/SSIM (test images) per owner group"
+    )
+    rundir.write_table(os.path.join(workdir, "table3"), t3, ["setting", *groups], title=title)
 
 
 def _table2(cfg: StudyConfig) -> list[str]:

@@ -80,3 +80,19 @@ def test_a_fingerprint_penalty_on_the_remote_part_composes_with_partitioning():
     return np.mean((fingerprint.extract(remote, proj, ("Dense_0",)) - f_L) ** 2)
 
   assert error(marked) < 0.5 * error(plain)
+
+
+def test_every_owner_has_its_groups_design_and_obfuscate_takes_one_owner(defended, fashion):
+  cfg = dataclasses.replace(defended.config, designs=networks.MULTIPLE, num_owners=20)
+  designs = cfg.owner_designs()
+  for name, owners in cfg.groups():
+    assert all(designs[o] == name for o in owners)
+  assert sorted(designs) == sorted(d for d in networks.MULTIPLE for _ in range(5))
+  assert defense.DefenseConfig(num_owners=3).owner_designs() == ("", "", "")
+  x = fashion[3][:8]
+  x1, owner = defense.obfuscate(defended, x, owner=1)
+  assert (owner == 1).all()
+  np.testing.assert_array_equal(x1[1::4], defense.obfuscate(defended, x)[0][1::4])  # Image n is owner n % 4's.
+  assert not np.allclose(x1[0], defense.obfuscate(defended, x)[0][0])  # Owner 0's defender is another one.
+  with pytest.raises(ValueError, match="owner"):
+    defense.obfuscate(defended, x, owner=4)

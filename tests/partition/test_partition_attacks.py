@@ -55,3 +55,40 @@ def test_metrics_of_perfect_and_of_bad_reconstructions():
     networks.attack("attack9", (28, 28, 1))
   with pytest.raises(ValueError, match="conv"):
     networks.attack("cifar_attack1", (28, 28, 1))  # A conv decoder needs a conv local part.
+
+
+def test_fit_inverse_on_the_local_states_is_train_inverse(fashion, undefended):
+  aux = fashion[2][:128]
+  locals_M = jax.tree.map(lambda a: a[None], undefended.local_params)
+  dec = networks.attack("attack8", aux.shape[1:])
+  cfg = attacks.InverseConfig(epochs=1, batch_size=32)
+  a, _ = attacks.train_inverse(dec, undefended.split.local, locals_M, aux, cfg)
+  h = jnp.asarray(defense.uploaded_states(undefended, aux))[None]
+  b, _ = attacks.fit_inverse(dec, h, aux, cfg)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  with pytest.raises(ValueError, match="states"):
+    attacks.fit_inverse(dec, h[:, :64], aux, cfg)
+
+
+def test_positive_control_a_colluding_owner_lets_the_server_invert_its_defender(fashion, defended):
+  """The colluding-owner attack (Table III): trained on the pairs (x_aux, what owner 0's defender
+  uploads for them), it reconstructs owner 0's test images far better than the attacker that
+  only knows f_l, and better than the input-blind guess (not as well as the undefended positive
+  control: the defender's images lost information, privacy MSE ~0.29)."""
+  _, _, aux, x_te, _ = fashion
+  mine = np.arange(len(x_te)) % defended.config.num_owners == 0
+  x0 = x_te[mine]
+  h0 = jnp.asarray(defense.uploaded_states(defended, x0, owner=0))[None]
+  np.testing.assert_allclose(h0[0], defense.uploaded_states(defended, x_te)[mine], atol=1e-5)
+  dec = networks.attack("attack3", x_te.shape[1:])
+  cfg = attacks.InverseConfig(epochs=10, batch_size=32)
+  locals_M = jax.tree.map(lambda a: a[None], defended.local_params)
+  blind, _ = attacks.train_inverse(dec, defended.split.local, locals_M, aux, cfg)
+  colluding, _ = attacks.fit_inverse(dec, defense.uploaded_states(defended, aux, owner=0)[None], aux, cfg)
+  mse = {
+    name: float(np.mean((np.asarray(attacks.invert(dec, s.params, h0)[0]) - x0) ** 2))
+    for name, s in (("blind", blind), ("colluding", colluding))
+  }
+  guess = _baseline_mse(aux, x0)
+  assert mse["blind"] > guess, mse  # Against the defender the f_l-only attacker is worse than a blind guess,
+  assert mse["colluding"] < 0.6 * guess and mse["colluding"] < 0.5 * mse["blind"], mse  # the colluder's is not.

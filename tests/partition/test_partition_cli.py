@@ -11,26 +11,33 @@ from jipguard.partition import cli
 _TINY = [
   "--train_size", "128", "--aux_size", "64", "--test_size", "32", "--num_owners", "4", "--batch_size", "8",
   "--hidden", "16", "--epochs", "1", "--warmup_epochs", "0", "--weights", "0.1", "--attacks", "attack8",
-  "--attack_epochs", "1", "--opt_images", "4", "--opt_steps", "2", "--quiet",
+  "--attack_epochs", "1", "--opt_images", "4", "--opt_steps", "2", "--perceptual_epochs", "1",
+  "--fingerprint_bits", "4", "--colluder", "1", "--colluder_attack", "attack8", "--quiet",
 ]  # fmt: skip
 
 
 def test_tables_writes_its_run_directory(tmp_path):
   w = str(tmp_path / "run")
   assert cli.main(["tables", "--workdir", w, *_TINY]) == 0
-  for name in ("config.json", "metrics.jsonl", "table1.md", "table2.csv", "reconstructions.png", "report.md"):
+  for name in ("config.json", "metrics.jsonl", "table1.md", "table2.csv", "table3.md", "reconstructions.png"):
     assert os.path.exists(os.path.join(w, name)), name
   m = rundir.read_json(os.path.join(w, "metrics.json"))
-  assert set(m["accuracy"]) == {"none", "single@0.1", "multiple"}
+  assert set(m["accuracy"]) == {"none", "single@0.1", "multiple", "fingerprint"}
   assert set(m["attacks"]) == {"attack8", "optimisation"}
+  assert all("dpd_aux" in r for a in m["attacks"].values() for r in a.values())
+  # Table III: owner 1 colludes; with 4 owners and 32 test images, 8 are its own.
+  assert m["collusion"]["none"]["colluder"]["images"] == 8 and m["collusion"]["none"]["same design"]["images"] == 24
+  assert set(m["collusion"]["multiple"]) == {"colluder", "other designs"}  # One owner per design.
+  assert os.stat(os.path.join(w, "fingerprint_projection.json")).st_mode & 0o077 == 0
   rows = rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))
-  assert sum("epoch" in r for r in rows) == 3  # One row per epoch of each setting.
+  assert sum("epoch" in r for r in rows) == 4  # One row per epoch of each setting.
   # A rerun (as after a kill before metrics.json) keeps the finished settings: no training again.
   os.remove(os.path.join(w, "metrics.json"))
   assert cli.main(["tables", "--workdir", w, *_TINY]) == 0
-  assert sum("epoch" in r for r in rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))) == 3
+  assert sum("epoch" in r for r in rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))) == 4
   again = rundir.read_json(os.path.join(w, "metrics.json"))
   assert again["accuracy"] == m["accuracy"] and again["attacks"] == m["attacks"]
+  assert again["collusion"] == m["collusion"] and again["fingerprint_bit_errors"] == m["fingerprint_bit_errors"]
 
 
 @pytest.mark.parametrize(
@@ -41,6 +48,9 @@ def test_tables_writes_its_run_directory(tmp_path):
     (["--weights", "a,b"], "--weights"),
     (["--lr_model", "2"], "--lr_model"),
     (["--dataset", "nope"], "nope"),
+    (["--colluder", "4"], "--colluder"),
+    (["--colluder_attack", "attack9"], "--colluder_attack"),
+    (["--fingerprint_bits", "-1"], "--fingerprint_bits"),
   ],
 )
 def test_bad_input_is_one_error_line_and_no_run_directory(tmp_path, capsys, flags, needle):
