@@ -6,7 +6,9 @@ One partitioned model is trained per setting (:mod:`defense`): no defender; the 
 four designs of Table II dealt over the owners (``networks.MULTIPLE``) at ``defender_weight``;
 and ``fingerprint``: the single defender at ``defender_weight`` with a customer's fingerprint
 embedded in the remote part during the same training (Eq. 27, ``defense.FingerprintPenalty``),
-so its accuracy reads against ``single``'s: with and without. Every setting's deployed accuracy
+so its accuracy reads against ``single``'s: with and without; and ``shared``: the single design
+as ONE defender that every owner shares (the reading of "single defender" under which a
+colluding owner exposes everyone). Every setting's deployed accuracy
 is measured on the test images. Then each inverse-network design of ``attacks`` is trained ONCE
 as a stacked ensemble with one member per setting (member m learns to invert setting m's local
 part on the auxiliary images) and applied to what each setting's owners upload for the test
@@ -18,7 +20,7 @@ Table III tests what the paper's argument for multiple defenders rests on: an at
 knows one owner's defender. Owner ``colluder`` runs its defender on the server's auxiliary
 images and hands over the uploads; ``colluder_attack`` trained on those pairs (one member per
 setting) attacks every owner's test uploads, reported for the colluder's own images, the other
-owners of its design, and the owners of other designs.
+owners of its design (in ``shared``: of its defender), and the owners of other designs.
 
 Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one row per epoch of each
 setting, one per attack and setting), ``table1.md/.csv`` (single defender: MSE / SSIM per
@@ -79,6 +81,7 @@ class StudyConfig:
   opt_images: int = 50  # Test images attacked by the optimisation attack (0: none).
   opt_steps: int = 300  # Adam steps of the optimisation attack.
   hidden: int = 900  # Width of the MLP's four hidden layers (the paper: 900).
+  shared: bool = True  # Also the single design as ONE defender every owner shares (Table III's control).
   colluder: int = 0  # The owner who colludes with the server (Table III: its defender's pairs train the attack).
   colluder_attack: str = "attack3"  # Inverse network of the colluding-owner attack ("": no Table III).
   perceptual_epochs: int = 10  # Epochs of DPD_aux's feature network on the auxiliary images (0: no DPD_aux).
@@ -128,21 +131,26 @@ class StudyConfig:
   def settings(self) -> list[tuple[str, tuple[str, ...], float]]:
     """``(name, designs, lambda)`` of every setting: none, single at each weight (and at
     ``defender_weight``), multiple, and (``fingerprint_bits`` > 0) fingerprint: single at
-    ``defender_weight`` with Eq. 27 in the remote part."""
+    ``defender_weight`` with Eq. 27 in the remote part, and (``shared``) shared: the single
+    design as one defender all owners share."""
     ws = sorted({*self.weight_list(), self.defender_weight} - {0.0})
     single = [(f"single@{w:g}", ("single",), w) for w in ws]
     marked = [("fingerprint", ("single",), self.defender_weight)] if self.fingerprint_bits else []
-    return [("none", (), 0.0), *single, ("multiple", networks.MULTIPLE, self.defender_weight), *marked]
+    shared = [("shared", ("single",), self.defender_weight)] if self.shared else []
+    return [("none", (), 0.0), *single, ("multiple", networks.MULTIPLE, self.defender_weight), *marked, *shared]
 
-  def defense(self, designs: tuple[str, ...], weight: float) -> defense.DefenseConfig:
-    """Algorithm 1's configuration of a setting."""
+  def defense(self, name: str, designs: tuple[str, ...], weight: float) -> defense.DefenseConfig:
+    """Algorithm 1's configuration of setting ``name``. The ``shared`` setting's one defender
+    serves every owner: Algorithm 1 with ONE owner holding all images, whose batch is the N
+    owners' batches together, so the server's rounds and batches are those of the others."""
+    owners = 1 if name == "shared" else self.num_owners
     return defense.DefenseConfig(
       designs=designs,
-      num_owners=self.num_owners,
+      num_owners=owners,
       defender_weight=weight,
       epochs=self.epochs,
       warmup_epochs=self.warmup_epochs,
-      batch_size=self.batch_size,
+      batch_size=self.batch_size * self.num_owners // owners,
       lr_model=self.lr_model,
       lr_defender=self.lr_defender,
       hidden=(self.hidden,) * 4,
@@ -192,7 +200,7 @@ def _setting(
   run finished it, else trained and saved. ``mark``: ``(penalty, F)`` of the fingerprint."""
   path = os.path.join(workdir, "settings", name.replace("@", "_at_") + ".npz")
   x_te, y_te = test
-  dcfg = cfg.defense(designs, weight)
+  dcfg = cfg.defense(name, designs, weight)
   template = jax.eval_shape(defense.network(dcfg, own.num_classes).init, jax.random.key(0), x_te[:1])["params"]
   keys = ("h", "h_colluder", "accuracy", "bits")
   if os.path.exists(path):
@@ -216,7 +224,7 @@ def _setting(
   out = {
     "params": trained.params,  # An MLP: params only.
     "h": defense.uploaded_states(trained, x_te),
-    "h_colluder": defense.uploaded_states(trained, aux, owner=cfg.colluder),
+    "h_colluder": defense.uploaded_states(trained, aux, owner=cfg.colluder % dcfg.num_owners),
     "accuracy": np.float64(defense.accuracy(trained, x_te, y_te)),
     "bits": np.float64(np.nan),
   }
@@ -363,10 +371,11 @@ def _collusion(cfg, names, settings, x_aux, h_M, x_te, y_te, metric, log) -> dic
   h_col = jnp.stack([jnp.asarray(settings[n]["h_colluder"]) for n in names])
   state, _ = attacks.fit_inverse(dec, h_col, x_aux, icfg)
   x_hat = np.asarray(attacks.invert(dec, state.params, h_M))
-  owner = np.arange(len(x_te)) % cfg.num_owners
+  owner = np.arange(len(x_te)) % cfg.num_owners  # The data owner of each test image.
   out = {}
   for m, (n, designs, weight) in enumerate(cfg.settings()):
-    design = np.asarray(cfg.defense(designs, weight).owner_designs())[owner]
+    dcfg = cfg.defense(n, designs, weight)
+    design = np.asarray(dcfg.owner_designs())[owner % dcfg.num_owners]  # Shared: one defender for all.
     own_design = design[owner == cfg.colluder][0] if np.any(owner == cfg.colluder) else None
     groups = {
       "colluder": owner == cfg.colluder,

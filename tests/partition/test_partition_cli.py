@@ -22,19 +22,20 @@ def test_tables_writes_its_run_directory(tmp_path):
   for name in ("config.json", "metrics.jsonl", "table1.md", "table2.csv", "table3.md", "reconstructions.png"):
     assert os.path.exists(os.path.join(w, name)), name
   m = rundir.read_json(os.path.join(w, "metrics.json"))
-  assert set(m["accuracy"]) == {"none", "single@0.1", "multiple", "fingerprint"}
+  assert set(m["accuracy"]) == {"none", "single@0.1", "multiple", "fingerprint", "shared"}
   assert set(m["attacks"]) == {"attack8", "optimisation"}
   assert all("dpd_aux" in r for a in m["attacks"].values() for r in a.values())
   # Table III: owner 1 colludes; with 4 owners and 32 test images, 8 are its own.
   assert m["collusion"]["none"]["colluder"]["images"] == 8 and m["collusion"]["none"]["same design"]["images"] == 24
   assert set(m["collusion"]["multiple"]) == {"colluder", "other designs"}  # One owner per design.
+  assert m["collusion"]["shared"]["same design"]["images"] == 24  # Every owner goes through one defender.
   assert os.stat(os.path.join(w, "fingerprint_projection.json")).st_mode & 0o077 == 0
   rows = rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))
-  assert sum("epoch" in r for r in rows) == 4  # One row per epoch of each setting.
+  assert sum("epoch" in r for r in rows) == 5  # One row per epoch of each setting.
   # A rerun (as after a kill before metrics.json) keeps the finished settings: no training again.
   os.remove(os.path.join(w, "metrics.json"))
   assert cli.main(["tables", "--workdir", w, *_TINY]) == 0
-  assert sum("epoch" in r for r in rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))) == 4
+  assert sum("epoch" in r for r in rundir.read_jsonl(os.path.join(w, "metrics.jsonl"))) == 5
   again = rundir.read_json(os.path.join(w, "metrics.json"))
   assert again["accuracy"] == m["accuracy"] and again["attacks"] == m["attacks"]
   assert again["collusion"] == m["collusion"] and again["fingerprint_bit_errors"] == m["fingerprint_bit_errors"]
