@@ -21,8 +21,9 @@ DataError names what is missing), or any path ``data.load`` reads.
 
 Outputs in the run directory: ``config.json``, ``metrics.jsonl`` (one row per epoch of each
 setting, one per attack and setting), ``table.md/.csv`` (accuracy, then MSE / SSIM / reprint
-accuracy per attack, setting and split point), ``fig4.png`` (the paper's Fig. 4: accuracy,
-reprint accuracy, MSE and SSIM of the best attack per split point and setting),
+accuracy / DPD_aux per attack, setting and split point; DPD_aux is the DPD stand-in of
+:mod:`perceptual`), ``fig4.png`` (the paper's Fig. 4: accuracy, reprint accuracy, MSE, SSIM and
+DPD_aux of the best attack per split point and setting),
 ``reconstructions_<split>.png`` (originals, then the first attack's reconstructions per
 setting), ``fingerprint_projection.json`` (the secret X's seed and F, mode 0600),
 ``settings/<split>_<setting>.npz`` (finished settings; a rerun loads them), ``report.md`` and,
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jipguard import cli, data, rundir
-from jipguard.partition import attacks, defense, networks, split, study
+from jipguard.partition import attacks, defense, networks, perceptual, split, study
 
 SETTINGS = ("none", "single", "multiple", "fingerprint")
 DATASETS = ("fashion_colour", "cifar10", "lfw")  # Or a path data.load reads.
@@ -79,13 +80,14 @@ class ConvStudyConfig:
   opt_steps: int = 300  # Adam steps of the optimisation attack.
   fingerprint_bits: int = 32  # L, the fingerprint's length in the fingerprint setting.
   fingerprint_weight: float = 0.2  # mu of Eq. 27 (the paper: 0.2).
+  perceptual_epochs: int = 10  # Epochs of DPD_aux's feature network on the auxiliary images (0: no DPD_aux).
   seed: int = 0  # Seeds everything.
 
   def __post_init__(self):
     cli.check_choice("--arch", self.arch, ("lfw_cnn", "vgg19_bn"))
     for name in ("train_size", "aux_size", "test_size", "num_owners", "batch_size", "epochs", "image_size"):
       cli.check_int(f"--{name}", getattr(self, name), lo=1)
-    for name in ("warmup_epochs", "attack_epochs", "opt_images", "opt_steps", "seed"):
+    for name in ("warmup_epochs", "attack_epochs", "opt_images", "opt_steps", "perceptual_epochs", "seed"):
       cli.check_int(f"--{name}", getattr(self, name), lo=0)
     cli.check_int("--fingerprint_bits", self.fingerprint_bits, lo=1, hi=4096)
     cli.check_float("--width", self.width, lo=0.01, hi=8)
@@ -126,6 +128,7 @@ PRESETS = {
   "smoke": dict(
     arch="lfw_cnn", splits="pool2", image_size=16, settings="none,single,multiple,fingerprint", train_size=128,
     aux_size=64, test_size=32, epochs=2, batch_size=8, attack_epochs=1, opt_images=4, opt_steps=5, fingerprint_bits=8,
+    perceptual_epochs=1,
   ),
   "vgg": dict(arch="vgg19_bn", splits="pool2", width=0.125, settings="none,single,multiple,fingerprint"),
 }  # fmt: skip
@@ -231,7 +234,8 @@ def _fingerprint(cfg: ConvStudyConfig, workdir: str, num_classes: int, x: np.nda
 
 def figure4(path: str, metrics: dict[str, Any]) -> None:
   """Fig. 4 of the paper from ``metrics.json``'s content: per split point and setting, (a) model
-  accuracy, (b) reprint accuracy, (c) MSE and (d) SSIM of the best attack (the lowest MSE)."""
+  accuracy, (b) reprint accuracy, (c) MSE, (d) SSIM and (e) DPD_aux (when measured) of the best
+  attack (the lowest MSE)."""
   import matplotlib.pyplot as plt  # noqa: PLC0415 (plotting only here)
 
   splits = list(metrics["accuracy"])
@@ -247,7 +251,9 @@ def figure4(path: str, metrics: dict[str, Any]) -> None:
     ("(c) MSE, best attack", lambda at, s: best[at, s]["mse"]),
     ("(d) SSIM, best attack", lambda at, s: best[at, s]["ssim"]),
   ]
-  fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+  if "dpd_aux" in best[splits[0], settings[0]]:
+    panels.append(("(e) DPD_aux, best attack", lambda at, s: best[at, s]["dpd_aux"]))
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3))
   width = 0.8 / len(settings)
   for ax, (title, value) in zip(axes, panels):
     for k, s in enumerate(settings):
@@ -271,6 +277,11 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
   penalty = defense.FingerprintPenalty(projection, cfg.fingerprint_weight)
   names = cfg.setting_list()
   rows, metrics = [], {"accuracy": {}, "fingerprint_bit_errors": {}, "attacks": {}}
+  dpd = None
+  if cfg.perceptual_epochs:
+    pcfg = perceptual.PerceptualConfig(epochs=cfg.perceptual_epochs, seed=cfg.seed)
+    dpd = perceptual.train(aux.images, aux.labels, num_classes=train.num_classes, cfg=pcfg)
+    rundir.append_jsonl(log, {"dpd_aux_train_accuracy": dpd.train_accuracy})
   for at in cfg.split_list():
     variables, h, acc, bits = {}, {}, {}, {}
     for s in names:
@@ -290,7 +301,9 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
       icfg = attacks.InverseConfig(epochs=cfg.attack_epochs, batch_size=32, lr=cfg.attack_lr, seed=cfg.seed)
       state, _ = attacks.train_inverse(dec, net.local, locals_M, aux.images, icfg)
       x_hat = np.asarray(attacks.invert(dec, state.params, h_M))
-      results[attack] = {s: attacks.reconstruction_metrics(x_te, x_hat[m], y_te, classify) for m, s in enumerate(names)}
+      results[attack] = {
+        s: attacks.reconstruction_metrics(x_te, x_hat[m], y_te, classify, dpd) for m, s in enumerate(names)
+      }
       if not recon:
         recon = {f"{attack} {s}": x_hat[m] for m, s in enumerate(names)}
     if cfg.opt_images:
@@ -300,14 +313,18 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
           net.local, local[s], h_M[m, : cfg.opt_images], image_shape=x_te.shape[1:], steps=cfg.opt_steps, tv_weight=0.01
         )
         results["optimisation"][s] = attacks.reconstruction_metrics(
-          x_te[: cfg.opt_images], x_hat, y_te[: cfg.opt_images], classify
+          x_te[: cfg.opt_images], x_hat, y_te[: cfg.opt_images], classify, dpd
         )
     for attack, r in results.items():
       for s in names:
         rundir.append_jsonl(log, {"split": at, "attack": attack, "setting": s, **r[s]})
     rows.append({"split": at, "attack": "accuracy %", **{s: f"{100 * acc[s]:.1f}" for s in names}})
     for attack, r in results.items():
-      cell = {s: f"{r[s]['mse']:.3f}/{r[s]['ssim']:.3f}/{100 * r[s]['reprint_accuracy']:.0f}" for s in names}
+      cell = {
+        s: f"{r[s]['mse']:.3f}/{r[s]['ssim']:.3f}/{100 * r[s]['reprint_accuracy']:.0f}"
+        + (f"/{r[s]['dpd_aux']:.2f}" if "dpd_aux" in r[s] else "")
+        for s in names
+      }
       rows.append({"split": at, "attack": attack, **cell})
     if "fingerprint" in names:
       rows.append({"split": at, "attack": "fingerprint bit errors", **{s: f"{bits[s]:.3f}" for s in names}})
@@ -319,7 +336,7 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
     os.path.join(workdir, "table"),
     rows,
     ["split", "attack", *names],
-    title="Conv settings: accuracy; MSE/SSIM/reprint %",
+    title="Conv settings: accuracy; MSE/SSIM/reprint %" + ("/DPD_aux" if dpd else ""),
   )
   elapsed = time.time() - start
   report = [
@@ -327,8 +344,9 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
     f"Dataset {cfg.dataset} ({cfg.train_size} owners' images over {cfg.num_owners} owners, {cfg.aux_size} auxiliary, "
     f"{cfg.test_size} test, {cfg.image_size}x{cfg.image_size}); width {cfg.width}; {cfg.epochs} epochs "
     f"({cfg.warmup_epochs} warm-up); defender weight {cfg.defender_weight}; {elapsed:.0f} s.\n",
-    "Cells: MSE / SSIM / reprint accuracy % (the split point's undefended model on the reconstructions). "
-    f"`fingerprint` is `single` with a {cfg.fingerprint_bits}-bit fingerprint embedded in the remote part "
+    "Cells: MSE / SSIM / reprint accuracy % (the split point's undefended model on the reconstructions)"
+    + (" / DPD_aux (the DPD stand-in: partition.perceptual). " if dpd else ". ")
+    + f"`fingerprint` is `single` with a {cfg.fingerprint_bits}-bit fingerprint embedded in the remote part "
     f"(mu {cfg.fingerprint_weight}); its bit errors are read from the remote Dense_0 kernel (the projection is "
     "in fingerprint_projection.json, mode 0600).\n",
     open(os.path.join(workdir, "table.md")).read(),

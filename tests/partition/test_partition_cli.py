@@ -83,6 +83,7 @@ def test_conv_writes_its_run_directory_and_keeps_its_secret(tmp_path):
   m = rundir.read_json(os.path.join(w, "metrics.json"))
   assert set(m["accuracy"]["pool2"]) == {"none"}  # The secret is drawn whatever the settings.
   assert set(m["attacks"]["pool2"]) == {"lfw_attack2", "optimisation"}
+  assert "dpd_aux" in m["attacks"]["pool2"]["lfw_attack2"]["none"]  # The smoke preset trains DPD_aux's features.
   secret = rundir.read_secret(os.path.join(w, "fingerprint_projection.json"))
   assert str(secret["seed"]) not in open(os.path.join(w, "report.md")).read()
   os.remove(os.path.join(w, "metrics.json"))  # A rerun loads the finished settings and the same secret.
