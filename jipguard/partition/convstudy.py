@@ -32,6 +32,7 @@ last, ``metrics.json``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -201,7 +202,7 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
   )
   template = jax.eval_shape(defense.network(dcfg, own.num_classes).init, jax.random.key(0), x_te[:1])
   if os.path.exists(path):
-    variables, f = study.load_setting(path, template)
+    variables, f = defense.load_tree(path, template)
     return variables, f["h"], float(f["accuracy"]), float(f["bits"])
   log = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()
@@ -215,6 +216,7 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
     penalty_data=jnp.asarray(f_L) if marked else None,
     progress=progress,
     on_epoch_end=lambda r: rundir.append_jsonl(log, {"split": at, "setting": setting, **r}),
+    checkpoint=path.replace(".npz", ".partial.npz"),
   )
   acc = defense.accuracy(trained, x_te, y_te)
   h = defense.uploaded_states(trained, x_te)
@@ -222,7 +224,9 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
   bits = penalty.bit_errors(remote, f_L)
   row = {"split": at, "setting": setting, "accuracy": acc, "fingerprint_bit_errors": bits, "train_s": time.time() - t0}
   rundir.append_jsonl(log, row)
-  study.save_setting(path, trained.variables, h=h, accuracy=np.float64(acc), bits=np.float64(bits))
+  defense.save_tree(path, trained.variables, h=h, accuracy=np.float64(acc), bits=np.float64(bits))
+  with contextlib.suppress(FileNotFoundError):  # The setting is saved: its training checkpoint goes.
+    os.remove(path.replace(".npz", ".partial.npz"))
   return trained.variables, h, acc, bits
 
 

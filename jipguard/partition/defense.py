@@ -57,7 +57,7 @@ import numpy as np
 import optax
 import tqdm
 
-from jipguard import ensemble, rundir
+from jipguard import data, ensemble, rundir
 from jipguard.partition import networks, split
 
 PyTree = Any
@@ -335,6 +335,28 @@ def fingerprint_secret(workdir: str, net: split.Split, image_shape, bits: int) -
   return rng.standard_normal((bits, p)).astype(np.float32), f_L
 
 
+def save_tree(path: str, tree: PyTree, **arrays: np.ndarray) -> None:
+  """``tree``'s leaves (as ``p0, p1, ...``) and ``arrays`` in one ``.npz``, written atomically: a
+  finished setting of a study, or :func:`train`'s checkpoint."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(tree))}
+  rundir.write_npz(path, **arrays, **leaves)
+
+
+def load_tree(path: str, template: PyTree) -> tuple[PyTree, dict[str, np.ndarray]]:
+  """``(tree shaped like template, the other arrays)`` of a file :func:`save_tree` wrote.
+
+  Raises:
+    data.DataError: The file is unreadable, or its leaves do not fit ``template``.
+  """
+  f = data.read_npz(path)
+  n = len(jax.tree.leaves(template))
+  if any(f"p{i}" not in f for i in range(n)) or f"p{n}" in f:
+    raise data.DataError(f"{path} does not hold this model's parameters")
+  tree = jax.tree.unflatten(jax.tree.structure(template), [f.pop(f"p{i}") for i in range(n)])
+  return tree, f
+
+
 def owner_shares(num: int, num_owners: int, seed: int) -> np.ndarray:
   """``indices_OxS``: a seeded permutation of ``num`` images dealt into equal shares (remainder dropped)."""
   s = num // num_owners
@@ -353,6 +375,7 @@ def train(
   penalty_data: PyTree = None,
   progress: bool = False,
   on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+  checkpoint: str | None = None,
 ) -> Trained:
   """Trains Theta and every owner's defender by Algorithm 1.
 
@@ -367,6 +390,11 @@ def train(
     penalty_data: The penalty's data (e.g. the customer's fingerprint F_j).
     progress: Show a progress bar.
     on_epoch_end: Called with each epoch's record.
+    checkpoint: A ``.npz`` path: after every epoch Theta, the defenders, both optimisers' states
+      and the history are written there atomically, and a call that finds the file resumes
+      after its last epoch (each epoch's batches and dropout come from ``fold_in(seed, epoch)``,
+      so a resumed run equals an uninterrupted one; tested). Delete it once the result is
+      saved elsewhere.
 
   Raises:
     ValueError: A share smaller than ``batch_size``, or images and labels that disagree.
@@ -395,8 +423,16 @@ def train(
     for name, owners in groups
   )
   x_OxS, y_OxS = jnp.asarray(images[shares]), jnp.asarray(labels[shares])
-  history = []
-  for epoch in tqdm.trange(cfg.epochs, desc="partition", disable=not progress, leave=False):
+  history, first = [], 0
+  tag = np.asarray(repr((cfg, images.shape, num_classes, penalty is not None)))
+  if checkpoint is not None and os.path.exists(checkpoint):
+    (variables, opt_state, defenders), f = load_tree(checkpoint, (variables, opt_state, defenders))
+    if str(f["config"]) != str(tag):
+      raise ValueError(f"{checkpoint} is the checkpoint of another training; delete it or use another run directory")
+    variables, opt_state, defenders = jax.tree.map(jnp.asarray, (variables, opt_state, defenders))
+    history = [dict(zip(("epoch", "loss", "privacy_mse"), (int(r[0]), *map(float, r[1:])))) for r in f["history"]]
+    first = len(history)
+  for epoch in tqdm.trange(first, cfg.epochs, desc="partition", disable=not progress, leave=False):
     variables, opt_state, defenders, loss, priv = _epoch(
       variables,
       opt_state,
@@ -417,6 +453,9 @@ def train(
     if not np.isfinite(record["loss"]):
       raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}")
     history.append(record)
+    if checkpoint is not None:
+      rows = np.asarray([[r["epoch"], r["loss"], r["privacy_mse"]] for r in history], np.float64)
+      save_tree(checkpoint, (variables, opt_state, defenders), config=tag, history=rows)
     if on_epoch_end is not None:
       on_epoch_end(record)
   return Trained(config=cfg, split=net, variables=variables, defenders=defenders, history=history)

@@ -35,6 +35,7 @@ same command loads finished settings instead of training them again), ``report.m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -176,21 +177,6 @@ def _load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:
   return train, test
 
 
-def save_setting(path: str, tree: Any, **arrays: np.ndarray) -> None:
-  """A finished setting: ``tree``'s leaves (as ``p0, p1, ...``) and ``arrays``, written atomically."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(tree))}
-  rundir.write_npz(path, **arrays, **leaves)
-
-
-def load_setting(path: str, template: Any) -> tuple[Any, dict[str, np.ndarray]]:
-  """``(tree shaped like template, the other arrays)`` of a setting :func:`save_setting` wrote."""
-  f = data.read_npz(path)
-  n = len(jax.tree.leaves(template))
-  tree = jax.tree.unflatten(jax.tree.structure(template), [f.pop(f"p{i}") for i in range(n)])
-  return tree, f
-
-
 def _setting(
   cfg: StudyConfig, name: str, designs, weight: float, workdir: str, own: data.Dataset, aux, test, mark, *, progress
 ) -> dict[str, Any]:
@@ -204,7 +190,7 @@ def _setting(
   template = jax.eval_shape(defense.network(dcfg, own.num_classes).init, jax.random.key(0), x_te[:1])["params"]
   keys = ("h", "h_colluder", "accuracy", "bits")
   if os.path.exists(path):
-    params, f = load_setting(path, template)
+    params, f = defense.load_tree(path, template)
     if all(k in f for k in keys):  # Else written by a version without them: trained again.
       return {"params": params, **{k: f[k] for k in keys}}
   log = os.path.join(workdir, "metrics.jsonl")
@@ -220,6 +206,7 @@ def _setting(
     penalty_data=jnp.asarray(f_L) if marked else None,
     progress=progress,
     on_epoch_end=lambda r: rundir.append_jsonl(log, {"setting": name, **r}),
+    checkpoint=path.replace(".npz", ".partial.npz"),
   )
   out = {
     "params": trained.params,  # An MLP: params only.
@@ -234,7 +221,9 @@ def _setting(
     )
   row = {"setting": name, "accuracy": float(out["accuracy"]), "fingerprint_bit_errors": float(out["bits"])}
   rundir.append_jsonl(log, {**row, "train_s": time.time() - t0})
-  save_setting(path, trained.params, **{k: out[k] for k in keys})
+  defense.save_tree(path, trained.params, **{k: out[k] for k in keys})
+  with contextlib.suppress(FileNotFoundError):  # The setting is saved: its training checkpoint goes.
+    os.remove(path.replace(".npz", ".partial.npz"))
   return out
 
 

@@ -96,3 +96,28 @@ def test_every_owner_has_its_groups_design_and_obfuscate_takes_one_owner(defende
   assert not np.allclose(x1[0], defense.obfuscate(defended, x)[0][0])  # Owner 0's defender is another one.
   with pytest.raises(ValueError, match="owner"):
     defense.obfuscate(defended, x, owner=4)
+
+
+def test_a_training_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path):
+  ds = data.load("fashion_mnist_subset")
+  x, y = ds.images[:64], ds.labels[:64]
+  cfg = _tiny(("defender2", "single"), epochs=3, warmup_epochs=1)
+  whole = defense.train(cfg, x, y)
+  ckpt = str(tmp_path / "setting.partial.npz")
+
+  def stop_after_two(record):
+    if record["epoch"] == 2:
+      raise KeyboardInterrupt  # A kill after epoch 2's checkpoint.
+
+  with pytest.raises(KeyboardInterrupt):
+    defense.train(cfg, x, y, checkpoint=ckpt, on_epoch_end=stop_after_two)
+  seen = []
+  resumed = defense.train(cfg, x, y, checkpoint=ckpt, on_epoch_end=seen.append)
+  assert [r["epoch"] for r in seen] == [3]  # Only the missing epoch was trained.
+  assert resumed.history == whole.history
+  jax.tree.map(np.testing.assert_array_equal, resumed.variables, whole.variables)
+  jax.tree.map(
+    np.testing.assert_array_equal, [d.params for d in resumed.defenders], [d.params for d in whole.defenders]
+  )
+  with pytest.raises(ValueError, match="another training"):
+    defense.train(dataclasses.replace(cfg, defender_weight=0.5), x, y, checkpoint=ckpt)
