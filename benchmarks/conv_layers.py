@@ -2,13 +2,16 @@
 
     python benchmarks/conv_layers.py              # ~1 min on 2 idle cores
     python benchmarks/conv_layers.py --batch 64
+    python benchmarks/conv_layers.py --skip-layers --models resnet8 cnn --repeats 9
 
 For every conv shape of ``models.ResNet`` (stage_sizes (1, 1, 1)) it times, jitted with the
 options a conv model's training program compiles with (``ensemble._cpu.CPU_CONV_OPTIONS`` on
 CPU), the forward, the input gradient and the kernel gradient of ``lax.conv_general_dilated``
 (``conv_impl="xla"``) and of ``models.conv_patches`` (``"patches"``); then one training step of
-one member (Adam, the trainer's ``_member_step``) under ``xla``, ``patches`` and ``auto``,
-alternated so that load from other jobs falls on all three. Medians of ``--repeats`` calls.
+one member (Adam, the trainer's ``_member_step``) of each of ``--models`` under ``xla``,
+``xla_barrier``, ``patches`` and ``auto``, alternated so that load from other jobs falls on all
+of them. Medians of ``--repeats`` calls. (``xla_barrier`` differs from ``xla`` only in a
+program that differentiates through an activation, so it has no per-layer column.)
 """
 
 from __future__ import annotations
@@ -74,13 +77,13 @@ def layers(batch: int, repeats: int) -> None:
     print(f"| {h}x{h}x{c} -> {o}, {ks}x{ks} stride {s} | {cells[0]} | {cells[1]} |")
 
 
-def steps(batch: int, repeats: int) -> None:
+def steps(batch: int, repeats: int, model_name: str = "resnet8") -> None:
   tx = optax.adam(1e-3)
   x = jnp.asarray(np.random.default_rng(0).random((batch, 32, 32, 3), np.float32))
   y = jnp.zeros((batch,), jnp.int32)
   programs = {}
-  for impl in ("xla", "patches", "auto"):
-    model = models.get_model("resnet8", 10).clone(conv_impl=impl)
+  for impl in ("xla", "xla_barrier", "patches", "auto"):
+    model = models.get_model(model_name, 10).clone(conv_impl=impl)
     variables = model.init(jax.random.key(0), x[:1])
     step = _jit(functools.partial(_member_step, model, tx, None))
     args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y, jax.random.key(1), None)
@@ -92,7 +95,8 @@ def steps(batch: int, repeats: int) -> None:
       times[impl].append(_median_ms(step, *args, repeats=1))
   for impl, ms in times.items():
     print(
-      f"ResNet-8 training step, one member, B={batch}, conv_impl={impl}: {np.median(ms):.0f} ms (median of {repeats})"
+      f"{model_name} training step, one member, B={batch}, conv_impl={impl}: {np.median(ms):.0f} ms "
+      f"(median of {repeats})"
     )
 
 
@@ -100,9 +104,13 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=128, help="batch size (default: %(default)s)")
   p.add_argument("--repeats", type=int, default=5, help="timed calls per program (default: %(default)s)")
+  p.add_argument("--skip-layers", action="store_true", help="time only the training steps")
+  p.add_argument("--models", nargs="+", default=["resnet8"], choices=["resnet8", "cnn"], help="(default: %(default)s)")
   a = p.parse_args()
-  layers(a.batch, a.repeats)
-  steps(a.batch, a.repeats)
+  if not a.skip_layers:
+    layers(a.batch, a.repeats)
+  for name in a.models:
+    steps(a.batch, a.repeats, name)
 
 
 if __name__ == "__main__":

@@ -257,13 +257,14 @@ def training_flops(model: str, image_hwc: tuple[int, int, int]) -> float:
 
 
 def conv_sizes(members: int, n: int) -> list[EnsembleSize]:
-  """The conv rows, each model under every lowering of its convolutions (``xla``: the library
-  convolutions; ``patches``: patch-GEMM; the default ``auto``: per backend and kernel size,
-  which for the CNN, all 3x3, is ``xla`` on every backend, so it has no row of its own)."""
+  """The conv rows, each model under the lowerings of its convolutions (``xla``: the library
+  convolutions, the old path; ``patches``: patch-GEMM; the default ``auto``: per backend and
+  kernel size, on CPU ``xla_barrier`` for 3x3 kernels and ``patches`` for 1x1 ones)."""
   return [
     EnsembleSize("resnet8", members, n, conv_impl="xla"),
     EnsembleSize("resnet8", members, n, conv_impl="patches"),
     EnsembleSize("resnet8", members, n),
+    EnsembleSize("cnn", members, n, conv_impl="xla"),
     EnsembleSize("cnn", members, n, conv_impl="patches"),
     EnsembleSize("cnn", members, n),
   ]

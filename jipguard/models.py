@@ -63,19 +63,23 @@ def _max_pool_jvp(size, primals, tangents):
   return y, jnp.sum(_windows(t, size) * share, axis=(2, 4))
 
 
-CONV_IMPLS = ("auto", "xla", "patches")
+CONV_IMPLS = ("auto", "xla", "xla_barrier", "patches")
 
 
 def resolve_conv_impl(impl: str, kernel_size: Sequence[int] = (3, 3)) -> str:
   """``impl`` (one of :data:`CONV_IMPLS`) with ``auto`` resolved for this process's backend and
-  a ``kernel_size`` kernel: ``patches`` for a 1x1 kernel on CPU, ``xla`` otherwise.
+  a ``kernel_size`` kernel: on CPU ``patches`` for a 1x1 kernel and ``xla_barrier`` otherwise;
+  ``xla`` on other backends.
 
   On XLA:CPU (2 shared cores) the kernel gradient of a 1x1 stride-2 convolution as a strided
   slice and one product took a third of the library convolution's time (no transposes, no
   dilated convolution), and a ResNet-8 training step with its shortcuts so was ~9% faster
   (186 vs 204 ms, B=128), while a 3x3 kernel's patches (9x the activations, for 16-64 channels)
   made the ResNet-8 and CNN steps 1.4-1.9x slower than Eigen's convolutions: those layers are
-  memory-bound there (``benchmarks/README.md``, "Patch-GEMM convolutions").
+  memory-bound there. ``xla_barrier`` is the library convolution whose kernel gradient
+  transposes a stored activation instead of recomputing it (:func:`conv_xla_barrier`): the
+  ResNet-8 and CNN training steps ~20% faster (``benchmarks/README.md``, "Patch-GEMM
+  convolutions" and "Materialised kernel-gradient transposes").
 
   Raises:
     ValueError: ``impl`` is not one of :data:`CONV_IMPLS`.
@@ -83,8 +87,30 @@ def resolve_conv_impl(impl: str, kernel_size: Sequence[int] = (3, 3)) -> str:
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "patches" if jax.default_backend() == "cpu" and tuple(kernel_size) == (1, 1) else "xla"
+    if jax.default_backend() != "cpu":
+      return "xla"
+    return "patches" if tuple(kernel_size) == (1, 1) else "xla_barrier"
   return impl
+
+
+def conv_xla_barrier(
+  x_BxHxWxC: jax.Array, kernel_HxWxIxO: jax.Array, strides: Sequence[int], padding: str = "SAME"
+) -> jax.Array:
+  """``lax.conv_general_dilated`` (NHWC, HWIO) of ``x`` behind ``lax.optimization_barrier``.
+
+  The same function, forward and both gradients (the barrier is an identity; tested). What it
+  changes is XLA:CPU's program: the kernel gradient there is a convolution with batch and
+  features swapped, so it transposes the input, NHWC to CHWN. Without the barrier XLA fuses the
+  input's producer (batch norm, ReLU, the residual sum) into that transpose and recomputes it
+  in the transpose's order, ~10x slower than transposing the stored tensor (128x32x32x16: 16-21
+  vs 2 ms); with it, the transpose reads the activation the forward stored. XLA:CPU removes
+  barriers by default (its ``cse_barrier_expander`` pass): the ensemble's training programs
+  of conv models keep them (``ensemble._cpu.CPU_CONV_OPTIONS``); elsewhere this is ``xla``.
+  """
+  x_BxHxWxC = jax.lax.optimization_barrier(x_BxHxWxC)
+  return jax.lax.conv_general_dilated(
+    x_BxHxWxC, kernel_HxWxIxO, tuple(strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def conv_patches(
@@ -122,10 +148,11 @@ class Conv(nn.Module):
   """A bias-free 2-D convolution (``nn.Conv``'s parameters: ``kernel`` HWIO, same init), with
   the lowering chosen per backend.
 
-  ``conv_impl``: ``xla`` is ``lax.conv_general_dilated`` (what ``nn.Conv`` runs); ``patches``
-  is :func:`conv_patches`; ``auto`` (default) picks per backend and kernel size
-  (:func:`resolve_conv_impl`). All three compute the same function (tested); the parameter
-  tree is ``nn.Conv``'s, so checkpoints do not depend on the choice.
+  ``conv_impl``: ``xla`` is ``lax.conv_general_dilated`` (what ``nn.Conv`` runs);
+  ``xla_barrier`` is :func:`conv_xla_barrier`; ``patches`` is :func:`conv_patches`; ``auto``
+  (default) picks per backend and kernel size (:func:`resolve_conv_impl`). All compute the same
+  function (tested); the parameter tree is ``nn.Conv``'s, so checkpoints do not depend on the
+  choice.
 
   Attributes:
     features: Output channels O.
@@ -146,8 +173,11 @@ class Conv(nn.Module):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, x_BxHxWxC.shape[-1], self.features))
     kernel = kernel.astype(x_BxHxWxC.dtype)
-    if resolve_conv_impl(self.conv_impl, self.kernel_size) == "patches":
+    impl = resolve_conv_impl(self.conv_impl, self.kernel_size)
+    if impl == "patches":
       return conv_patches(x_BxHxWxC, kernel, self.strides, self.padding)
+    if impl == "xla_barrier":
+      return conv_xla_barrier(x_BxHxWxC, kernel, self.strides, self.padding)
     return jax.lax.conv_general_dilated(
       x_BxHxWxC, kernel, tuple(self.strides), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )

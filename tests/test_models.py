@@ -8,6 +8,13 @@ import jax.numpy as jnp
 import pytest
 
 from jipguard import models
+from jipguard.ensemble import _cpu
+
+
+def _conv_options():
+  """The options of the ensemble's conv training programs on CPU (Eigen convolutions,
+  optimization barriers kept), so that each lowering is tested as it runs there."""
+  return _cpu.CPU_CONV_OPTIONS if jax.default_backend() == "cpu" and _cpu._xla_takes_conv_options() else None
 
 
 @pytest.mark.parametrize(
@@ -94,18 +101,30 @@ def _lax_conv(x, kernel, strides, padding="SAME"):
 )
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 def test_conv_patches_equals_lax_conv_forward_and_both_gradients(hw, c, o, k, s, padding):
+  _assert_equals_lax_conv(models.conv_patches, hw, c, o, k, s, padding)
+
+
+@pytest.mark.parametrize("hw,c,o,k,s", [(8, 3, 16, 3, 1), (8, 16, 16, 3, 1), (8, 16, 32, 3, 2), (7, 16, 32, 3, 2)])
+def test_conv_xla_barrier_equals_lax_conv_forward_and_both_gradients(hw, c, o, k, s):
+  """The 3x3 layers that take ``xla_barrier`` on CPU (the barrier is an identity: a few shapes)."""
+  _assert_equals_lax_conv(models.conv_xla_barrier, hw, c, o, k, s, "SAME")
+
+
+def _assert_equals_lax_conv(conv, hw, c, o, k, s, padding):
   kx, kk, kg = jax.random.split(jax.random.key(hw * c + o + k + s), 3)
   x = jax.random.normal(kx, (2, hw, hw, c))
   kernel = jax.random.normal(kk, (k, k, c, o)) / (k * k * c) ** 0.5
   g = jax.random.normal(kg, _lax_conv(x, kernel, (s, s), padding).shape)
 
-  @functools.partial(jax.jit, static_argnums=0)
   def forward_and_grads(conv, x, kernel, g):
     y, vjp = jax.vjp(lambda x, w: conv(x, w, (s, s), padding), x, kernel)
     return (y, *vjp(g))  # Output, input gradient, kernel gradient.
 
-  want = forward_and_grads(_lax_conv, x, kernel, g)
-  got = forward_and_grads(models.conv_patches, x, kernel, g)
+  want = jax.jit(forward_and_grads, static_argnums=0)(_lax_conv, x, kernel, g)
+  program = jax.jit(forward_and_grads, static_argnums=0).lower(conv, x, kernel, g).compile(_conv_options())
+  if conv is models.conv_xla_barrier and _conv_options():
+    assert " opt-barrier(" in program.as_text()  # The barrier reaches XLA:CPU's program.
+  got = program(x, kernel, g)
   assert got[0].shape == want[0].shape
   for a, b in zip(got, want):
     assert jnp.allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -139,7 +158,7 @@ def test_conv_impls_give_the_same_logits_and_gradients(model):
   y = jnp.arange(4)
   variables = model.init(jax.random.key(1), x)
 
-  @functools.partial(jax.jit, static_argnums=1)
+  @functools.partial(jax.jit, static_argnums=1, compiler_options=_conv_options())
   def loss_and_grads(params, impl):
     def loss(params):
       logits, _ = model.clone(conv_impl=impl).apply(
@@ -150,7 +169,7 @@ def test_conv_impls_give_the_same_logits_and_gradients(model):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   (_, want_logits), want_grads = loss_and_grads(variables["params"], "xla")
-  for impl in ("patches", "auto"):
+  for impl in ("patches", "xla_barrier", "auto"):
     (_, logits), grads = loss_and_grads(variables["params"], impl)
     assert jnp.allclose(logits, want_logits, atol=1e-4)
     assert jax.tree.all(jax.tree.map(lambda a, b: jnp.allclose(a, b, atol=1e-4, rtol=1e-3), grads, want_grads))
@@ -159,7 +178,8 @@ def test_conv_impls_give_the_same_logits_and_gradients(model):
 def test_resolve_conv_impl():
   cpu = jax.default_backend() == "cpu"
   assert models.resolve_conv_impl("auto", (1, 1)) == ("patches" if cpu else "xla")
-  assert models.resolve_conv_impl("auto", (3, 3)) == "xla"
+  assert models.resolve_conv_impl("auto", (3, 3)) == ("xla_barrier" if cpu else "xla")
+  assert models.resolve_conv_impl("xla", (3, 3)) == "xla"
   assert models.resolve_conv_impl("patches", (3, 3)) == "patches"
   with pytest.raises(ValueError, match="conv_impl"):
     models.resolve_conv_impl("im2col")

@@ -7,7 +7,8 @@ and the trainer pick them. What each buys is measured in ``benchmarks/README.md`
   by one inside the program; vmapped per-member convolutions become grouped convolutions, which
   XLA:CPU runs far slower than ordinary ones.
 * **Eigen convolutions** (:data:`CPU_CONV_OPTIONS`, :class:`ConvJit`): the programs of conv
-  models that differentiate through them compile with options that give convolutions to Eigen.
+  models that differentiate through them compile with options that give convolutions to Eigen
+  and keep the optimization barriers of ``models.conv_xla_barrier``.
 * **Members per pass** (:func:`members_per_pass`): large members are taken a cache-sized group
   at a time (training: through all of an epoch's steps; the sanitizer: through its sum).
 * **Shared input** (:class:`SharedInputMembers`): members that all see one input have their
@@ -60,8 +61,14 @@ def group_members(a: jax.Array, members_per_pass: int, axis: int = 0) -> jax.Arr
 # sanitize step of 8 CNNs on 64 images 661 vs 573 ms. Without ``REDUCE`` the max pooling
 # leaves YNNPACK (311 ms); with ``ELTWISE`` added, 303 ms (``benchmarks/README.md``, "Eigen
 # convolutions for training").
+# They also keep optimization barriers (XLA:CPU's ``cse_barrier_expander`` removes them by
+# default), so that ``models.conv_xla_barrier``'s kernel gradient transposes the stored input
+# instead of recomputing batch norm + ReLU inside the transpose: one member's training step
+# (B=128, alternated in one process, 2 shared cores at load 6-7) ResNet-8 408-436 -> 328-351 ms,
+# CNN 578 -> 464 ms (``benchmarks/README.md``, "Materialised kernel-gradient transposes").
 CPU_CONV_OPTIONS = {
-  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+  "xla_disable_hlo_passes": "cse_barrier_expander",
 }
 
 

@@ -93,8 +93,8 @@ def _ynn_convolutions(hlo: str) -> list[str]:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
 def test_conv_training_on_cpu_takes_eigen_convolutions_and_trains_the_same(monkeypatch):
   """Conv models' training steps on CPU compile with ``CPU_CONV_OPTIONS`` (Eigen's
-  convolutions, not YNNPACK's), MLPs with XLA's defaults; the options change no trained
-  value beyond float rounding."""
+  convolutions, not YNNPACK's; optimization barriers kept), MLPs with XLA's defaults; the
+  options change no trained value beyond float rounding."""
   if not _cpu._xla_takes_conv_options():
     pytest.skip("this XLA:CPU does not know --xla_cpu_experimental_ynn_fusion_type's values")
   train, _ = _digits()
@@ -111,6 +111,8 @@ def test_conv_training_on_cpu_takes_eigen_convolutions_and_trains_the_same(monke
   hlo = training.train_step.conv_cpu.lower(*step_args, **static).compile().as_text()
   assert _ynn_convolutions(default_hlo)  # This XLA's default, which the options turn off.
   assert " convolution(" in hlo and not _ynn_convolutions(hlo)
+  # models.conv_xla_barrier's barriers (the CNN's 3x3 convolutions on CPU) reach XLA only here.
+  assert " opt-barrier(" in hlo and " opt-barrier(" not in default_hlo
   compiled = training.train_step.conv_cpu._cache_size(), training.train_step.default._cache_size()
   with_options = cnn.fit(keys, x, y, indices=indices, epochs=2, progress=False)
   assert training.train_step.conv_cpu._cache_size() > compiled[0]
