@@ -102,7 +102,7 @@ class ConvStage(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     widths, kernel, pool = self.stage
     for width in widths:
-      x = nn.Conv(width, (kernel, kernel), use_bias=False)(x)
+      x = models.Conv(width, (kernel, kernel))(x)  # Bias-free: batch norm follows.
       norm = nn.BatchNorm(use_running_average=not train, momentum=0.9)
       x = nn.relu(norm(x)) if self.norm_first else norm(nn.relu(x))
     if pool == 2:
