@@ -165,9 +165,12 @@ def verify_users(model, variables, x, y, users, transforms, sigs, chunk=None) ->
   )
 
 
-def check_user_counts(cfg: StudyConfig, n_train: int, n_test: int, num_users: int, per_user: int) -> None:
+def check_user_counts(
+  cfg: StudyConfig, n_train: int, n_test: int, num_users: int, per_user: int, *, test_split: str = "test split"
+) -> None:
   """ValueError naming the flags when a split cannot hold its users' disjoint images (checked
-  before any training, so a run does not train a learner it cannot verify)."""
+  before any training, so a run does not train a learner it cannot verify). ``n_test``: the
+  test images the held-out users may take, called ``test_split`` in the message."""
   needs = (
     (
       "train split (up to --train_size)",
@@ -176,7 +179,7 @@ def check_user_counts(cfg: StudyConfig, n_train: int, n_test: int, num_users: in
       per_user,
       "--num_users x --per_user (or a larger --train_size)",
     ),
-    ("test split", n_test, cfg.heldout_users, cfg.heldout_per_user, "--heldout_users x --heldout_per_user"),
+    (test_split, n_test, cfg.heldout_users, cfg.heldout_per_user, "--heldout_users x --heldout_per_user"),
   )
   for split, n, users, per, flags in needs:
     if users * per > n:
@@ -503,7 +506,9 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
   _setup(workdir, cfg)
   train, test = load_colour(cfg.dataset, cfg.data_dir, cfg.seed)
   train = train.subset(slice(0, cfg.train_size))
-  check_user_counts(cfg, len(train), len(test), 1, cfg.per_user)
+  # The fine-tuned learner is verified on the test split's second half (the first fine-tunes it).
+  held = len(test) - len(test) // 2
+  check_user_counts(cfg, len(train), held, 1, cfg.per_user, test_split="held-out half of the test split")
   model, v, users = single_point(
     cfg,
     train,

@@ -347,6 +347,11 @@ def test_cli_mark_and_verify(trained, tmp_path, capsys):
       r"images, but the train split .* has 500",
     ),
     ("defences", {"heldout_users": 5, "train_size": 50}, r"= 1 x 100 = 100 images, but the train split"),
+    (
+      "defences",
+      {"heldout_users": 100, "heldout_per_user": 10},
+      r"= 100 x 10 = 1000 images, but the held-out half of the test split of fashion_mnist_subset has 500",
+    ),
   ],
 )
 def test_studies_name_the_flags_when_a_split_is_too_small_before_training(tmp_path, study, flags, match):
