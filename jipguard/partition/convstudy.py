@@ -32,7 +32,6 @@ last, ``metrics.json``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jipguard import cli, data, rundir
-from jipguard.partition import attacks, defense, networks, perceptual, split, study
+from jipguard.partition import attacks, defense, networks, split, study
 
 SETTINGS = ("none", "single", "multiple", "fingerprint")
 DATASETS = ("fashion_colour", "cifar10", "lfw")  # Or a path data.load reads.
@@ -216,7 +215,7 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
     penalty_data=jnp.asarray(f_L) if marked else None,
     progress=progress,
     on_epoch_end=lambda r: rundir.append_jsonl(log, {"split": at, "setting": setting, **r}),
-    checkpoint=path.replace(".npz", ".partial.npz"),
+    checkpoint=study.checkpoint_path(path),
   )
   acc = defense.accuracy(trained, x_te, y_te)
   h = defense.uploaded_states(trained, x_te)
@@ -224,9 +223,7 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
   bits = penalty.bit_errors(remote, f_L)
   row = {"split": at, "setting": setting, "accuracy": acc, "fingerprint_bit_errors": bits, "train_s": time.time() - t0}
   rundir.append_jsonl(log, row)
-  defense.save_tree(path, trained.variables, h=h, accuracy=np.float64(acc), bits=np.float64(bits))
-  with contextlib.suppress(FileNotFoundError):  # The setting is saved: its training checkpoint goes.
-    os.remove(path.replace(".npz", ".partial.npz"))
+  study.save_finished(path, trained.variables, h=h, accuracy=np.float64(acc), bits=np.float64(bits))
   return trained.variables, h, acc, bits
 
 
@@ -281,11 +278,7 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
   penalty = defense.FingerprintPenalty(projection, cfg.fingerprint_weight)
   names = cfg.setting_list()
   rows, metrics = [], {"accuracy": {}, "fingerprint_bit_errors": {}, "attacks": {}}
-  dpd = None
-  if cfg.perceptual_epochs:
-    pcfg = perceptual.PerceptualConfig(epochs=cfg.perceptual_epochs, seed=cfg.seed)
-    dpd = perceptual.train(aux.images, aux.labels, num_classes=train.num_classes, cfg=pcfg)
-    rundir.append_jsonl(log, {"dpd_aux_train_accuracy": dpd.train_accuracy})
+  dpd = study.dpd_aux(cfg, aux, train.num_classes, log)
   for at in cfg.split_list():
     variables, h, acc, bits = {}, {}, {}, {}
     for s in names:

@@ -177,6 +177,29 @@ def _load(cfg: StudyConfig) -> tuple[data.Dataset, data.Dataset]:
   return train, test
 
 
+def checkpoint_path(path: str) -> str:
+  """Where the training of the setting saved at ``path`` keeps its epoch checkpoint."""
+  return path.replace(".npz", ".partial.npz")
+
+
+def save_finished(path: str, tree: Any, **arrays: np.ndarray) -> None:
+  """Saves a finished setting (:func:`defense.save_tree`), then deletes its training checkpoint."""
+  defense.save_tree(path, tree, **arrays)
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(checkpoint_path(path))
+
+
+def dpd_aux(cfg: Any, aux: data.Dataset, num_classes: int, log: str) -> perceptual.PerceptualDistance | None:
+  """DPD_aux trained on the auxiliary images for ``cfg.perceptual_epochs`` (None when 0); its
+  training accuracy goes to the ``log``."""
+  if not cfg.perceptual_epochs:
+    return None
+  pcfg = perceptual.PerceptualConfig(epochs=cfg.perceptual_epochs, seed=cfg.seed)
+  dpd = perceptual.train(aux.images, aux.labels, num_classes=num_classes, cfg=pcfg)
+  rundir.append_jsonl(log, {"dpd_aux_train_accuracy": dpd.train_accuracy})
+  return dpd
+
+
 def _setting(
   cfg: StudyConfig, name: str, designs, weight: float, workdir: str, own: data.Dataset, aux, test, mark, *, progress
 ) -> dict[str, Any]:
@@ -206,7 +229,7 @@ def _setting(
     penalty_data=jnp.asarray(f_L) if marked else None,
     progress=progress,
     on_epoch_end=lambda r: rundir.append_jsonl(log, {"setting": name, **r}),
-    checkpoint=path.replace(".npz", ".partial.npz"),
+    checkpoint=checkpoint_path(path),
   )
   out = {
     "params": trained.params,  # An MLP: params only.
@@ -221,9 +244,7 @@ def _setting(
     )
   row = {"setting": name, "accuracy": float(out["accuracy"]), "fingerprint_bit_errors": float(out["bits"])}
   rundir.append_jsonl(log, {**row, "train_s": time.time() - t0})
-  defense.save_tree(path, trained.params, **{k: out[k] for k in keys})
-  with contextlib.suppress(FileNotFoundError):  # The setting is saved: its training checkpoint goes.
-    os.remove(path.replace(".npz", ".partial.npz"))
+  save_finished(path, trained.params, **{k: out[k] for k in keys})
   return out
 
 
@@ -276,11 +297,7 @@ def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, A
   names = list(settings)
   reference = settings["none"]["params"]
   classify = lambda z: np.asarray(jnp.argmax(split.compose(net, *split.split_params(reference, net.num_local), z), -1))  # noqa: E731
-  dpd = None
-  if cfg.perceptual_epochs:
-    pcfg = perceptual.PerceptualConfig(epochs=cfg.perceptual_epochs, seed=cfg.seed)
-    dpd = perceptual.train(aux.images, aux.labels, num_classes=train.num_classes, cfg=pcfg)
-    rundir.append_jsonl(log, {"dpd_aux_train_accuracy": dpd.train_accuracy})
+  dpd = dpd_aux(cfg, aux, train.num_classes, log)
   metric = lambda x, x_hat, y: attacks.reconstruction_metrics(x, x_hat, y, classify, dpd)  # noqa: E731
   local_params = {n: split.split_params(settings[n]["params"], net.num_local)[0] for n in names}
   locals_M = jax.tree.map(lambda *a: jnp.stack(a), *[local_params[n] for n in names])
