@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None, *, description: str | None = None) -> in
     return cmd_verify(a)
   data.load(cfg.dataset, "train", data_dir=cfg.data_dir)  # Bad data fail before the run directory exists.
   workdir = a.workdir or default_workdir(cfg)
-  m = {"multiuser": studies.multiuser, "sweep": studies.sweep, "defences": studies.defences}[a.cmd](cfg, workdir)
+  m = {"multiuser": studies.multiuser, "sweep": studies.sweep, "defences": studies.defences}[a.cmd](
+    cfg, workdir, progress=not a.quiet
+  )
   print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, indent=2))
   print(f"run directory: {workdir}")
   return 0

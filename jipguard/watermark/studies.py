@@ -188,7 +188,7 @@ def check_user_counts(
       )
 
 
-def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
+def multiuser(cfg: MultiuserConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """``num_users`` users mark their images with random signatures of the paper's space; one
   learner trains on the pool; every member user's and held-out user's signature is recovered
   by grid search (and gradient search); MIA baselines with shadow models. Returns metrics.json's
@@ -226,6 +226,7 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
     train.num_classes,
     checkpoint_dir=os.path.join(workdir, "checkpoints", "learner"),
     metrics_log=os.path.join(workdir, "metrics.jsonl"),
+    progress=progress,
   )
   train_s = time.time() - t0
   v = learner.member_variables(state, 0)
@@ -300,7 +301,7 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
       gradient_seconds=time.time() - t0,
     )
   if cfg.mia_users:
-    m.update(mia(cfg, workdir, model, v, train, test, users, held, marked))
+    m.update(mia(cfg, workdir, model, v, train, test, users, held, marked, progress=progress))
   m["total_seconds"] = time.time() - t_start
   rundir.write_json(os.path.join(workdir, "metrics.json"), m)
   n = min(6, cfg.num_users)
@@ -326,7 +327,9 @@ def multiuser(cfg: MultiuserConfig, workdir: str) -> dict[str, Any]:
   return m
 
 
-def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, marked) -> dict[str, Any]:
+def mia(
+  cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, marked, *, progress: bool = True
+) -> dict[str, Any]:
   """MIA-std / MIA-pow with per-user shadow models (section 5.5 (ii)) vs ANW, and adv^P."""
   u = min(cfg.mia_users, len(users), len(held))
   pool = np.concatenate([marked[users[:u].reshape(-1)], test.images[held[:u].reshape(-1)]])
@@ -357,6 +360,7 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
     checkpoint_dir=os.path.join(ck, "shadow_std"),
     desc="shadow std",
     metrics_log=os.path.join(workdir, "metrics.jsonl"),
+    progress=progress,
   )
   _, s_half, _ = learner.train_learners(
     scfg,
@@ -368,6 +372,7 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
     checkpoint_dir=os.path.join(ck, "shadow_pow"),
     desc="shadow pow",
     metrics_log=os.path.join(workdir, "metrics.jsonl"),
+    progress=progress,
   )
   # MIAs query the learner with the exact images it was trained on (member users' marked copies),
   # their best case; held-out users' images were never used.
@@ -403,7 +408,9 @@ def mia(cfg: MultiuserConfig, workdir: str, model, v, train, test, users, held, 
 # ------------------------------------------------------------------ single-user sweeps
 
 
-def single_point(cfg: StudyConfig, train, test, *, model_name, k_star, num_marked, augment, key, workdir, name):
+def single_point(
+  cfg: StudyConfig, train, test, *, model_name, k_star, num_marked, augment, key, workdir, name, progress: bool = True
+):
   """Trains one learner on the pool with one user's ``num_marked`` images marked ``k_star``
   (checkpoints in ``workdir/checkpoints/name``, epochs in ``workdir/metrics.jsonl``):
   ``(model, its variables, the user's image indices)``."""
@@ -421,6 +428,7 @@ def single_point(cfg: StudyConfig, train, test, *, model_name, k_star, num_marke
     checkpoint_dir=os.path.join(workdir, "checkpoints", name),
     metrics_log=os.path.join(workdir, "metrics.jsonl"),
     desc=name,
+    progress=progress,
   )
   return model, learner.member_variables(state, 0), users
 
@@ -452,7 +460,7 @@ SWEEPS = {
 }
 
 
-def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
+def sweep(cfg: SweepConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """One learner per point of ``SWEEPS[cfg.vary]``, each with one marked user: recovered
   signature, match, held-out users' recovered signatures. Returns metrics.json's dict."""
   _setup(workdir, cfg)
@@ -479,6 +487,7 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
         key=cfg.seed,
         workdir=workdir,
         name=name,
+        progress=progress,
       )
       r = grid_point(cfg, model, v, train, test, users, p["k_star"])
       return {**p, **r, "name": name, "seconds": time.time() - t0}
@@ -499,7 +508,7 @@ def sweep(cfg: SweepConfig, workdir: str) -> dict[str, Any]:
   return m
 
 
-def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
+def defences(cfg: DefencesConfig, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """Magnitude pruning (30-90% of every kernel) and fine-tuning on clean data of a learner
   trained with one marked user: test accuracy and the recovered signature after each.
   Returns metrics.json's dict."""
@@ -520,6 +529,7 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
     key=cfg.seed,
     workdir=workdir,
     name="learner",
+    progress=progress,
   )
 
   def scored(name: str, variables, test_set: data.Dataset) -> dict[str, Any]:
@@ -559,6 +569,7 @@ def defences(cfg: DefencesConfig, workdir: str) -> dict[str, Any]:
       checkpoint_dir=os.path.join(workdir, "checkpoints", "finetune"),
       metrics_log=os.path.join(workdir, "metrics.jsonl"),
       desc="finetune",
+      progress=progress,
     )
     return scored(f"finetune={cfg.finetune_epochs}", learner.member_variables(fs, 0), test.subset(slice(half, None)))
 

@@ -410,3 +410,31 @@ def test_resnet_learner_with_crop_and_flip_recovers_k_star_and_not_held_out_user
   for u in range(3):
     h = verifier.grid_search(model, variables, xt[200 * u : 200 * (u + 1)], test.labels[200 * u : 200 * (u + 1)], GRID)
     assert verifier.distance(h.recovered, 0.0) < lct.PAPER_TAU, (h.recovered, h.losses)
+
+
+class _Trained(Exception):
+  pass
+
+
+@pytest.mark.parametrize(
+  "argv",
+  [
+    ["multiuser", "--heldout_users", "5", "--train_size", "500", "--per_user", "10"],
+    ["sweep", "--vary", "augment", "--heldout_users", "5", "--train_size", "500"],
+    ["defences", "--heldout_users", "5", "--train_size", "500"],
+  ],
+)
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_reaches_every_study_learner(tmp_path, monkeypatch, argv, quiet):
+  """``--quiet`` turns off the learner's progress bar in each study (checked at its first learner)."""
+  seen = []
+
+  def fake_train(*args, progress=True, **kwargs):
+    seen.append(progress)
+    raise _Trained
+
+  monkeypatch.setattr(learner, "train_learners", fake_train)
+  flags = ["--dataset", "fashion_mnist_subset", "--workdir", str(tmp_path / "run"), "--debug"]
+  with pytest.raises(_Trained):
+    cli.main(argv + flags + (["--quiet"] if quiet else []))
+  assert seen == [not quiet]
