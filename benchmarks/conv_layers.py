@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import time
-
 import pathlib
 import sys
+import time
 
 if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -38,6 +37,14 @@ import optax  # noqa: E402
 from jipguard import models  # noqa: E402
 from jipguard.ensemble import _cpu  # noqa: E402
 from jipguard.ensemble.training import _member_step  # noqa: E402
+
+try:
+  import torch
+  import torch.nn.functional as F
+
+  from benchmarks import torch_reference
+except ImportError:  # The torch columns need the benchmarks' extra.
+  torch = None
 
 # (input side, in channels, out channels, kernel, stride) of ResNet-8 on 32x32x3.
 SHAPES = [(32, 3, 16, 3, 1), (32, 16, 16, 3, 1), (32, 16, 32, 3, 2), (16, 32, 32, 3, 1), (32, 16, 32, 1, 2)]
@@ -69,18 +76,13 @@ def _patches(x, k, s):
 
 def _torch():
   """torch with ``os.cpu_count()`` threads, or None where it is not installed."""
-  try:
-    import torch
-  except ImportError:
-    return None
-  torch.set_num_threads(os.cpu_count())
+  if torch is not None:
+    torch.set_num_threads(os.cpu_count())
   return torch
 
 
-def _torch_layer_ms(torch, x, k, g, s: int, repeats: int) -> list[float]:
+def _torch_layer_ms(x, k, g, s: int, repeats: int) -> list[float]:
   """Forward, input gradient and kernel gradient of ``F.conv2d`` with flax's SAME padding."""
-  import torch.nn.functional as F
-
   x = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
   k = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())
   g = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
@@ -110,10 +112,10 @@ def _torch_layer_ms(torch, x, k, g, s: int, repeats: int) -> list[float]:
 
 
 def layers(batch: int, repeats: int) -> None:
-  torch = _torch()
+  _torch()
   head = "| layer | xla fwd / input grad / kernel grad ms | patches fwd / input grad / kernel grad ms |"
-  print(head + (" torch fwd / input grad / kernel grad ms |" if torch else ""))
-  print("|---|---|---|" + ("---|" if torch else ""))
+  print(head + (" torch fwd / input grad / kernel grad ms |" if torch is not None else ""))
+  print("|---|---|---|" + ("---|" if torch is not None else ""))
   rng = np.random.default_rng(0)
   for h, c, o, ks, s in SHAPES:
     x = jnp.asarray(rng.random((batch, h, h, c), np.float32))
@@ -128,8 +130,8 @@ def layers(batch: int, repeats: int) -> None:
       ms = [_median_ms(fwd, x, k, repeats=repeats), _median_ms(dx, x, k, g, repeats=repeats)]
       ms.append(_median_ms(dk, x, k, g, repeats=repeats))
       cells.append(" / ".join(f"{t:.1f}" for t in ms))
-    if torch:
-      cells.append(" / ".join(f"{t:.1f}" for t in _torch_layer_ms(torch, x, k, g, s, repeats)))
+    if torch is not None:
+      cells.append(" / ".join(f"{t:.1f}" for t in _torch_layer_ms(x, k, g, s, repeats)))
     print(f"| {h}x{h}x{c} -> {o}, {ks}x{ks} stride {s} | " + " | ".join(cells) + " |")
 
 
@@ -145,10 +147,7 @@ def steps(batch: int, repeats: int, model_name: str = "resnet8") -> None:
     args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y, jax.random.key(1), None)
     jax.block_until_ready(step(*args))
     programs[impl] = step, args
-  torch = _torch()
-  if torch:
-    from benchmarks import torch_reference
-
+  if _torch():
     module = {"resnet8": torch_reference.TorchResNet, "cnn": torch_reference.TorchCNN}[model_name]()
     loop = torch_reference.LoopEnsemble([module], lr=1e-3)
     tx_ = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())[None]
