@@ -183,6 +183,17 @@ class Conv(nn.Module):
     )
 
 
+def dense_relu_layers(x_BxD: jax.Array, hidden: Sequence[int], dropout: float, train: bool) -> jax.Array:
+  """``Dense -> ReLU (-> Dropout)`` per width of ``hidden``, called inside a compact module
+  (whose ``Dense_0``, ``Dense_1``, ... they become): the hidden layers of :class:`MLP` and of
+  its split halves (``jipguard.partition.split``)."""
+  for width in hidden:
+    x_BxD = nn.relu(nn.Dense(width)(x_BxD))
+    if dropout > 0:
+      x_BxD = nn.Dropout(dropout, deterministic=not train)(x_BxD)
+  return x_BxD
+
+
 class MLP(nn.Module):
   """IPProtect's MNIST / Fashion-MNIST network: a 3-layer ReLU DNN.
 
@@ -203,11 +214,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
-    x = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-      if self.dropout > 0:
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = dense_relu_layers(x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1), self.hidden, self.dropout, train)
     return nn.Dense(self.num_classes)(x)
 
 

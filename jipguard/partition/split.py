@@ -63,12 +63,7 @@ class LocalMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
-    x = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-      if self.dropout > 0:
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return x
+    return models.dense_relu_layers(x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1), self.hidden, self.dropout, train)
 
 
 class RemoteMLP(nn.Module):
@@ -80,12 +75,8 @@ class RemoteMLP(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxD: jax.Array, train: bool = False) -> jax.Array:
-    x = h_BxD
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-      if self.dropout > 0:
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    x = models.dense_relu_layers(h_BxD, self.hidden, self.dropout, train)  # Dense_0 ... first,
+    return nn.Dense(self.num_classes)(x)  # then the output layer, as in models.MLP.
 
 
 # A conv stage: (channels of each conv, conv kernel size, pool window).
