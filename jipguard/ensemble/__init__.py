@@ -10,6 +10,8 @@ axis: ``params = jax.vmap(model.init)(keys, x)``.
   :func:`prepare`, :func:`value_and_input_grad`, :func:`jit`.
 * ``training``: :class:`EnsembleTrainer` (one jitted program per epoch; sharded over a mesh).
 * ``checkpoints``: :class:`Checkpointing`, resume, :func:`load_checkpoint`.
+* ``projection``: a secret linear read-out of chosen kernels and the ``penalty`` that writes a
+  vector into them (SecureMark-DL's fingerprints, in ``fingerprint`` and ``partition``).
 * ``_cpu``: the CPU fast paths, chosen inside the package (unrolled conv members, Eigen
   convolutions, cache-sized member groups, a shared input layer).
 

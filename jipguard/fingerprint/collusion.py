@@ -98,7 +98,7 @@ class CollusionConfig:
 
 def save_params(path: str, params: PyTree, **meta: Any) -> None:
   """One model's parameters as an npz of ``"Dense_0/kernel"``-named arrays (+ ``__meta__`` JSON)."""
-  flat = {embedding._path_name(p): np.asarray(a) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {embedding.path_name(p): np.asarray(a) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
   rundir.write_npz(path, **flat, __meta__=np.array(rundir.dumps(meta)))
 
 

@@ -1,6 +1,7 @@
 """Embedding fingerprints in weights (Eq. 27) and extracting them (section V).
 
-Customer j's copy is fine-tuned with the loss ``l(y, f(x)) + mu * MSE(F_j - X theta_sub)``:
+Customer j's copy is fine-tuned with the loss ``l(y, f(x)) + mu * MSE(F_j - X theta_sub)``
+(the read-out and the regulariser are the ground floor's ``jipguard.ensemble.projection``):
 
 * ``theta_sub`` (:func:`theta_sub`): the chosen layers' kernels, each averaged over its output
   channels (last axis) and flattened, concatenated in path order. For a convolution kernel
@@ -31,7 +32,7 @@ vmapped with the members.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import dataclasses
 from typing import Any
 
@@ -39,46 +40,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jipguard.ensemble import projection
+from jipguard.ensemble.projection import (  # noqa: F401  (this module's API: Eq. 27's read-out)
+  extract,
+  layer_predicate,
+  path_name,
+  select_kernels,
+  theta_size,
+  theta_sub,
+)
 from jipguard.fingerprint import codes
 
 PyTree = Any
 PAPER_MU = 0.2  # The embedding weight mu of section VI-B.
 PAPER_TAU = 0.85  # The hard threshold tau of Eq. 30.
 PROJECTION_STD = 1.0  # Standard deviation of X's entries (the paper gives none; Uchida's 1).
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def layer_predicate(layers: Sequence[str]) -> Callable[[str], bool]:
-  """A predicate on a parameter's path (``"Dense_0/kernel"``): a kernel of one of ``layers``
-  (matched against any path component, so ``"Dense_1"`` also finds ``"remote/Dense_1/kernel"``)."""
-  names = set(layers)
-  return lambda path: path.endswith("/kernel") and any(part in names for part in path.split("/")[:-1])
-
-
-def select_kernels(params: PyTree, predicate: Callable[[str], bool]) -> dict[str, jax.Array]:
-  """The kernels whose path satisfies ``predicate``, by path, in path order.
-
-  Raises:
-    ValueError: No kernel matches.
-  """
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  chosen = {_path_name(p): leaf for p, leaf in flat if predicate(_path_name(p))}
-  if not chosen:
-    raise ValueError(f"no kernel matches the chosen layers; the parameters are {[_path_name(p) for p, _ in flat]}")
-  return dict(sorted(chosen.items()))
-
-
-def theta_sub(kernels: dict[str, jax.Array]) -> jax.Array:
-  """Each kernel averaged over its output channels (last axis), flattened, concatenated: ``theta_P``."""
-  return jnp.concatenate([jnp.mean(k, axis=-1).reshape(-1) for k in kernels.values()])
-
-
-def theta_size(params: PyTree, predicate: Callable[[str], bool]) -> int:
-  """P, the length of theta_sub."""
-  return sum(int(np.prod(k.shape[:-1])) for k in select_kernels(params, predicate).values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,44 +132,11 @@ def fingerprint_vector(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Penalty:
-  """``mu * MSE(F - X theta_sub(params))`` for ONE member: ``penalty(params, f_L)``.
+class Penalty(projection.ProjectionPenalty):
+  """Eq. 27's regulariser ``mu * MSE(F_j - X theta_sub(params))`` for ONE member
+  (:class:`jipguard.ensemble.projection.ProjectionPenalty` with the paper's mu by default)."""
 
-  The ``penalty`` of ``ensemble.EnsembleTrainer``; hashed by identity, so one object serves a
-  trainer's life and its epoch compiles once. X is a constant of the compiled program.
-
-  Attributes:
-    projection: X, L x P.
-    layers: The chosen layers (:func:`layer_predicate`).
-    mu: The embedding weight.
-  """
-
-  projection: np.ndarray  # X, L x P (secret).
-  layers: tuple[str, ...]  # Layers whose kernels carry the fingerprint.
   mu: float = PAPER_MU  # Embedding weight.
-
-  def __repr__(self) -> str:
-    return f"Penalty(layers={self.layers}, mu={self.mu}, shape={self.projection.shape})"
-
-  def __call__(self, params: PyTree, f_L: jax.Array) -> jax.Array:
-    theta = theta_sub(select_kernels(params, layer_predicate(self.layers)))
-    return self.mu * jnp.mean((f_L - jnp.asarray(self.projection) @ theta) ** 2)
-
-
-def extract(params: PyTree, projection: np.ndarray, layers: Sequence[str], *, members: bool = False) -> np.ndarray:
-  """``F^ = X theta_sub`` of one model (numpy float64, length L), or of every member (M x L)
-  when ``members`` (``params`` with a leading member axis).
-
-  Raises:
-    ValueError: The chosen layers' theta_sub does not match the projection's width.
-  """
-  kernels = select_kernels(params, layer_predicate(layers))
-  x = np.asarray(projection, np.float64)
-  flat = [np.asarray(k, np.float64).mean(-1).reshape((k.shape[0], -1) if members else (-1,)) for k in kernels.values()]
-  theta = np.concatenate(flat, axis=-1)
-  if theta.shape[-1] != x.shape[1]:
-    raise ValueError(f"theta_sub has {theta.shape[-1]} entries, the projection takes {x.shape[1]}: wrong layers?")
-  return theta @ x.T
 
 
 def coefficients(f_L: np.ndarray, bases: Sequence[np.ndarray], layout: Layout) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,7 @@ def masks(params: PyTree, layers: Sequence[str], alpha: float) -> PyTree:
   chosen = embedding.layer_predicate(layers)
 
   def mask(path, a):
-    if not chosen(embedding._path_name(path)):
+    if not chosen(embedding.path_name(path)):
       return jnp.ones_like(a)
     flat = jnp.abs(a).reshape(a.shape[0], -1)
     cut = jnp.quantile(flat, alpha, axis=1, method="lower")
@@ -106,7 +106,7 @@ def masked(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   zeros are their initial value, are not masked)."""
 
   def keep(path, p):
-    return (p != 0).astype(p.dtype) if embedding._path_name(path).endswith("kernel") else jnp.ones_like(p)
+    return (p != 0).astype(p.dtype) if embedding.path_name(path).endswith("kernel") else jnp.ones_like(p)
 
   def init(params):
     return (tx.init(params), jax.tree_util.tree_map_with_path(keep, params))

@@ -47,9 +47,10 @@ from jipguard.partition.attacks import (
 )
 from jipguard.partition.defense import (
   DefenseConfig,
-  FingerprintPenalty,
   Trained,
   accuracy,
+  fingerprint_bit_errors,
+  fingerprint_penalty,
   fingerprint_secret,
   obfuscate,
   train,
@@ -81,7 +82,6 @@ __all__ = [
   "DEFENDERS",
   "Decoder",
   "DefenseConfig",
-  "FingerprintPenalty",
   "InverseConfig",
   "MULTIPLE",
   "PerceptualConfig",
@@ -91,6 +91,8 @@ __all__ = [
   "accuracy",
   "build",
   "compose",
+  "fingerprint_bit_errors",
+  "fingerprint_penalty",
   "fingerprint_secret",
   "fit_inverse",
   "invert",

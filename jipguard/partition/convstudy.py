@@ -7,7 +7,7 @@ For each split point of ``splits`` one partitioned model is trained per setting 
   owners (``networks.MULTIPLE_CONV``);
 * ``fingerprint``: ``single`` with a customer's fingerprint embedded in the remote part during the
   same training (Eq. 27: ``mu * mean((F - X theta_sub)^2)`` on the remote ``Dense_0`` kernel,
-  :class:`defense.FingerprintPenalty`), so its accuracy reads against ``single``'s: with and without.
+  :func:`defense.fingerprint_penalty`), so its accuracy reads against ``single``'s: with and without.
 
 Every setting's deployed accuracy is measured on the test images. Each attack of ``attacks``
 (``networks.CONV_ATTACKS``) trains ONCE per split point as a stacked ensemble with one member
@@ -220,7 +220,7 @@ def _setting(cfg, at, setting, workdir, own, test, penalty, f_L, *, progress):
   acc = defense.accuracy(trained, x_te, y_te)
   h = defense.uploaded_states(trained, x_te)
   remote = split.split_variables(trained.split, trained.variables)[1]["params"]
-  bits = penalty.bit_errors(remote, f_L)
+  bits = defense.fingerprint_bit_errors(penalty, remote, f_L)
   row = {"split": at, "setting": setting, "accuracy": acc, "fingerprint_bit_errors": bits, "train_s": time.time() - t0}
   rundir.append_jsonl(log, row)
   study.save_finished(path, trained.variables, h=h, accuracy=np.float64(acc), bits=np.float64(bits))
@@ -275,7 +275,7 @@ def run(cfg: ConvStudyConfig, workdir: str, *, progress: bool = True) -> dict[st
   log = os.path.join(workdir, "metrics.jsonl")
   start = time.time()
   projection, f_L = _fingerprint(cfg, workdir, train.num_classes, x_te)
-  penalty = defense.FingerprintPenalty(projection, cfg.fingerprint_weight)
+  penalty = defense.fingerprint_penalty(projection, cfg.fingerprint_weight)
   names = cfg.setting_list()
   rows, metrics = [], {"accuracy": {}, "fingerprint_bit_errors": {}, "attacks": {}}
   dpd = study.dpd_aux(cfg, aux, train.num_classes, log)

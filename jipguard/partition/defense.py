@@ -58,6 +58,7 @@ import optax
 import tqdm
 
 from jipguard import data, ensemble, rundir
+from jipguard.ensemble import projection
 from jipguard.partition import networks, split
 
 PyTree = Any
@@ -291,29 +292,22 @@ def _epoch(
   return variables, opt_state, defenders, loss.mean(), priv.mean()
 
 
-@dataclasses.dataclass(frozen=True)
-class FingerprintPenalty:
+# The remote layer whose kernel carries the fingerprint (its input width is P).
+FINGERPRINT_LAYERS = ("Dense_0",)
+
+
+def fingerprint_penalty(projection_LxP: np.ndarray, mu: float) -> projection.ProjectionPenalty:
   """Eq. 27 on the remote part, the server's ``penalty`` of :func:`train`:
   ``mu * mean((F - X theta_sub)^2)``, ``theta_sub`` the remote ``Dense_0`` kernel averaged over
-  its outputs (the form of ``fingerprint.Penalty``, which this package may not import; equal to
-  it, tests/partition/test_conv.py). Hashed by identity: one object per training."""
+  its outputs (``fingerprint.Penalty``'s form, from the ground floor). One object per training
+  (hashed by identity)."""
+  return projection.ProjectionPenalty(np.asarray(projection_LxP, np.float32), FINGERPRINT_LAYERS, mu)
 
-  projection: np.ndarray  # X, L x P (secret).
-  mu: float  # Embedding weight (the paper: 0.2).
 
-  __hash__ = object.__hash__
-  __eq__ = object.__eq__
-
-  def theta(self, remote_params) -> jax.Array:
-    return remote_params["Dense_0"]["kernel"].mean(-1).reshape(-1)
-
-  def __call__(self, remote_params, f_L: jax.Array) -> jax.Array:
-    return self.mu * jnp.mean((f_L - jnp.asarray(self.projection) @ self.theta(remote_params)) ** 2)
-
-  def bit_errors(self, remote_params, f_L: np.ndarray) -> float:
-    """Fraction of the fingerprint's bits whose sign the remote part reads wrong."""
-    f_hat = np.asarray(self.projection, np.float64) @ np.asarray(self.theta(remote_params), np.float64)
-    return float(np.mean(np.sign(f_hat) != np.sign(f_L)))
+def fingerprint_bit_errors(penalty: projection.ProjectionPenalty, remote_params: PyTree, f_L: np.ndarray) -> float:
+  """Fraction of the fingerprint's bits whose sign the remote part reads wrong."""
+  f_hat = projection.extract(remote_params, penalty.projection, penalty.layers)
+  return float(np.mean(np.sign(f_hat) != np.sign(f_L)))
 
 
 def fingerprint_secret(workdir: str, net: split.Split, image_shape, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ One partitioned model is trained per setting (:mod:`defense`): no defender; the 
 (``"single"`` on every owner) at each defender weight of ``weights`` (Table I's sweep); the
 four designs of Table II dealt over the owners (``networks.MULTIPLE``) at ``defender_weight``;
 and ``fingerprint``: the single defender at ``defender_weight`` with a customer's fingerprint
-embedded in the remote part during the same training (Eq. 27, ``defense.FingerprintPenalty``),
+embedded in the remote part during the same training (Eq. 27, ``defense.fingerprint_penalty``),
 so its accuracy reads against ``single``'s: with and without; and ``shared``: the single design
 as ONE defender that every owner shares (the reading of "single defender" under which a
 colluding owner exposes everyone). Every setting's deployed accuracy
@@ -240,7 +240,7 @@ def _setting(
   }
   if penalty is not None:
     out["bits"] = np.float64(
-      penalty.bit_errors(split.split_variables(trained.split, trained.variables)[1]["params"], f_L)
+      defense.fingerprint_bit_errors(penalty, split.split_variables(trained.split, trained.variables)[1]["params"], f_L)
     )
   row = {"setting": name, "accuracy": float(out["accuracy"]), "fingerprint_bit_errors": float(out["bits"])}
   rundir.append_jsonl(log, {**row, "train_s": time.time() - t0})
@@ -286,7 +286,7 @@ def run(cfg: StudyConfig, workdir: str, *, progress: bool = True) -> dict[str, A
   mark = (None, None)
   if cfg.fingerprint_bits:
     projection, f_L = defense.fingerprint_secret(workdir, net, x_te.shape[1:], cfg.fingerprint_bits)
-    mark = (defense.FingerprintPenalty(projection, cfg.fingerprint_weight), f_L)
+    mark = (defense.fingerprint_penalty(projection, cfg.fingerprint_weight), f_L)
   settings, rows2 = {}, []
   start = time.time()
   for name, designs, weight in cfg.settings():

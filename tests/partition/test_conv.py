@@ -137,7 +137,7 @@ def test_the_studys_fingerprint_penalty_is_the_fingerprint_papers_and_embeds(und
   p = remote["Dense_0"]["kernel"].shape[0]
   rng = np.random.default_rng(0)
   proj, f_L = rng.standard_normal((16, p)).astype(np.float32), np.sign(rng.standard_normal(16)).astype(np.float32)
-  ours, theirs = defense.FingerprintPenalty(proj, 0.2), fingerprint.Penalty(proj, layers=("Dense_0",), mu=0.2)
+  ours, theirs = defense.fingerprint_penalty(proj, 0.2), fingerprint.Penalty(proj, layers=("Dense_0",), mu=0.2)
   np.testing.assert_allclose(ours(remote, f_L), theirs(remote, f_L), rtol=1e-6)
   f_hat = fingerprint.extract(remote, proj, ("Dense_0",))
-  assert ours.bit_errors(remote, f_L) == pytest.approx(np.mean(np.sign(f_hat) != f_L))
+  assert defense.fingerprint_bit_errors(ours, remote, f_L) == pytest.approx(np.mean(np.sign(f_hat) != f_L))
