@@ -438,3 +438,10 @@ def test_quiet_reaches_every_study_learner(tmp_path, monkeypatch, argv, quiet):
   with pytest.raises(_Trained):
     cli.main(argv + flags + (["--quiet"] if quiet else []))
   assert seen == [not quiet]
+
+
+def test_heldout_distance_is_circular_and_sample_std():
+  s = studies.heldout_distance([0.0, 350.0, 5.0, 20.0])  # |k^ - 0| = 0, 10, 5, 20 degrees.
+  assert s["heldout_abs_recovered_mean"] == pytest.approx(8.75)
+  assert s["heldout_abs_recovered_std"] == pytest.approx(np.std([0, 10, 5, 20], ddof=1))
+  assert studies.heldout_distance([180.0])["heldout_abs_recovered_std"] is None
