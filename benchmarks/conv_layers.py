@@ -164,23 +164,19 @@ def _step_args(model, tx, batch: int):
 
 def steps(batch: int, repeats: int, model_name: str = "resnet8", library_options: bool = False) -> None:
   tx = optax.adam(1e-3)
-  x = jnp.asarray(np.random.default_rng(0).random((batch, 32, 32, 3), np.float32))
-  y = jnp.zeros((batch,), jnp.int32)
-  programs = {}
-  for impl in ("xla", "xla_barrier", "patches", "auto"):
-    model = models.get_model(model_name, 10).clone(conv_impl=impl)
-    variables = model.init(jax.random.key(0), x[:1])
-    step = _jit(functools.partial(_member_step, model, tx, None))
-    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x, y, jax.random.key(1), None)
-    jax.block_until_ready(step(*args))
-    programs[impl] = step, args
+  # (row name, conv_impl, compiler options on top of the CPU options; None: the training programs' own).
+  variants = [(impl, impl, None) for impl in ("xla", "xla_barrier", "patches", "auto")]
   if library_options:
-    model = models.get_model(model_name, 10)
-    for name, extra in LIBRARY_OPTIONS.items():
-      fn = functools.partial(_member_step, model, tx, None)
-      step = jax.jit(fn, compiler_options={**_cpu.CPU_CONV_OPTIONS, **extra})
-      programs[f"auto+{name}"] = step, _step_args(model, tx, batch)
-      jax.block_until_ready(step(*programs[f"auto+{name}"][1]))
+    variants += [(f"auto+{name}", "auto", extra) for name, extra in LIBRARY_OPTIONS.items()]
+  programs = {}
+  for name, impl, extra in variants:
+    model = models.get_model(model_name, 10).clone(conv_impl=impl)
+    fn = functools.partial(_member_step, model, tx, None)
+    step = _jit(fn) if extra is None else jax.jit(fn, compiler_options={**_cpu.CPU_CONV_OPTIONS, **extra})
+    args = _step_args(model, tx, batch)
+    jax.block_until_ready(step(*args))
+    programs[name] = step, args
+  x = programs["auto"][1][3]
   if _torch():
     module = {"resnet8": torch_reference.TorchResNet, "cnn": torch_reference.TorchCNN}[model_name]()
     loop = torch_reference.LoopEnsemble([module], lr=1e-3)

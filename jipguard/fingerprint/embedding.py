@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jipguard.ensemble import projection
 from jipguard.ensemble.projection import (  # noqa: F401  (this module's API: Eq. 27's read-out)
+  ProjectionPenalty,
   extract,
   layer_predicate,
   path_name,
@@ -132,7 +132,7 @@ def fingerprint_vector(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Penalty(projection.ProjectionPenalty):
+class Penalty(ProjectionPenalty):
   """Eq. 27's regulariser ``mu * MSE(F_j - X theta_sub(params))`` for ONE member
   (:class:`jipguard.ensemble.projection.ProjectionPenalty` with the paper's mu by default)."""
 
